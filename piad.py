@@ -1,0 +1,446 @@
+"""PIAD networks, presets and WGAN-GP losses (paper §3.2, supplement §1 and §1.3).
+
+Perceptual Image Anomaly Detection (Tuluptceva et al., 2019). A generator ``G: z -> x``, an
+encoder ``E: x -> z`` and two Wasserstein critics, ``D_X`` on images and ``D_Z`` on latents,
+built from pre-activation residual blocks without normalisation (supplement Fig. 1) exactly
+as listed in supplement Tables 1-4. Each network is an ``nn.Sequential`` whose named children
+are the rows of its table, so ``for name, row in net.named_children()`` walks the table.
+
+Losses: the critic objective, eq. (5), with the gradient penalty of Gulrajani et al. and the
+drift term ``0.001 * E[D(x)^2]`` of supplement §1; the adversarial loss of G and E, eq. (6);
+and the anomaly score, eq. (1), for any per-sample image distance.
+
+Deviations from the paper (each also noted where it happens):
+* Table 1's D_X lists a fourth "BlockDown" whose output stays 4×4: it is a BlockDown without
+  pooling (``downsample=False``).
+* Tables 2 and 4 list a 32-dimensional D_Z input although G takes 256 (CIFAR-10) / 64 (CelebA)
+  latents: D_Z here takes the generator's latent size.
+* Weight initialisation is PyTorch's default (the paper does not state one).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+LRELU_SLOPE = 0.2  # supplement §1.3: Leaky ReLU with negative slope 0.2
+
+
+def _act() -> nn.LeakyReLU:
+    return nn.LeakyReLU(LRELU_SLOPE)  # never in-place: the skip paths need the input
+
+
+def _conv3(in_c: int, out_c: int) -> nn.Conv2d:
+    return nn.Conv2d(in_c, out_c, 3, padding=1)
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class PIADConfig:
+    """Architecture and training hyper-parameters of one supplement table (Tables 1-4)."""
+
+    name: str
+    image_size: int
+    latent_shape: tuple[int, int, int]  # (C, h, w); h = w = 1 (dense-like stem) or 4 (LSUN)
+    gen_channels: tuple[int, ...]       # G: stem output, then one entry per BlockUp
+    enc_channels: tuple[int, ...]       # E: first 3×3 conv, then one entry per BlockDown
+    dx_channels: tuple[int, ...]        # D_X: first 3×3 conv, then BlockDowns (none pool past 4×4)
+    dx_head_channels: int               # D_X: filters of the 4×4 convolution
+    dz_hidden: int                      # D_Z: units of the two hidden dense layers
+    n_dis: int = 2                      # critic steps per G/E step (3 for LSUN and CelebA)
+    iterations: int = 100_000
+    batch_size: int = 32
+    lr_critic: float = 5e-4
+    lr_gen: float = 2e-4                # generator and encoder
+    betas: tuple[float, float] = (0.5, 0.99)
+    gp_weight: float = 10.0             # λ of eq. (5)
+    drift: float = 1e-3                 # weight of E[D(x)^2], supplement §1
+    n_weight: int = 100                 # γ update period, supplement §1.2
+    mbstd_group: int = 4                # minibatch-stddev group size (ProGAN's default)
+
+    def __post_init__(self):
+        for f in ("latent_shape", "gen_channels", "enc_channels", "dx_channels", "betas"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))  # lists from JSON round trips
+        n_up = int(math.log2(self.image_size // 4)) if self.image_size >= 8 else -1
+        if n_up < 1 or 4 * 2 ** n_up != self.image_size:
+            raise ValueError(f"image_size must be 4·2^k (k >= 1), got {self.image_size}")
+        if len(self.latent_shape) != 3 or self.latent_shape[1:] not in ((1, 1), (4, 4)):
+            raise ValueError(f"latent_shape must be (C, 1, 1) or (C, 4, 4), got {self.latent_shape}")
+        if len(self.gen_channels) != n_up + 1 or len(self.enc_channels) != n_up + 1:
+            raise ValueError(f"gen_channels and enc_channels need {n_up + 1} entries for "
+                             f"{self.image_size}×{self.image_size} images")
+        if len(self.dx_channels) < n_up + 1:
+            raise ValueError(f"dx_channels needs at least {n_up + 1} entries")
+
+    @property
+    def latent_dim(self) -> int:
+        return math.prod(self.latent_shape)
+
+    @property
+    def n_resample(self) -> int:
+        """Number of BlockUp (G) / pooling BlockDown (E, D_X) blocks between 4×4 and full size."""
+        return int(math.log2(self.image_size // 4))
+
+
+_PRESETS = {
+    # Table 1 (MNIST, fMNIST, COIL-100). D_X has a fourth, non-pooling BlockDown at 4×4.
+    "mnist": PIADConfig(name="mnist", image_size=32, latent_shape=(32, 1, 1),
+                        gen_channels=(32, 32, 32, 32), enc_channels=(32, 32, 32, 32),
+                        dx_channels=(32, 32, 32, 32, 32), dx_head_channels=32, dz_hidden=128,
+                        n_dis=2, iterations=50_000),
+    # Table 2. Its D_Z header says input 32×1×1, but G and E use 256: we follow G (256).
+    "cifar10": PIADConfig(name="cifar10", image_size=32, latent_shape=(256, 1, 1),
+                          gen_channels=(256, 256, 128, 64), enc_channels=(64, 64, 128, 256),
+                          dx_channels=(32, 32, 64, 128), dx_head_channels=128, dz_hidden=1024,
+                          n_dis=2, iterations=100_000),
+    # Table 3: a 32×4×4 latent; D_Z input 512 = 32·4·4.
+    "lsun": PIADConfig(name="lsun", image_size=64, latent_shape=(32, 4, 4),
+                       gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
+                       dx_head_channels=64, dz_hidden=2048, n_dis=3, iterations=200_000),
+    # Table 4. Its D_Z header says input 32×1×1, but G and E use 64: we follow G (64).
+    "celeba": PIADConfig(name="celeba", image_size=64, latent_shape=(64, 1, 1),
+                         gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
+                         dx_head_channels=64, dz_hidden=256, n_dis=3, iterations=200_000),
+}
+
+# dataset -> (preset, image channels, iterations); supplement §1 and §1.3.
+_DATASETS = {
+    "mnist": ("mnist", 1, 50_000), "fmnist": ("mnist", 1, 50_000),
+    "coil100": ("mnist", 3, 20_000), "cifar10": ("cifar10", 3, 100_000),
+    "lsun": ("lsun", 3, 200_000), "celeba": ("celeba", 3, 200_000),
+}
+_DATASET_ALIASES = {"fashionmnist": "fmnist", "coil": "coil100"}
+
+
+def preset(name: str) -> PIADConfig:
+    """The preset of one supplement table: ``"mnist"``, ``"cifar10"``, ``"lsun"``, ``"celeba"``."""
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}") from None
+
+
+def _dataset_key(dataset: str) -> str:
+    key = dataset.lower().replace("-", "").replace("_", "").replace(" ", "")
+    key = _DATASET_ALIASES.get(key, key)
+    if key not in _DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; datasets: {', '.join(_DATASETS)}")
+    return key
+
+
+def iterations_for(dataset: str) -> int:
+    """Training iterations of supplement §1 (COIL-100 uses the MNIST preset but 20,000)."""
+    return _DATASETS[_dataset_key(dataset)][2]
+
+
+def dataset_preset(dataset: str) -> tuple[PIADConfig, int]:
+    """``(config, image channels)`` for a dataset of the paper, iterations set per supplement §1."""
+    name, channels, iterations = _DATASETS[_dataset_key(dataset)]
+    return replace(preset(name), iterations=iterations), channels
+
+
+# --------------------------------------------------------------------------- building blocks
+class PreActBlock(nn.Module):
+    """Supplement Fig. 1a: ``x + conv(lrelu(conv(lrelu(x))))``, 3×3 convs, no normalisation."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.act1, self.conv1 = _act(), _conv3(channels, channels)
+        self.act2, self.conv2 = _act(), _conv3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+
+
+class ResidualBlock(nn.Module):
+    """Table 3's generator stem: ``skip(x) + conv(lrelu(conv(x)))`` (conv-act-conv, no pre-act)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1, self.act, self.conv2 = _conv3(in_channels, out_channels), _act(), \
+            _conv3(out_channels, out_channels)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels \
+            else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
+        return self.skip(x) + self.conv2(self.act(self.conv1(x)))
+
+
+class BlockUp(nn.Module):
+    """Supplement Fig. 1b. Main: lrelu -> nearest ×2 -> conv3×3 -> lrelu -> conv3×3.
+
+    Skip: nearest ×2, then a 1×1 conv only if the channel count changes (a 1×1 conv commutes
+    exactly with nearest upsampling, so its position on the skip path is immaterial).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.act1, self.up = _act(), nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv1, self.act2 = _conv3(in_channels, out_channels), _act()
+        self.conv2 = _conv3(out_channels, out_channels)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels \
+            else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, 2H, 2W)
+        h = self.conv2(self.act2(self.conv1(self.up(self.act1(x)))))
+        return self.skip(self.up(x)) + h
+
+
+class BlockDown(nn.Module):
+    """Supplement Fig. 1c. Main: lrelu -> conv3×3 -> lrelu -> conv3×3 -> 2×2 average pool.
+
+    Skip: 2×2 average pool, then a 1×1 conv only if the channel count changes (pooling and a
+    1×1 conv commute exactly; pooling first is cheaper). ``downsample=False`` drops both
+    poolings (Table 1's fourth D_X "BlockDown", whose output stays 4×4).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, downsample: bool = True):
+        super().__init__()
+        self.act1, self.conv1 = _act(), _conv3(in_channels, out_channels)
+        self.act2, self.conv2 = _act(), _conv3(out_channels, out_channels)
+        self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels \
+            else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H/2, W/2)
+        h = self.pool(self.conv2(self.act2(self.conv1(self.act1(x)))))
+        return self.skip(self.pool(x)) + h
+
+
+class MinibatchStdDev(nn.Module):
+    """ProGAN's minibatch standard deviation: appends one channel, (B, C, H, W) -> (B, C+1, H, W).
+
+    Samples are split into groups of ``min(group_size, B)`` (sample ``i`` is in group
+    ``i mod B/g``, as in ProGAN); each group gets the std over its members, averaged over
+    channels and pixels. If ``B`` is not divisible by the group size the whole batch is one group.
+    """
+
+    def __init__(self, group_size: int = 4, eps: float = 1e-8):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = min(self.group_size, b)
+        if b % g:
+            g = b
+        y = x.reshape(g, b // g, c, h, w)                                  # (G, M, C, H, W)
+        y = y - y.mean(dim=0, keepdim=True)
+        std = (y.square().mean(dim=0) + self.eps).sqrt().mean(dim=(1, 2, 3))  # (M,)
+        std = std.reshape(1, b // g, 1, 1, 1).expand(g, b // g, 1, h, w).reshape(b, 1, h, w)
+        return torch.cat([x, std.to(x.dtype)], dim=1)                     # (B, C+1, H, W)
+
+
+class Reshape(nn.Module):
+    """Per-sample reshape: (B, ...) -> (B, *shape); ``Reshape()`` gives (B,)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+# --------------------------------------------------------------------------- networks
+class Generator(nn.Sequential):
+    """G of Tables 1-4: (B, *latent_shape) -> (B, channels, S, S).
+
+    Ends with lrelu and a 1×1 conv, without tanh, as in the tables (outputs are unbounded,
+    whereas images are scaled to [-1, 1]).
+    """
+
+    def __init__(self, *, config: PIADConfig, channels: int):
+        zc, zs, _ = config.latent_shape
+        ch = config.gen_channels
+        rows = OrderedDict()
+        if zs == 1:  # (B, Cz, 1, 1) -> (B, c0, 4, 4)
+            rows["conv_in"] = nn.Conv2d(zc, ch[0], 4, padding=3)
+        else:        # Table 3: (B, Cz, 4, 4) -> (B, c0, 4, 4)
+            rows["res_in"] = ResidualBlock(zc, ch[0])
+        for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]), 1):
+            rows[f"up{i}"] = BlockUp(a, b)                     # (B, b, 4·2^i, 4·2^i)
+        rows["block"] = PreActBlock(ch[-1])
+        rows["act"] = _act()
+        rows["conv_out"] = nn.Conv2d(ch[-1], channels, 1)      # (B, channels, S, S)
+        super().__init__(rows)
+        self.latent_shape = tuple(config.latent_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # accepts (B, *latent_shape) or (B, D)
+        return super().forward(z.reshape(z.shape[0], *self.latent_shape))
+
+
+class Encoder(nn.Sequential):
+    """E of Tables 1-4: (B, channels, S, S) -> (B, *latent_shape)."""
+
+    def __init__(self, *, config: PIADConfig, channels: int):
+        zc, zs, _ = config.latent_shape
+        ch = config.enc_channels
+        rows = OrderedDict(conv_in=_conv3(channels, ch[0]))    # (B, e0, S, S)
+        for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]), 1):
+            rows[f"down{i}"] = BlockDown(a, b)                 # (B, b, S/2^i, S/2^i)
+        if zs == 1:   # (B, ek, 4, 4) -> (B, Cz, 1, 1)
+            rows["act1"] = _act()
+            rows["conv_head"] = nn.Conv2d(ch[-1], zc, 4)
+            rows["act2"] = _act()
+            rows["conv_out"] = nn.Conv2d(zc, zc, 1)
+        else:         # Table 3: (B, ek, 4, 4) -> (B, Cz, 4, 4)
+            rows["block"] = PreActBlock(ch[-1])
+            rows["act"] = _act()
+            rows["conv_out"] = nn.Conv2d(ch[-1], zc, 1)
+        super().__init__(rows)
+
+
+class ImageCritic(nn.Sequential):
+    """D_X of Tables 1-4: (B, channels, S, S) -> (B,)."""
+
+    def __init__(self, *, config: PIADConfig, channels: int):
+        ch = config.dx_channels
+        rows = OrderedDict(conv_in=_conv3(channels, ch[0]))    # (B, d0, S, S)
+        for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]), 1):
+            # Table 1 lists a 4th BlockDown that stays at 4×4: blocks past n_resample don't pool.
+            rows[f"down{i}"] = BlockDown(a, b, downsample=i <= config.n_resample)
+        rows["mbstd"] = MinibatchStdDev(config.mbstd_group)   # (B, dk + 1, 4, 4)
+        rows["act1"] = _act()
+        rows["conv_head"] = nn.Conv2d(ch[-1] + 1, config.dx_head_channels, 4)  # (B, h, 1, 1)
+        rows["act2"] = _act()
+        rows["conv_out"] = nn.Conv2d(config.dx_head_channels, 1, 1)            # (B, 1, 1, 1)
+        rows["reshape"] = Reshape()                                             # (B,)
+        super().__init__(rows)
+
+
+class LatentCritic(nn.Sequential):
+    """D_Z of Tables 1-4: three dense layers, (B, *latent_shape) or (B, D) -> (B,)."""
+
+    def __init__(self, *, config: PIADConfig):
+        d, h = config.latent_dim, config.dz_hidden  # D from G's latent, not the 32 of Tables 2/4
+        super().__init__(OrderedDict(
+            reshape=Reshape(d),                                  # (B, D)
+            fc1=nn.Linear(d, h), act1=_act(),                    # (B, H)
+            fc2=nn.Linear(h, h), act2=_act(),                    # (B, H)
+            fc3=nn.Linear(h, 1),                                 # (B, 1)
+            squeeze=Reshape(),                                   # (B,)  (not a table row)
+        ))
+
+
+class PIAD(nn.Module):
+    """The four networks of PIAD (paper Fig. 2): ``G``, ``E``, ``DX``, ``DZ``."""
+
+    def __init__(self, *, config: PIADConfig, channels: int):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be positive, got {channels}")
+        self.config, self.channels = config, channels
+        self.G = Generator(config=config, channels=channels)
+        self.E = Encoder(config=config, channels=channels)
+        self.DX = ImageCritic(config=config, channels=channels)
+        self.DZ = LatentCritic(config=config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def sample_latent(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of z ~ N(0, I) of shape (n, *latent_shape) on the model's device."""
+        dev = generator.device if generator is not None else self.device
+        z = torch.randn((n, *self.config.latent_shape), generator=generator, device=dev)
+        return z.to(self.device)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """G(E(x)): (B, C, S, S) -> (B, C, S, S)."""
+        return self.G(self.E(x))
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------- losses
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP: E[(||∇ D(x̂)||_2 - 1)^2] at x̂ = α·real + (1-α)·fake, α ~ U[0, 1] per sample.
+
+    Works on any (B, ...) input: images (B, C, H, W), latents (B, C, 1, 1) or (B, D). The graph
+    is kept (``create_graph=True``) so the penalty trains the critic. With minibatch-stddev in
+    the critic, ∇ of ΣD(x̂) w.r.t. x̂_i also carries the cross-sample terms (as in ProGAN).
+    """
+    real, fake = real.detach(), fake.detach()
+    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    dev = generator.device if generator is not None else real.device
+    alpha = torch.rand(shape, generator=generator, device=dev, dtype=real.dtype).to(real.device)
+    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)  # (B, ...)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1).square().mean()
+
+
+def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                fake: torch.Tensor, *, gp_weight: float = 10.0, drift: float = 1e-3,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. (5) plus the drift term of supplement §1; returns ``(loss, floats for logging)``.
+
+    ``E[D(fake)] - E[D(real)] + λ·GP + drift·E[D(real)^2]``. Both inputs are detached, so only
+    the critic receives gradients. For D_Z, ``real`` is z ~ p_Z and ``fake`` is E(x).
+    """
+    real, fake = real.detach(), fake.detach()
+    d_real, d_fake = critic(real), critic(fake)                    # (B,), (B,)
+    gp = gradient_penalty(critic, real, fake, generator=generator)
+    drift_term = d_real.square().mean()
+    loss = d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term  # eq. (5)
+    stats = {"loss": loss.item(), "wasserstein": (d_real.mean() - d_fake.mean()).item(),
+             "gp": gp.item(), "drift": drift_term.item(),
+             "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+    return loss, stats
+
+
+def adversarial_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor | None,
+                     fake: torch.Tensor) -> torch.Tensor:
+    """Eq. (6): ``E[D(real)] - E[D(fake)]``, minimised by G (fake = G(z)) or E (fake = E(x)).
+
+    The real term is a constant for G and E: it is computed under ``no_grad`` (same value,
+    no graph); ``real=None`` omits it (same gradients). Gradients reach the critic's
+    parameters too, through D(fake): freeze or zero them before the critic's own step.
+    """
+    loss = -critic(fake).mean()
+    if real is not None:
+        with torch.no_grad():
+            d_real = critic(real).mean()
+        loss = d_real + loss                                       # eq. (6)
+    return loss
+
+
+def anomaly_score(model: PIAD, x: torch.Tensor,
+                  score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                  batch_size: int = 256) -> torch.Tensor:
+    """Eq. (1): ``A(x) = score_fn(x, G(E(x)))``, one score per sample, (N, C, S, S) -> (N,).
+
+    Runs in batches of ``batch_size`` under ``no_grad`` with every submodule of ``model`` in
+    eval mode, restoring each one's mode afterwards. Batches are moved to the model's device;
+    the scores are returned on ``x``'s device. ``score_fn`` must give per-sample values
+    (e.g. ``losses.ReconstructionLoss(..., reduction="none")``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    modes = [(m, m.training) for m in model.modules()]
+    device = next(model.parameters()).device
+    scores = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size].to(device)     # (b, C, S, S)
+                s = score_fn(xb, model.reconstruct(xb))         # eq. (1)
+                if s.shape != (xb.shape[0],):
+                    raise ValueError(f"score_fn must return shape ({xb.shape[0]},), got "
+                                     f"{tuple(s.shape)}; use a per-sample reduction")
+                scores.append(s.to(x.device))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return torch.cat(scores) if scores else x.new_zeros(0)

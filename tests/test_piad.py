@@ -1,0 +1,325 @@
+"""Networks of supplement Tables 1-4 and the losses of paper §3.2 (eq. 1, 5, 6)."""
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import piad
+
+# Supplement Tables 1-4, one row per line: table label (Convolution rows with kernel/padding)
+# and output shape; "C" is the image channel count, "-" a per-sample scalar.
+TABLES = {
+    "mnist": {
+        "G": "Conv4p3 32x4x4|BlockUp 32x8x8|BlockUp 32x16x16|BlockUp 32x32x32|PreAct 32x32x32|"
+             "LReLU 32x32x32|Conv1p0 Cx32x32",
+        "DX": "Conv3p1 32x32x32|BlockDown 32x16x16|BlockDown 32x8x8|BlockDown 32x4x4|"
+              "BlockDown 32x4x4|MBStd 33x4x4|LReLU 33x4x4|Conv4p0 32x1x1|LReLU 32x1x1|"
+              "Conv1p0 1x1x1|Reshape -",
+        "E": "Conv3p1 32x32x32|BlockDown 32x16x16|BlockDown 32x8x8|BlockDown 32x4x4|"
+             "LReLU 32x4x4|Conv4p0 32x1x1|LReLU 32x1x1|Conv1p0 32x1x1",
+        "DZ": "Reshape 32|Dense 128|LReLU 128|Dense 128|LReLU 128|Dense 1",
+    },
+    "cifar10": {
+        "G": "Conv4p3 256x4x4|BlockUp 256x8x8|BlockUp 128x16x16|BlockUp 64x32x32|"
+             "PreAct 64x32x32|LReLU 64x32x32|Conv1p0 Cx32x32",
+        "DX": "Conv3p1 32x32x32|BlockDown 32x16x16|BlockDown 64x8x8|BlockDown 128x4x4|"
+              "MBStd 129x4x4|LReLU 129x4x4|Conv4p0 128x1x1|LReLU 128x1x1|Conv1p0 1x1x1|Reshape -",
+        "E": "Conv3p1 64x32x32|BlockDown 64x16x16|BlockDown 128x8x8|BlockDown 256x4x4|"
+             "LReLU 256x4x4|Conv4p0 256x1x1|LReLU 256x1x1|Conv1p0 256x1x1",
+        # the table's D_Z header says 32; we follow G's 256-dimensional latent
+        "DZ": "Reshape 256|Dense 1024|LReLU 1024|Dense 1024|LReLU 1024|Dense 1",
+    },
+    "lsun": {
+        "G": "ResBlock 64x4x4|BlockUp 64x8x8|BlockUp 64x16x16|BlockUp 64x32x32|BlockUp 64x64x64|"
+             "PreAct 64x64x64|LReLU 64x64x64|Conv1p0 Cx64x64",
+        "DX": "Conv3p1 64x64x64|BlockDown 64x32x32|BlockDown 64x16x16|BlockDown 64x8x8|"
+              "BlockDown 64x4x4|MBStd 65x4x4|LReLU 65x4x4|Conv4p0 64x1x1|LReLU 64x1x1|"
+              "Conv1p0 1x1x1|Reshape -",
+        "E": "Conv3p1 64x64x64|BlockDown 64x32x32|BlockDown 64x16x16|BlockDown 64x8x8|"
+             "BlockDown 64x4x4|PreAct 64x4x4|LReLU 64x4x4|Conv1p0 32x4x4",
+        "DZ": "Reshape 512|Dense 2048|LReLU 2048|Dense 2048|LReLU 2048|Dense 1",
+    },
+    "celeba": {
+        "G": "Conv4p3 64x4x4|BlockUp 64x8x8|BlockUp 64x16x16|BlockUp 64x32x32|BlockUp 64x64x64|"
+             "PreAct 64x64x64|LReLU 64x64x64|Conv1p0 Cx64x64",
+        "DX": "Conv3p1 64x64x64|BlockDown 64x32x32|BlockDown 64x16x16|BlockDown 64x8x8|"
+              "BlockDown 64x4x4|MBStd 65x4x4|LReLU 65x4x4|Conv4p0 64x1x1|LReLU 64x1x1|"
+              "Conv1p0 1x1x1|Reshape -",
+        "E": "Conv3p1 64x64x64|BlockDown 64x32x32|BlockDown 64x16x16|BlockDown 64x8x8|"
+             "BlockDown 64x4x4|LReLU 64x4x4|Conv4p0 64x1x1|LReLU 64x1x1|Conv1p0 64x1x1",
+        # the table's D_Z header says 32; we follow G's 64-dimensional latent
+        "DZ": "Reshape 64|Dense 256|LReLU 256|Dense 256|LReLU 256|Dense 1",
+    },
+}
+
+
+def _label(m: nn.Module) -> str:
+    if isinstance(m, nn.Conv2d):
+        return f"Conv{m.kernel_size[0]}p{m.padding[0]}"
+    return {piad.BlockUp: "BlockUp", piad.BlockDown: "BlockDown", piad.PreActBlock: "PreAct",
+            piad.ResidualBlock: "ResBlock", piad.MinibatchStdDev: "MBStd", nn.LeakyReLU: "LReLU",
+            piad.Reshape: "Reshape", nn.Linear: "Dense"}[type(m)]
+
+
+def _parse(table: str, channels: int):
+    rows = []
+    for row in table.split("|"):
+        label, shape = row.split()
+        dims = () if shape == "-" else tuple(channels if d == "C" else int(d) for d in shape.split("x"))
+        rows.append((label, dims))
+    return rows
+
+
+def _walk(net: nn.Sequential, x: torch.Tensor):
+    rows = []
+    for layer in net.children():
+        x = layer(x)
+        rows.append((_label(layer), tuple(x.shape[1:])))
+    return rows, x
+
+
+@pytest.fixture(scope="module", params=[(n, c) for n in TABLES for c in (1, 3)],
+                ids=lambda p: f"{p[0]}-{p[1]}ch")
+def model(request):
+    name, channels = request.param
+    torch.manual_seed(0)
+    return piad.PIAD(config=piad.preset(name), channels=channels)
+
+
+def test_networks_match_supplement_tables(model):
+    cfg, ch, table = model.config, model.channels, TABLES[model.config.name]
+    x = torch.randn(2, ch, cfg.image_size, cfg.image_size)          # (B, C, S, S)
+    with torch.no_grad():
+        rows, z = _walk(model.E, x)
+        assert rows == _parse(table["E"], ch)
+        assert z.shape == (2, *cfg.latent_shape)
+        rows, x_rec = _walk(model.G, z)
+        assert rows == _parse(table["G"], ch)
+        assert x_rec.shape == x.shape
+        rows, d = _walk(model.DX, x)
+        assert rows == _parse(table["DX"], ch)
+        assert d.shape == (2,)
+        rows, dz = _walk(model.DZ, z)
+        assert rows[:-1] == _parse(table["DZ"], ch)   # the last row (squeeze) is ours
+        assert dz.shape == (2,)
+        assert model.reconstruct(x).shape == x.shape
+        assert model.G(z.flatten(1)).shape == x.shape                 # flat latents accepted
+        assert model.DZ(z.flatten(1)).shape == (2,)
+
+
+def test_sample_latent(model):
+    z = model.sample_latent(5, generator=torch.Generator().manual_seed(3))
+    assert z.shape == (5, *model.config.latent_shape) and z.device == model.device
+    assert torch.equal(z, model.sample_latent(5, generator=torch.Generator().manual_seed(3)))
+
+
+def _conv(i, o, k):
+    return i * o * k * k + o
+
+
+def test_parameter_counts():
+    m = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    pre = 2 * _conv(32, 32, 3)
+    assert piad.count_parameters(piad.PreActBlock(32)) == pre
+    # Table 1's G: 4×4 stem, three BlockUp(32, 32) (no 1×1 skip), a pre-act block, 1×1 output.
+    assert piad.count_parameters(m.G) == _conv(32, 32, 4) + 3 * pre + pre + _conv(32, 1, 1)
+    assert piad.count_parameters(piad.BlockUp(32, 64)) == _conv(32, 64, 3) + _conv(64, 64, 3) + _conv(32, 64, 1)
+    assert piad.count_parameters(piad.BlockDown(64, 64)) == 2 * _conv(64, 64, 3)
+    for name in TABLES:
+        cfg = piad.preset(name)
+        d, h = math.prod(cfg.latent_shape), cfg.dz_hidden
+        dz = piad.LatentCritic(config=cfg)
+        assert piad.count_parameters(dz) == d * h + h + h * h + h + h + 1
+    m.DZ.requires_grad_(False)
+    assert piad.count_parameters(m, trainable_only=True) == piad.count_parameters(m) - piad.count_parameters(m.DZ)
+
+
+def test_blocks_shapes():
+    x = torch.randn(2, 8, 6, 6)
+    assert piad.BlockUp(8, 8)(x).shape == (2, 8, 12, 12)
+    assert piad.BlockUp(8, 4)(x).shape == (2, 4, 12, 12)
+    assert piad.BlockDown(8, 8)(x).shape == (2, 8, 3, 3)
+    assert piad.BlockDown(8, 16)(x).shape == (2, 16, 3, 3)
+    assert piad.BlockDown(8, 16, downsample=False)(x).shape == (2, 16, 6, 6)
+    assert piad.ResidualBlock(8, 16)(x).shape == (2, 16, 6, 6)
+    assert piad.PreActBlock(8)(x).shape == x.shape
+    assert piad.MinibatchStdDev()(x).shape == (2, 9, 6, 6)
+
+
+def test_blocks_are_residual():
+    """With zeroed last convs the blocks reduce to their skip paths."""
+    x = torch.randn(2, 4, 4, 4)
+    up, down, pre = piad.BlockUp(4, 4), piad.BlockDown(4, 4), piad.PreActBlock(4)
+    for b in (up, down, pre):
+        nn.init.zeros_(b.conv2.weight), nn.init.zeros_(b.conv2.bias)
+    assert torch.equal(pre(x), x)
+    assert torch.equal(up(x), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    assert torch.allclose(down(x), nn.functional.avg_pool2d(x, 2))
+
+
+def test_minibatch_stddev_values():
+    x = torch.randn(8, 3, 2, 2)
+    out = piad.MinibatchStdDev(group_size=4, eps=0.0)(x)
+    assert torch.equal(out[:, :3], x)
+    for i in range(8):  # sample i is grouped with i ± 2k (ProGAN's strided grouping)
+        group = x[i % 2::2]
+        expected = group.std(dim=0, correction=0).mean()
+        assert torch.allclose(out[i, 3], expected.expand(2, 2))
+    # 6 is not divisible by 4: the whole batch is one group
+    y = torch.randn(6, 3, 2, 2)
+    out = piad.MinibatchStdDev(group_size=4, eps=0.0)(y)
+    assert torch.allclose(out[:, 3], y.std(dim=0, correction=0).mean().expand(6, 2, 2))
+    assert torch.isfinite(piad.MinibatchStdDev()(torch.randn(1, 3, 2, 2))).all()
+
+
+class Linear(nn.Module):
+    """D(x) = <w, x> + b: ∇D = w everywhere."""
+
+    def __init__(self, w, b=0.5):
+        super().__init__()
+        self.w, self.b = nn.Parameter(w.clone()), nn.Parameter(torch.tensor(float(b)))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.flatten() + self.b
+
+
+class Quadratic(nn.Module):
+    def forward(self, x):  # D(x) = ||x||^2 / 2, ∇D = x
+        return 0.5 * x.flatten(1).square().sum(1)
+
+
+@given(seed=st.integers(0, 2**16), shape=st.sampled_from([(3, 2, 4, 4), (5, 7, 1, 1), (4, 6)]),
+       scale=st.floats(0.01, 3.0))
+def test_gradient_penalty_linear_closed_form(seed, shape, scale):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape[1:], generator=g, dtype=torch.float64) * scale
+    critic = Linear(w)
+    real = torch.randn(shape, generator=g, dtype=torch.float64)
+    fake = torch.randn(shape, generator=g, dtype=torch.float64)
+    gp = piad.gradient_penalty(critic, real, fake)
+    norm = w.norm()
+    assert gp.item() == pytest.approx((norm.item() - 1) ** 2, rel=1e-9, abs=1e-12)
+    gp.backward()  # create_graph: d/dw (||w|| - 1)^2 = 2 (||w|| - 1) w / ||w||
+    assert torch.allclose(critic.w.grad, 2 * (norm - 1) * w / norm)
+
+
+def test_gradient_penalty_quadratic():
+    real = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    expected = (real.flatten(1).norm(dim=1) - 1).square().mean()
+    assert torch.allclose(piad.gradient_penalty(Quadratic(), real, real.clone()), expected)
+    fake = torch.randn_like(real)
+    alpha = torch.rand(6, 1, 1, 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x_hat = alpha * real + (1 - alpha) * fake   # per-sample interpolation
+    expected = (x_hat.flatten(1).norm(dim=1) - 1).square().mean()
+    gp = piad.gradient_penalty(Quadratic(), real, fake, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(gp, expected)
+
+
+def test_critic_loss_linear_by_hand():
+    w = torch.tensor([0.3, -1.2, 2.0, 0.5], dtype=torch.float64)
+    critic = Linear(w, b=0.25)
+    real = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    fake = torch.tensor([[0.0, 1.0, 0.0, 1.0], [-1.0, 2.0, 0.0, 0.0]], dtype=torch.float64,
+                        requires_grad=True)
+    d_real = [0.3 + 4.0 - 0.5 + 0.25, 0.5 * 1.6 + 0.25]       # [4.05, 1.05]
+    d_fake = [-1.2 + 0.5 + 0.25, -0.3 - 2.4 + 0.25]          # [-0.45, -2.45]
+    gp = (math.sqrt(0.09 + 1.44 + 4.0 + 0.25) - 1) ** 2
+    drift = (4.05 ** 2 + 1.05 ** 2) / 2
+    expected = sum(d_fake) / 2 - sum(d_real) / 2 + 10.0 * gp + 0.001 * drift   # eq. (5)
+    loss, stats = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert stats["gp"] == pytest.approx(gp) and stats["drift"] == pytest.approx(drift)
+    assert stats["wasserstein"] == pytest.approx(sum(d_real) / 2 - sum(d_fake) / 2)
+    assert all(isinstance(v, float) for v in stats.values())
+    loss.backward()
+    assert fake.grad is None and critic.w.grad is not None   # fake is detached inside
+
+
+def test_adversarial_loss_sign_and_graph():
+    torch.manual_seed(0)
+    critic = Linear(torch.randn(5))
+    real = torch.randn(4, 5)
+    fake = nn.Parameter(torch.randn(4, 5))
+    loss = piad.adversarial_loss(critic, real, fake)
+    with torch.no_grad():
+        assert loss.item() == pytest.approx((critic(real).mean() - critic(fake).mean()).item(), rel=1e-6)
+        before = critic(fake).mean()
+    loss.backward()
+    assert torch.allclose(fake.grad, -critic.w.detach().expand(4, 5) / 4)
+    assert critic.b.grad.item() == pytest.approx(-1.0)   # the real term carries no graph
+    with torch.no_grad():
+        fake -= 0.1 * fake.grad                           # minimising it increases D(fake)
+        assert critic(fake).mean() > before
+    no_real = piad.adversarial_loss(critic, None, fake)
+    assert no_real.item() == pytest.approx(-critic(fake).mean().item(), rel=1e-6)
+
+
+def test_critic_loss_on_image_critic_backprops():
+    m = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    x = torch.randn(4, 1, 32, 32)
+    loss, _ = piad.critic_loss(m.DX, x, m.G(m.sample_latent(4)))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.DX.parameters())
+    assert all(p.grad is None for p in m.G.parameters())
+    loss, _ = piad.critic_loss(m.DZ, m.sample_latent(4), m.E(x))
+    loss.backward()
+    assert all(p.grad is not None for p in m.DZ.parameters())
+    assert all(p.grad is None for p in m.E.parameters())
+
+
+def test_anomaly_score_batching_no_grad_and_modes():
+    torch.manual_seed(0)
+    tiny = piad.PIADConfig(name="tiny", image_size=8, latent_shape=(4, 1, 1), gen_channels=(4, 4),
+                           enc_channels=(4, 4), dx_channels=(4, 4), dx_head_channels=4, dz_hidden=8)
+    m = piad.PIAD(config=tiny, channels=1)
+    x = torch.randn(7, 1, 8, 8)
+    seen = []
+
+    def mse(a, b):
+        seen.append((torch.is_grad_enabled(), m.training, m.G.training, a.shape[0]))
+        return (a - b).flatten(1).square().mean(1)
+
+    m.train()
+    full = piad.anomaly_score(m, x, mse)
+    assert full.shape == (7,) and not full.requires_grad and full.grad_fn is None
+    assert all(not grad and not t and not tg for grad, t, tg, _ in seen)
+    assert m.training and all(mod.training for mod in m.modules())
+    seen.clear()
+    for bs in (1, 3):
+        assert torch.allclose(piad.anomaly_score(m, x, mse, batch_size=bs), full, rtol=1e-5, atol=1e-7)
+    assert [n for *_, n in seen] == [1] * 7 + [3, 3, 1]
+    with torch.no_grad():
+        assert torch.allclose(full, mse(x, m.reconstruct(x)), rtol=1e-5, atol=1e-7)
+    m.eval()
+    m.DX.train()   # mixed modes come back as they were
+    piad.anomaly_score(m, x, mse)
+    assert not m.training and not m.G.training and m.DX.training
+    with pytest.raises(ValueError, match="per-sample"):
+        piad.anomaly_score(m, x, lambda a, b: (a - b).square().mean())
+
+
+def test_presets_and_datasets():
+    with pytest.raises(ValueError, match="mnist, cifar10, lsun, celeba"):
+        piad.preset("unknown")
+    assert piad.preset("lsun").n_dis == 3 and piad.preset("celeba").n_dis == 3
+    assert piad.preset("cifar10").n_dis == 2
+    for name, it in [("mnist", 50_000), ("cifar10", 100_000), ("lsun", 200_000), ("celeba", 200_000)]:
+        cfg = piad.preset(name)
+        assert cfg.iterations == it and cfg.batch_size == 32 and cfg.betas == (0.5, 0.99)
+        assert (cfg.lr_critic, cfg.lr_gen, cfg.gp_weight, cfg.drift) == (5e-4, 2e-4, 10.0, 1e-3)
+    cfg, ch = piad.dataset_preset("COIL-100")
+    assert (cfg.name, ch, cfg.iterations) == ("mnist", 3, 20_000)
+    assert piad.iterations_for("fashion-mnist") == 50_000
+    assert piad.dataset_preset("fmnist")[1] == 1
+    with pytest.raises(ValueError, match="unknown dataset"):
+        piad.iterations_for("imagenet")
+    restored = piad.PIADConfig(**{k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in asdict(piad.preset("lsun")).items()})
+    assert restored == piad.preset("lsun")   # a JSON-style round trip (lists) gives the preset
+    with pytest.raises(ValueError, match="image_size"):
+        piad.PIADConfig(name="bad", image_size=48, latent_shape=(8, 1, 1), gen_channels=(8,) * 4,
+                        enc_channels=(8,) * 4, dx_channels=(8,) * 4, dx_head_channels=8, dz_hidden=8)

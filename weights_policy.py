@@ -1,0 +1,198 @@
+"""Gradient-normalizing weights policy (paper §3.3, Algorithms 2 and 3, eq. (10)-(12)).
+
+For ``L_total = l_1 + γ·l_2`` (eq. 10) the policy picks γ so that both losses move the
+weights equally, ``||∂l_1/∂w|| = γ·||∂l_2/∂w||`` (eq. 12), averaged over layers and over time:
+
+* Algorithm 2 (:meth:`GradientHistory.record`): after backpropagating one loss, store for
+  every tracked layer the norm of the gradient of its weight. Both the standard deviation
+  (what the authors' implementation stores, supplement §1.2) and the L2 norm (what the
+  paper's text says) are kept; ``norm`` picks the one used for γ. For a tensor of ``n``
+  entries with mean ``m``, ``std² = l2²/n - m²``, so the two agree up to the constant
+  ``√n`` per layer (which cancels in the ratio) whenever the gradient mean is ~0.
+* Algorithm 3 (:meth:`GradientHistory.weight`): per layer, exponentially smooth each
+  loss's history, keep the last N entries, average the ratios numerator/denominator; then
+  reduce over layers with the mean (the paper) or the median (an option, more robust to a
+  few layers with extreme ratios).
+
+Defaults, not given in the paper: ``smoothing=0.9`` (``s_t = 0.9·s_{t-1} + 0.1·v_t``,
+``s_0 = v_0``) and ``last_n=10``. Every record is a single minibatch, so it is noisy;
+with n_weight = 100 (supplement §1.2) both choices look back ~10 records ≈ 1,000 iterations,
+0.5-5% of a training run (20k-200k iterations): smooth enough to ignore one-batch noise,
+short enough to follow the drift of gradient magnitudes as training progresses.
+
+Layers a loss does not reach (``grad`` is None or exactly zero) are recorded as NaN
+("missing"); a layer with any missing entry in either history is left out of the ratio, so
+e.g. ``L_adv(G)`` vs ``L_rec`` measured on G and E together only uses G's layers. If no
+layer is left, :meth:`weight` raises. A layer whose denominator is 0 (e.g. the std of a
+constant gradient) is skipped too, so γ is never inf or NaN.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections import OrderedDict
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+NORMS = ("std", "l2")
+REDUCES = ("mean", "median")
+DEFAULT_SMOOTHING = 0.9
+DEFAULT_LAST_N = 10
+
+_TRACKED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+            nn.ConvTranspose3d, nn.Linear)
+
+
+def default_layers(name: str, module: nn.Module) -> bool:
+    """Track every convolution and dense layer (paper: "for each convolutional layer")."""
+    return isinstance(module, _TRACKED)
+
+
+def exp_smoothing(values: list[float], smoothing: float) -> list[float]:
+    """``s_0 = v_0``, ``s_t = smoothing·s_{t-1} + (1 - smoothing)·v_t``; 0 means no smoothing."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else smoothing * out[-1] + (1.0 - smoothing) * v)
+    return out
+
+
+class GradientHistory:
+    """Per-loss, per-layer history of gradient norms of one module (Algorithm 2).
+
+    ``layers`` is a predicate ``(qualified_name, submodule) -> bool`` choosing the submodules
+    whose ``.weight`` is tracked (default: every Conv*d / ConvTranspose*d / Linear).
+    """
+
+    def __init__(self, module: nn.Module, *, norm: str = "std",
+                 layers: Callable[[str, nn.Module], bool] | None = None):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        select = layers or default_layers
+        self.norm = norm
+        self.params: OrderedDict[str, torch.Tensor] = OrderedDict(
+            (name, m.weight) for name, m in module.named_modules()
+            if select(name, m) and isinstance(getattr(m, "weight", None), torch.Tensor))
+        if not self.params:
+            raise ValueError("no layer of the module is tracked")
+        # history[loss][norm][layer] -> one value per record() call (NaN = layer not reached)
+        self.history: dict[str, dict[str, dict[str, list[float]]]] = {}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.params)
+
+    def __len__(self) -> int:
+        """Number of losses with a history."""
+        return len(self.history)
+
+    def record(self, loss_name: str) -> None:
+        """Algorithm 2: append the std and L2 norm of every tracked layer's current ``.grad``."""
+        entry = self.history.setdefault(
+            loss_name, {n: {layer: [] for layer in self.params} for n in NORMS})
+        grads = [p.grad for p in self.params.values()]
+        present = [g.detach() if g.dtype == torch.float64 else g.detach().float()
+                   for g in grads if g is not None]
+        if present:  # one device sync for all layers
+            stats = torch.stack([torch.stack([g.std(correction=0), torch.linalg.vector_norm(g)])
+                                 for g in present]).tolist()
+        it = iter(stats if present else [])
+        for layer, g in zip(self.params, grads):
+            std, l2 = next(it) if g is not None else (math.nan, math.nan)
+            if l2 == 0.0:
+                std = l2 = math.nan  # an all-zero gradient: the loss does not reach this layer
+            entry["std"][layer].append(std)
+            entry["l2"][layer].append(l2)
+
+    def _series(self, loss_name: str) -> dict[str, list[float]]:
+        if loss_name not in self.history:
+            known = ", ".join(self.history) or "none"
+            raise ValueError(f"no gradient history for loss {loss_name!r} (recorded: {known})")
+        return self.history[loss_name][self.norm]
+
+    def layer_weights(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
+                      smoothing: float = DEFAULT_SMOOTHING) -> dict[str, float]:
+        """Algorithm 3, lines 2-6: γ per layer, only over layers both losses reach."""
+        if last_n < 1:
+            raise ValueError(f"last_n must be positive, got {last_n}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        num, den = self._series(numerator), self._series(denominator)
+        out = {}
+        for layer in self.params:
+            a, b = num[layer], den[layer]
+            if not a or not b or not all(map(math.isfinite, a + b)):
+                continue  # layer missing from one of the losses
+            va = exp_smoothing(a, smoothing)[-last_n:]
+            vb = exp_smoothing(b, smoothing)[-last_n:]
+            n = min(len(va), len(vb))  # both usually have the same length
+            if min(vb[-n:]) <= 0.0:
+                continue  # e.g. a constant gradient has std 0: no finite ratio
+            out[layer] = sum(x / y for x, y in zip(va[-n:], vb[-n:])) / n  # ~ eq. (12)
+        return out
+
+    def weight(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
+               smoothing: float = DEFAULT_SMOOTHING, reduce: str = "mean") -> float:
+        """Algorithm 3: γ with ``||∂l_num|| ≈ γ·||∂l_den||`` (eq. 12), for ``l_num + γ·l_den``."""
+        if reduce not in REDUCES:
+            raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+        per_layer = self.layer_weights(numerator, denominator, last_n=last_n, smoothing=smoothing)
+        if not per_layer:
+            raise ValueError(f"no tracked layer is reached by both {numerator!r} and "
+                             f"{denominator!r}")
+        values = list(per_layer.values())
+        return float(statistics.fmean(values) if reduce == "mean" else statistics.median(values))
+
+    def state_dict(self) -> dict:
+        """Plain Python containers (``torch.save``/``torch.load(weights_only=True)`` safe)."""
+        return {"norm": self.norm, "layers": list(self.params),
+                "history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore the norm choice and the history; the tracked layers must be the same."""
+        if list(state["layers"]) != list(self.params):
+            raise ValueError("state was saved for different layers: "
+                             f"{list(state['layers'])} vs {list(self.params)}")
+        if state["norm"] not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {state['norm']!r}")
+        self.norm = state["norm"]
+        self.history = copy.deepcopy(dict(state["history"]))
+
+
+def record_losses(histories: GradientHistory | Iterable[GradientHistory],
+                  losses: Mapping[str, torch.Tensor],
+                  params: Iterable[torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, ...]]:
+    """Algorithm 1, lines 10-12: for each loss, reset gradients, backpropagate, record.
+
+    ``params`` are the parameters the losses train (e.g. G's and E's); they must include every
+    layer the histories track. Gradients are computed with ``torch.autograd.grad`` (graph
+    retained, so the caller can backpropagate the same losses afterwards), so parameters not
+    in ``params`` (e.g. the critics') keep their ``.grad`` untouched. On return the ``.grad``
+    of ``params`` is None. Returns ``{loss name: gradients in the order of params}``, which
+    the caller may combine (``γ·g_rec + g_adv``) instead of backpropagating again.
+
+    Example: ``record_losses([hist_G, hist_E], {"adv_G": l_g, "adv_E": l_e, "rec": l_rec},
+    [*G.parameters(), *E.parameters()])``, then ``hist_G.weight("adv_G", "rec")``.
+    """
+    histories = [histories] if isinstance(histories, GradientHistory) else list(histories)
+    params = [p for p in params if p.requires_grad]
+    ids = {id(p) for p in params}
+    for h in histories:
+        missing = [name for name, p in h.params.items() if p.requires_grad and id(p) not in ids]
+        if missing:
+            raise ValueError(f"tracked layers not among params: {missing}")
+    grads_by_loss = {}
+    try:
+        for name, loss in losses.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            for h in histories:
+                h.record(name)
+            grads_by_loss[name] = grads
+    finally:
+        for p in params:
+            p.grad = None
+    return grads_by_loss
