@@ -410,7 +410,8 @@ class ReconstructionLoss(nn.Module):
                              f"[{x.min().item():.3g}, {x.max().item():.3g}]")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
-                reduction: str | None = None) -> torch.Tensor:
+                fy: torch.Tensor | None = None, reduction: str | None = None) -> torch.Tensor:
+        """Per-sample losses between real ``x`` and ``y``; ``fx``/``fy`` skip their VGG forward."""
         if x.shape != y.shape and fx is None:
             raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
         reduction = reduction or self.reduction
@@ -420,7 +421,7 @@ class ReconstructionLoss(nn.Module):
             values = d.pow(2).mean(1) if self.kind == "mse" else d.abs().mean(1)
             return _reduce(values, reduction)
         fx = self.real_features(x) if fx is None else fx
-        fy = self.features(y)
+        fy = self.features(y) if fy is None else fy
         if self.kind == "perc":
             values = (fx - fy).flatten(1).pow(2).mean(1)  # eq. (2)
         elif self.kind == "perc-l1":

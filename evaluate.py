@@ -1,0 +1,237 @@
+"""Evaluation: anomaly scores, ROC AUC and figures (paper §4, eq. (1), Fig. 4 and Fig. 5).
+
+For every test image one model gives several scores, all oriented so that higher means more
+anomalous: A(x) of eq. (1) with each reconstruction distance (``rel-perc-l1``, ``perc-l1``,
+``perc`` of eq. 2, pixel ``l1`` and ``mse``) between x and G(E(x)); ``critic`` = -D_X(x) (the
+image critic scores real-looking images high; computed on test batches, so its minibatch-stddev
+feature sees the batch); and ``latent-norm`` = ‖E(x)‖₂ (Berg et al.'s score). The primary score
+is the training loss for PIAD and ``latent-norm`` for ``--method latent-norm``.
+
+Writes to the run folder: ``metrics.json`` (ROC AUC of every score and the run's settings),
+``scores.csv`` (one row per test image), ``roc.png``, ``reconstructions.png`` (x above G(E(x)),
+normal then anomalous, as Fig. 4) and ``extremes.png`` (least and most anomalous test images,
+as Fig. 5).
+
+``python evaluate.py --checkpoint RUN/checkpoint.pt [--images DIR]`` re-evaluates a saved run,
+or scores a folder of new, unlabelled images.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import losses
+
+SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "critic", "latent-norm")
+
+
+def _loader(ds, batch_size: int):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+@torch.no_grad()
+def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -> tuple[dict, np.ndarray]:
+    """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feature_losses = {}
+    if rec_loss is not None and rec_loss.features is not None and hasattr(rec_loss, "mean"):
+        for kind in ("rel-perc-l1", "perc-l1", "perc"):
+            feature_losses[kind] = losses.ReconstructionLoss(
+                kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss), reduction="none",
+                impl=rec_loss.impl, check_range=False).to(device)
+    pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in ("l1", "mse")}
+    out: dict[str, list] = {}
+    labels = []
+    for x, y in _loader(ds, batch_size):
+        x = x.to(device)
+        z = model.E(x)  # (B, *latent)
+        xr = model.G(z)  # (B, C, H, W)
+        batch = {k: L(x, xr) for k, L in pixel.items()}
+        if feature_losses:
+            fx, fy = rec_loss.features(x), rec_loss.features(xr)
+            batch.update({k: L(x, xr, fx=fx, fy=fy) for k, L in feature_losses.items()})  # eq. (1)
+        batch["critic"] = -model.DX(x).flatten()
+        batch["latent-norm"] = z.flatten(1).norm(dim=1)
+        for k, v in batch.items():
+            out.setdefault(k, []).append(v.float().cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    return {k: torch.cat(v).numpy() for k, v in out.items()}, torch.cat(labels).numpy()
+
+
+def _stats_of(rec_loss) -> losses.FeatureStats:
+    f = rec_loss.features
+    return losses.FeatureStats(rec_loss.mean.cpu(), rec_loss.std.cpu(), f.weights_id, f.layer, 0)
+
+
+def roc_aucs(scores: dict, labels: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        raise ValueError("the test set needs both normal and anomalous images for ROC AUC")
+    return {k: float(roc_auc_score(labels, v)) if np.isfinite(v).all() else float("nan")
+            for k, v in scores.items()}
+
+
+def primary_score(config) -> str:
+    return "latent-norm" if config.method == "latent-norm" else config.loss
+
+
+def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = None) -> dict:
+    """Scores the protocol's test set and writes every output file into ``run``."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    scores, labels = compute_scores(model, data.test, rec_loss)
+    aucs = roc_aucs(scores, labels)
+    main = primary_score(config)
+    metrics = {
+        "roc_auc": aucs[main], "score": main, "roc_auc_per_score": aucs,
+        "dataset": config.dataset, "normal": data.normal, "method": config.method, "loss": config.loss,
+        "seed": config.seed, "contamination": data.contamination, "protocol": data.protocol,
+        "weights_policy": config.weights_policy, "vgg_weights": getattr(rec_loss, "weights_id", None),
+        "n_train": len(data.train), "n_test": int(len(labels)), "n_test_anomalous": int(labels.sum()),
+        **(extra or {})}
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_scores_csv(run / "scores.csv", data.test_ids, scores, labels)
+    plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
+    plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
+    plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}")
+    return metrics
+
+
+def write_scores_csv(path, ids, scores: dict, labels=None) -> None:
+    names = list(scores)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id"] + (["label"] if labels is not None else []) + names)
+        for i, ident in enumerate(ids):
+            w.writerow([ident] + ([int(labels[i])] if labels is not None else [])
+                       + [f"{scores[k][i]:.6g}" for k in names])
+
+
+def _images(ds, idx) -> torch.Tensor:
+    return torch.stack([ds[int(i)][0] for i in idx])
+
+
+def _grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of (n, C, H, W) images in [-1, 1] -> an (H·rows, W·n, 3) array in [0, 1]."""
+    rows = [torch.cat(list(r.clamp(-1, 1).add(1).div(2).expand(-1, 3, -1, -1)), dim=2) for r in rows]
+    return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(path, scores, labels, aucs, *, title="") -> None:
+    from sklearn.metrics import roc_curve
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k, v in scores.items():
+        if np.isfinite(v).all():
+            fpr, tpr, _ = roc_curve(labels, v)
+            ax.plot(fpr, tpr, label=f"{k} ({aucs[k]:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {title}")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    for wanted in (0, 1):
+        idx = np.flatnonzero(labels == wanted)[:n]
+        if len(idx) == 0:
+            continue
+        x = _images(ds, idx).to(device)
+        rows += [x.cpu(), model.G(model.E(x)).cpu()]  # x above G(E(x))
+    model.train(was_training)
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(n, len(rows) * 1.1))
+    ax.imshow(_grid(rows))
+    ax.set_axis_off()
+    ax.set_title("normal: x / G(E(x))   —   anomalous: x / G(E(x))", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
+    order = np.argsort(score, kind="stable")
+    n = min(n, len(order) // 2)
+    rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(n, 2.4))
+    ax.imshow(_grid(rows))
+    ax.set_axis_off()
+    ax.set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def load_run(checkpoint, *, device="auto", data_root=None):
+    """Rebuilds (config, data, model, reconstruction loss) from a checkpoint of train.py."""
+    import data as data_mod
+    import piad
+    import train as train_mod
+
+    state = train_mod.load_checkpoint(checkpoint)
+    cfg = train_mod.TrainConfig(**state["config"])
+    if data_root:
+        cfg.data_root = data_root
+    dev = train_mod.resolve_device(device)
+    model = piad.PIAD(config=piad.PIADConfig(**state["preset"]), channels=state["channels"]).to(dev)
+    model.load_state_dict(state["model"])
+    rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
+    return state, cfg, model, rec_loss, data_mod
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate a trained PIAD checkpoint, or score new images.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", default=None, help="folder of images to score (no labels needed)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = p.parse_args(argv)
+    state, cfg, model, rec_loss, data_mod = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
+    out = Path(a.out) if a.out else Path(a.checkpoint).parent
+    if a.images:
+        ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"], channels=state["channels"])
+        scores, _ = compute_scores(model, ds, rec_loss)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"scores_{Path(a.images).resolve().name}.csv"
+        write_scores_csv(path, paths, scores)
+        main_score = scores[primary_score(cfg)]
+        print(f"scored {len(paths)} images with {primary_score(cfg)} "
+              f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}) "
+              f"-> {path}")
+        return
+    ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
+                               contamination=cfg.contamination, protocol=cfg.protocol, image_size=cfg.image_size)
+    metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg,
+                           extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint)})
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

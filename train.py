@@ -1,0 +1,450 @@
+"""Training procedure of PIAD, Algorithm 1 (paper §3.2-3.3, supplement §1).
+
+``python train.py --dataset mnist --normal 8`` trains PIAD on the normal class and writes,
+in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
+``log.csv`` (every loss and γ_G, γ_E), and the evaluation outputs of ``evaluate.py``
+(``metrics.json``, ``scores.csv``, ``roc.png``, ``reconstructions.png``, ``extremes.png``).
+``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
+variant of Berg et al. (module ``in_the_wild``) on the same networks instead.
+
+Speed-ups that keep the maths of Algorithm 1: the real images' VGG features carry no autograd
+graph and, for in-memory training sets seen many times, are computed once and cached; fake
+images/latents in the critic steps are produced under ``no_grad``; the critics' parameters
+are frozen during the generator/encoder step; the relative-perceptual-L1 reduction uses the
+fused op of ``csrc/`` when built.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data as data_mod
+import losses
+import piad
+import weights_policy
+
+CHECKPOINT = "checkpoint.pt"
+METHODS = ("piad", "latent-norm")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    normal: str = "8"
+    iterations: int | None = None  # None: the supplement's schedule for the dataset
+    batch_size: int = 32
+    seed: int = 0
+    out: str | None = None  # None: runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>
+    data_root: str | None = None
+    download: bool = False
+    protocol: str | None = None  # None: the paper's protocol for the dataset
+    image_size: int | None = None  # only for --dataset folder (32 or 64)
+    contamination: float = 0.0
+    method: str = "piad"  # "piad" | "latent-norm"
+    vgg_weights: str = "auto"
+    stats: str = "sklearn"  # "sklearn" (bundled photos) | "train" (training images) | PATH
+    loss: str = "rel-perc-l1"
+    impl: str = "auto"  # relative-perceptual-L1 implementation: auto | ext | torch
+    weights_policy: str = "gradnorm"  # "gradnorm" (§3.3) | "fixed"
+    gamma_g: float = 1.0  # used with weights_policy="fixed"
+    gamma_e: float = 1.0
+    n_weight: int = 100  # γ update period (supplement §1.2)
+    policy_last_n: int = 10
+    policy_reduce: str = "mean"  # paper: mean over layers; authors' code: median
+    device: str = "auto"
+    resume: bool = False
+    cache_features: str = "auto"  # auto | on | off
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+    progress: bool = True
+    evaluate: bool = True
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{self.seed}"
+        return Path("runs") / name.replace("/", "_")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def build_reconstruction_loss(cfg: TrainConfig, train_set, device, *, kind: str | None = None,
+                              reduction: str = "mean", stats_state: dict | None = None):
+    """The L_rec of eq. (7) (``cfg.loss``), with VGG features and their statistics."""
+    kind = kind or cfg.loss
+    if kind in ("mse", "l1"):
+        return losses.ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
+    vgg = losses.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
+    if stats_state is not None:
+        stats = losses.FeatureStats(**stats_state)
+    elif cfg.stats == "sklearn":
+        stats = losses.default_stats(vgg)
+    elif cfg.stats == "train":
+        images = _all_images(train_set)
+        stats = losses.feature_stats(vgg, (images[i:i + 256].to(device) for i in range(0, len(images), 256)),
+                                     source="training images")
+    else:
+        stats = losses.FeatureStats.load(cfg.stats)
+    loss = losses.ReconstructionLoss(kind=kind, features=vgg, stats=stats, reduction=reduction, impl=cfg.impl)
+    return loss.to(device), stats
+
+
+def _all_images(ds) -> torch.Tensor:
+    if isinstance(ds, data_mod.TensorImages):
+        return ds.images
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+class Sampler:
+    """Uniform minibatches (with replacement) from a seeded generator that is checkpointed."""
+
+    def __init__(self, ds, batch_size: int, device, *, seed: int, features=None):
+        self.ds, self.batch_size, self.device, self.features = ds, batch_size, device, features
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pool = None if isinstance(ds, data_mod.TensorImages) else ThreadPoolExecutor(4)
+
+    def __call__(self):
+        idx = torch.randint(len(self.ds), (self.batch_size,), generator=self.gen)
+        if self.pool is None:
+            x = self.ds.images[idx]
+        else:  # lazy datasets (LSUN, CelebA): decode in threads
+            x = torch.stack(list(self.pool.map(lambda i: self.ds[int(i)][0], idx)))
+        fx = self.features[idx].to(self.device, non_blocking=True) if self.features is not None else None
+        return x.to(self.device, non_blocking=True), fx
+
+
+class PIADTrainer:
+    """One iteration of Algorithm 1 per :meth:`step`."""
+
+    def __init__(self, model: piad.PIAD, rec_loss, cfg: TrainConfig):
+        self.model, self.rec_loss, self.cfg = model, rec_loss, cfg
+        p = model.config
+        self.opt_d = torch.optim.Adam(list(model.DX.parameters()) + list(model.DZ.parameters()),
+                                      lr=p.lr_critic, betas=p.betas)
+        self.opt_ge = torch.optim.Adam(list(model.G.parameters()) + list(model.E.parameters()),
+                                       lr=p.lr_gen, betas=p.betas)
+        self.hist_g = weights_policy.GradientHistory(model.G)
+        self.hist_e = weights_policy.GradientHistory(model.E)
+        self.gamma_g, self.gamma_e = cfg.gamma_g, cfg.gamma_e
+
+    def critic_step(self, x, z) -> dict:
+        m, p = self.model, self.model.config
+        with torch.no_grad():
+            x_fake, z_fake = m.G(z), m.E(x)
+        loss_dx, _ = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift)  # eq. (5)
+        loss_dz, _ = piad.critic_loss(m.DZ, z, z_fake, gp_weight=p.gp_weight, drift=p.drift)  # eq. (5) for D_Z
+        self.opt_d.zero_grad(set_to_none=True)
+        (loss_dx + loss_dz).backward()  # Alg. 1 line 5
+        self.opt_d.step()
+        return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach()}
+
+    def step(self, it: int, sample) -> dict:
+        m, p = self.model, self.model.config
+        for _ in range(p.n_dis):  # Alg. 1 lines 2-6
+            x, _ = sample()
+            out = self.critic_step(x, m.sample_latent(x.shape[0]))
+        x, fx = sample()  # line 7
+        z = m.sample_latent(x.shape[0])
+        critics = list(m.DX.parameters()) + list(m.DZ.parameters())
+        for q in critics:
+            q.requires_grad_(False)
+        z_enc = m.E(x)
+        adv_g = piad.adversarial_loss(m.DX, x, m.G(z))  # eq. (6)
+        adv_e = piad.adversarial_loss(m.DZ, z, z_enc)  # eq. (6) for E
+        rec = self.rec_loss(x, m.G(z_enc), fx=fx)  # eq. (7)
+        if self.cfg.weights_policy == "gradnorm" and it % self.cfg.n_weight == 0:  # lines 9-14
+            self._update_gammas(adv_g, adv_e, rec)
+        self.opt_ge.zero_grad(set_to_none=True)  # line 15
+        rec.backward(retain_graph=True)  # line 16
+        for net, gamma in ((m.G, self.gamma_g), (m.E, self.gamma_e)):
+            for q in net.parameters():
+                if q.grad is not None:
+                    q.grad.mul_(gamma)
+        (adv_g + adv_e).backward()  # line 17
+        self.opt_ge.step()  # line 18
+        for q in critics:
+            q.requires_grad_(True)
+        return {**out, "adv_g": adv_g.detach(), "adv_e": adv_e.detach(), "rec": rec.detach(),
+                "gamma_g": self.gamma_g, "gamma_e": self.gamma_e}
+
+    def _update_gammas(self, adv_g, adv_e, rec) -> None:
+        for loss, hists, name in ((adv_g, (self.hist_g,), "adv"), (adv_e, (self.hist_e,), "adv"),
+                                  (rec, (self.hist_g, self.hist_e), "rec")):
+            self.opt_ge.zero_grad(set_to_none=True)  # line 11: reset, backpropagate, record
+            loss.backward(retain_graph=True)
+            for h in hists:
+                h.record(name)
+        kw = dict(last_n=self.cfg.policy_last_n, reduce=self.cfg.policy_reduce)
+        self.gamma_g = self.hist_g.weight("adv", "rec", **kw)  # line 13, Alg. 3, eq. (12)
+        self.gamma_e = self.hist_e.weight("adv", "rec", **kw)
+
+    def state_dict(self) -> dict:
+        return {"opt_d": self.opt_d.state_dict(), "opt_ge": self.opt_ge.state_dict(),
+                "hist_g": self.hist_g.state_dict(), "hist_e": self.hist_e.state_dict(),
+                "gamma_g": self.gamma_g, "gamma_e": self.gamma_e}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.opt_d.load_state_dict(s["opt_d"])
+        self.opt_ge.load_state_dict(s["opt_ge"])
+        self.hist_g.load_state_dict(s["hist_g"])
+        self.hist_e.load_state_dict(s["hist_e"])
+        self.gamma_g, self.gamma_e = s["gamma_g"], s["gamma_e"]
+
+
+def make_trainer(model, rec_loss, cfg: TrainConfig):
+    if cfg.method == "piad":
+        return PIADTrainer(model, rec_loss, cfg)
+    import in_the_wild
+
+    return in_the_wild.LatentNormTrainer(model, cfg)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temporary file, flush it to disk, then rename over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+                           "restart without --resume into a new --out folder") from exc
+    if not isinstance(state, dict) or state.get("format") != "piad-checkpoint-1":
+        raise RuntimeError(f"{path} is not a piad checkpoint")
+    return state
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD:
+    return piad.PIAD(config=piad.preset(ds.preset), channels=ds.channels).to(device)
+
+
+def default_iterations(dataset: str, model_cfg) -> int:
+    """Supplement §1: 20k COIL-100, 50k (fashion-)MNIST, 100k CIFAR-10, 200k LSUN/CelebA."""
+    try:
+        return piad.iterations_for(dataset)
+    except ValueError:  # digits, mnist-5k, folder: the preset's schedule
+        return model_cfg.iterations
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "gamma_g", "gamma_e")
+
+
+def train(config: TrainConfig | None = None, **overrides) -> dict:
+    """Algorithm 1 end to end; returns the metrics written to ``metrics.json``."""
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.weights_policy not in ("gradnorm", "fixed"):
+        raise ValueError(f"--weights-policy must be gradnorm or fixed, got {cfg.weights_policy!r}")
+    if cfg.loss not in losses.KINDS:
+        raise ValueError(f"--loss must be one of {losses.KINDS}, got {cfg.loss!r}")
+    run = cfg.run_dir()
+    ckpt_path = run / CHECKPOINT
+    state = None
+    if ckpt_path.exists():
+        if not cfg.resume:
+            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out "
+                                  "(a finished checkpoint is never overwritten)")
+        state = load_checkpoint(ckpt_path)
+        saved = TrainConfig(**state["config"])
+        keep = {"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations", "data_root"}
+        diff = [f.name for f in dataclasses.fields(cfg) if f.name not in keep
+                and getattr(saved, f.name) != getattr(cfg, f.name)]
+        if diff:
+            raise ValueError(f"--resume with settings that differ from the checkpoint: {diff}")
+    device = resolve_device(cfg.device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
+                               contamination=cfg.contamination, protocol=cfg.protocol,
+                               download=cfg.download, image_size=cfg.image_size)
+    model = build_model(cfg, ds, device)
+    iterations = cfg.iterations or default_iterations(cfg.dataset, model.config)
+    rec_loss, stats = build_reconstruction_loss(
+        cfg, ds.train, device, stats_state=state["stats"] if state else None)
+    trainer = make_trainer(model, rec_loss, cfg)
+
+    features = None
+    wants_cache = (cfg.method == "piad" and rec_loss.features is not None
+                   and isinstance(ds.train, data_mod.TensorImages)
+                   and (cfg.cache_features == "on" or (cfg.cache_features == "auto"
+                        and iterations * cfg.batch_size > 2 * len(ds.train))))
+    if wants_cache:  # the real images' VGG features: computed once, no graph (VGG is frozen)
+        imgs = ds.train.images
+        features = torch.cat([rec_loss.real_features(imgs[i:i + 256].to(device)).cpu()
+                              for i in range(0, len(imgs), 256)])
+    sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features)
+
+    start, elapsed = 0, 0.0
+    if state:
+        model.load_state_dict(state["model"])
+        trainer.load_state_dict(state["trainer"])
+        sampler.gen.set_state(state["sampler"])
+        _set_rng_state(state["rng"])
+        start, elapsed = state["iteration"], state["elapsed_s"]
+    run.mkdir(parents=True, exist_ok=True)
+    log_path = run / "log.csv"
+    _truncate_log(log_path, start)
+    stats_state = dataclasses.asdict(stats) if stats is not None else None
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "format": "piad-checkpoint-1", "config": asdict(cfg), "iteration": it,
+            "iterations": iterations, "elapsed_s": elapsed + time.time() - t0,
+            "preset": asdict(model.config), "channels": ds.channels, "image_size": ds.image_size,
+            "model": model.state_dict(), "trainer": trainer.state_dict(), "sampler": sampler.gen.get_state(),
+            "rng": _rng_state(), "stats": stats_state, "vgg_weights": rec_loss.weights_id})
+
+    t0 = time.time()
+    last_ckpt = t0
+    bar = _progress(cfg, start, iterations)
+    with open(log_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        if start == 0:
+            writer.writeheader()
+        model.train()
+        for it in range(start, iterations):
+            values = trainer.step(it, sampler)
+            if it % cfg.log_every == 0 or it == iterations - 1:
+                row = {k: float(v) for k, v in values.items()}
+                if not all(math.isfinite(v) for v in row.values()):
+                    checkpoint(it)  # keep the evidence; a NaN run cannot be resumed usefully
+                    raise FloatingPointError(f"non-finite loss at iteration {it}: {row}")
+                writer.writerow({"iteration": it, "time_s": round(elapsed + time.time() - t0, 3), **row})
+                fh.flush()
+                if bar is not None:
+                    bar.set_postfix(rec=f"{row.get('rec', float('nan')):.3f}",
+                                    gG=f"{row.get('gamma_g', float('nan')):.3g}")
+            if bar is not None:
+                bar.update(1)
+            if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+                checkpoint(it + 1)
+                last_ckpt = time.time()
+    if bar is not None:
+        bar.close()
+    checkpoint(iterations)
+    train_time = elapsed + time.time() - t0
+    if not cfg.evaluate:
+        return {"iterations": iterations, "train_time_s": train_time}
+    import evaluate
+
+    return evaluate.evaluate_run(run, model=model, data=ds, rec_loss=rec_loss, config=cfg,
+                                 extra={"iterations": iterations, "train_time_s": round(train_time, 1),
+                                        "device": str(device), "contamination": ds.contamination})
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    if start == 0:
+        path.unlink()
+        return
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(keep)
+
+
+def _progress(cfg: TrainConfig, start: int, total: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, desc=f"{cfg.method} {cfg.dataset}:{cfg.normal}")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description="Train PIAD (Algorithm 1) on one normal class and evaluate it.")
+    p.add_argument("--dataset", default="mnist", choices=data_mod.DATASETS)
+    p.add_argument("--normal", default="8", help="normal class: index or name (attribute for celeba)")
+    p.add_argument("--iterations", type=int, default=None, help="default: the supplement's schedule")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<normal>-...)")
+    p.add_argument("--data-root", default=None, help="folder with the dataset files")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--protocol", default=None, choices=["split", "gpnd"], help="evaluation protocol")
+    p.add_argument("--image-size", type=int, default=None, choices=[32, 64], help="--dataset folder only")
+    p.add_argument("--contamination", type=float, default=0.0, help="fraction of anomalies in training")
+    p.add_argument("--method", default="piad", choices=METHODS)
+    p.add_argument("--vgg-weights", default="auto", help="auto|torchvision|caffe|random|PATH")
+    p.add_argument("--stats", default="sklearn", help="VGG feature statistics: sklearn|train|PATH")
+    p.add_argument("--loss", default="rel-perc-l1", choices=losses.KINDS)
+    p.add_argument("--impl", default="auto", choices=["auto", "ext", "torch"])
+    p.add_argument("--weights-policy", default="gradnorm", choices=["gradnorm", "fixed"])
+    p.add_argument("--gamma-g", type=float, default=1.0, help="γ_G with --weights-policy fixed")
+    p.add_argument("--gamma-e", type=float, default=1.0, help="γ_E with --weights-policy fixed")
+    p.add_argument("--policy-reduce", default="mean", choices=["mean", "median"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--cache-features", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    return TrainConfig(
+        dataset=a.dataset, normal=a.normal, iterations=a.iterations, batch_size=a.batch_size, seed=a.seed,
+        out=a.out, data_root=a.data_root, download=a.download, protocol=a.protocol, image_size=a.image_size,
+        contamination=a.contamination, method=a.method, vgg_weights=a.vgg_weights, stats=a.stats,
+        loss=a.loss, impl=a.impl, weights_policy=a.weights_policy, gamma_g=a.gamma_g, gamma_e=a.gamma_e,
+        policy_reduce=a.policy_reduce, device=a.device, resume=a.resume, cache_features=a.cache_features,
+        checkpoint_minutes=a.checkpoint_minutes, progress=not a.no_progress)
+
+
+def main(argv=None) -> None:
+    metrics = train(parse_args(argv))
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
