@@ -274,7 +274,7 @@ def default_iterations(dataset: str, model_cfg) -> int:
 
 # --- the run -----------------------------------------------------------------------------------
 
-LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "gamma_g", "gamma_e")
+LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e")
 
 
 def train(config: TrainConfig | None = None, **overrides) -> dict:
