@@ -1,0 +1,145 @@
+"""Tests of train.py (Algorithm 1) and evaluate.py: end to end, exact resume, clear errors."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(dataset="digits", normal="3", iterations=4, batch_size=8, out=str(tmp_path / "run"),
+                loss="mse", progress=False, evaluate=False)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def test_end_to_end_digits_writes_every_output(tmp_path):
+    """30 iterations of Algorithm 1 on real (scikit-learn) digits with the ImageNet VGG-19."""
+    cfg = _cfg(tmp_path, iterations=30, batch_size=32, loss="rel-perc-l1", vgg_weights="caffe", evaluate=True)
+    metrics = train.train(cfg)
+    run = tmp_path / "run"
+    for name in ("checkpoint.pt", "log.csv", "metrics.json", "scores.csv", "roc.png",
+                 "reconstructions.png", "extremes.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("roc_auc", "dataset", "normal", "iterations", "loss", "seed", "contamination", "vgg_weights"):
+        assert key in saved
+    assert 0.0 <= saved["roc_auc"] <= 1.0 and saved["iterations"] == 30
+    assert saved["vgg_weights"].startswith("caffe") and saved["score"] == "rel-perc-l1"
+    assert set(saved["roc_auc_per_score"]) == set(evaluate.SCORES)
+    with open(run / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == saved["n_test"] and {"id", "label", "rel-perc-l1", "latent-norm"} <= set(rows[0])
+    assert sum(int(r["label"]) for r in rows) == saved["n_test_anomalous"]
+    with open(run / "log.csv") as fh:
+        log = list(csv.DictReader(fh))
+    assert [int(r["iteration"]) for r in log] == [0, 10, 20, 29]
+    assert all(np.isfinite(float(r["rec"])) and float(r["gamma_g"]) > 0 for r in log)
+    # re-evaluating from the checkpoint reproduces the scores
+    evaluate.main(["--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["roc_auc"] == pytest.approx(saved["roc_auc"], abs=1e-6)
+
+
+def test_score_new_images(tmp_path):
+    from PIL import Image
+
+    train.train(_cfg(tmp_path, iterations=2))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / f"{i}.png")
+    evaluate.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--images", str(folder)])
+    with open(tmp_path / "run" / "scores_new.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and rows[0]["id"].endswith("0.png") and float(rows[0]["mse"]) >= 0
+
+
+def _state(path):
+    s = train.load_checkpoint(path)
+    return s["model"], s["trainer"], s["iteration"]
+
+
+@pytest.mark.parametrize("policy", ["gradnorm", "fixed"])
+def test_kill_and_resume_is_exact(tmp_path, monkeypatch, policy):
+    full = _cfg(tmp_path, iterations=6, out=str(tmp_path / "full"), weights_policy=policy, n_weight=2)
+    train.train(full)
+
+    part = _cfg(tmp_path, iterations=6, out=str(tmp_path / "part"), weights_policy=policy, n_weight=2,
+                checkpoint_minutes=0.0)  # checkpoint after every iteration
+    real_step = train.PIADTrainer.step
+
+    def dying_step(self, it, sample):
+        if it == 4:
+            raise KeyboardInterrupt  # the process is killed mid-run
+        return real_step(self, it, sample)
+    monkeypatch.setattr(train.PIADTrainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(part)
+    assert train.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 4
+    monkeypatch.setattr(train.PIADTrainer, "step", real_step)
+    train.train(part, resume=True)
+
+    m1, t1, i1 = _state(tmp_path / "full" / "checkpoint.pt")
+    m2, t2, i2 = _state(tmp_path / "part" / "checkpoint.pt")
+    assert i1 == i2 == 6
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert (t1["gamma_g"], t1["gamma_e"]) == (t2["gamma_g"], t2["gamma_e"])
+    assert t1["hist_g"] == t2["hist_g"]
+    with open(tmp_path / "full" / "log.csv") as a, open(tmp_path / "part" / "log.csv") as b:
+        ra, rb = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["iteration"] for r in ra] == [r["iteration"] for r in rb]
+    assert [r["rec"] for r in ra] == [r["rec"] for r in rb]
+
+
+def test_finished_checkpoint_is_never_overwritten(tmp_path):
+    cfg = _cfg(tmp_path, iterations=2)
+    train.train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(cfg)
+    with pytest.raises(ValueError, match="differ"):
+        train.train(cfg, resume=True, seed=5)
+    assert ckpt.read_bytes() == before
+
+
+def test_truncated_checkpoint_error(tmp_path):
+    cfg = _cfg(tmp_path, iterations=2)
+    train.train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        train.train(cfg, resume=True, iterations=4)
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        evaluate.main(["--checkpoint", str(ckpt)])
+    with pytest.raises(FileNotFoundError):
+        train.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="digits"):
+        train.train(_cfg(tmp_path, dataset="imagenet"))
+    with pytest.raises(ValueError, match="class"):
+        train.train(_cfg(tmp_path, normal="11"))
+    (tmp_path / "empty" / "normal").mkdir(parents=True)
+    with pytest.raises((FileNotFoundError, ValueError), match="normal"):
+        train.train(_cfg(tmp_path, dataset="folder", data_root=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="method"):
+        train.train(_cfg(tmp_path, method="ocgan"))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "imagenet"])
+
+
+def test_cli_parsing():
+    cfg = train.parse_args(["--dataset", "fashion-mnist", "--normal", "8", "--iterations", "200",
+                            "--vgg-weights", "caffe", "--weights-policy", "fixed", "--resume"])
+    assert (cfg.dataset, cfg.normal, cfg.iterations, cfg.vgg_weights, cfg.weights_policy, cfg.resume) == \
+        ("fashion-mnist", "8", 200, "caffe", "fixed", True)
+    assert str(train.TrainConfig(dataset="mnist", normal="8").run_dir()).startswith("runs/mnist-8-piad")
