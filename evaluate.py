@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,21 @@ def roc_aucs(scores: dict, labels: np.ndarray) -> dict:
             for k, v in scores.items()}
 
 
+def _feature_loss(rec_loss, config, data, model):
+    """The training loss if it has VGG features, else one built for scoring (pixel-loss runs)."""
+    if rec_loss is not None and rec_loss.features is not None:
+        return rec_loss
+    import train
+
+    try:
+        loss, _ = train.build_reconstruction_loss(config, data.train, next(model.parameters()).device,
+                                                  kind="rel-perc-l1")
+        return loss
+    except (FileNotFoundError, RuntimeError) as exc:  # no VGG weights here: pixel scores only
+        warnings.warn(f"perceptual scores skipped: {exc}")
+        return rec_loss
+
+
 def primary_score(config) -> str:
     return "latent-norm" if config.method == "latent-norm" else config.loss
 
@@ -90,7 +106,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     """Scores the protocol's test set and writes every output file into ``run``."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    scores, labels = compute_scores(model, data.test, rec_loss)
+    scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, data, model))
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
     metrics = {
