@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     cache_features: str = "auto"  # auto | on | off
+    channels_last: bool = True  # NHWC tensors for every conv net (faster oneDNN/cuDNN kernels)
     checkpoint_minutes: float = 5.0
     log_every: int = 10
     progress: bool = True
@@ -118,8 +119,9 @@ def _all_images(ds) -> torch.Tensor:
 class Sampler:
     """Uniform minibatches (with replacement) from a seeded generator that is checkpointed."""
 
-    def __init__(self, ds, batch_size: int, device, *, seed: int, features=None):
+    def __init__(self, ds, batch_size: int, device, *, seed: int, features=None, channels_last=False):
         self.ds, self.batch_size, self.device, self.features = ds, batch_size, device, features
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = None if isinstance(ds, data_mod.TensorImages) else ThreadPoolExecutor(4)
 
@@ -130,7 +132,7 @@ class Sampler:
         else:  # lazy datasets (LSUN, CelebA): decode in threads
             x = torch.stack(list(self.pool.map(lambda i: self.ds[int(i)][0], idx)))
         fx = self.features[idx].to(self.device, non_blocking=True) if self.features is not None else None
-        return x.to(self.device, non_blocking=True), fx
+        return x.to(self.device, memory_format=self.memory_format, non_blocking=True), fx
 
 
 class PIADTrainer:
@@ -295,7 +297,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                                   "(a finished checkpoint is never overwritten)")
         state = load_checkpoint(ckpt_path)
         saved = TrainConfig(**state["config"])
-        keep = {"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations", "data_root"}
+        keep = {"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations", "data_root",
+                "impl", "cache_features", "channels_last"}  # these change speed, not the maths
         diff = [f.name for f in dataclasses.fields(cfg) if f.name not in keep
                 and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
@@ -311,6 +314,9 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     iterations = cfg.iterations or default_iterations(cfg.dataset, model.config)
     rec_loss, stats = build_reconstruction_loss(
         cfg, ds.train, device, stats_state=state["stats"] if state else None)
+    if cfg.channels_last:  # same maths, NHWC layout
+        model.to(memory_format=torch.channels_last)
+        rec_loss.to(memory_format=torch.channels_last)
     trainer = make_trainer(model, rec_loss, cfg)
 
     features = None
@@ -322,7 +328,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
         imgs = ds.train.images
         features = torch.cat([rec_loss.real_features(imgs[i:i + 256].to(device)).cpu()
                               for i in range(0, len(imgs), 256)])
-    sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features)
+    sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
+                      channels_last=cfg.channels_last)
 
     start, elapsed = 0, 0.0
     if state:
@@ -428,7 +435,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--policy-reduce", default="mean", choices=["mean", "median"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--cache-features", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--cache-features", default="auto", choices=["auto", "on", "off"],
+                   help="compute the training images' VGG features once (auto: when seen > twice)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -438,7 +447,8 @@ def parse_args(argv=None) -> TrainConfig:
         contamination=a.contamination, method=a.method, vgg_weights=a.vgg_weights, stats=a.stats,
         loss=a.loss, impl=a.impl, weights_policy=a.weights_policy, gamma_g=a.gamma_g, gamma_e=a.gamma_e,
         policy_reduce=a.policy_reduce, device=a.device, resume=a.resume, cache_features=a.cache_features,
-        checkpoint_minutes=a.checkpoint_minutes, progress=not a.no_progress)
+        channels_last=not a.no_channels_last, checkpoint_minutes=a.checkpoint_minutes,
+        progress=not a.no_progress)
 
 
 def main(argv=None) -> None:

@@ -63,6 +63,17 @@ void check_inputs(const at::Tensor& fx, const at::Tensor& fy, const at::Tensor& 
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
 }
 
+// check_inputs plus the upstream gradient of shape (N,) on the features' device.
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& fx, const at::Tensor& fy,
+                           const at::Tensor& mean, const at::Tensor& std, double eps) {
+  const char* op = "piad::rel_perc_l1_backward";
+  check_inputs(fx, fy, mean, std, eps, op);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == fx.size(0), op,
+              ": grad must have shape (N,) = (", fx.size(0), ",), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == fx.device(), op, ": grad is on ", grad.device(),
+              " but the features are on ", fx.device());
+}
+
 // (0, 2, ..., dim-1, 1): the permutation that makes channels_last features contiguous.
 std::vector<int64_t> channels_last_perm(int64_t dim) {
   std::vector<int64_t> perm{0};
@@ -367,10 +378,7 @@ at::Tensor rel_perc_l1_cpu(const at::Tensor& fx, const at::Tensor& fy, const at:
 at::Tensor rel_perc_l1_backward_cpu(const at::Tensor& grad, const at::Tensor& fx,
                                     const at::Tensor& fy, const at::Tensor& mean,
                                     const at::Tensor& std, double eps) {
-  piad::check_inputs(fx, fy, mean, std, eps, "piad::rel_perc_l1_backward");
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == fx.size(0),
-              "piad::rel_perc_l1_backward: grad must have shape (N,) = (", fx.size(0), ",), got ",
-              grad.sizes());
+  piad::check_backward_inputs(grad, fx, fy, mean, std, eps);
   at::Tensor x, y;
   const bool interleaved = piad::prepare_layout(fx, fy, x, y);
   const Geo g = make_geo(x, interleaved);

@@ -28,6 +28,8 @@
 namespace piad {  // defined in rel_perc_l1.cpp
 void check_inputs(const at::Tensor& fx, const at::Tensor& fy, const at::Tensor& mean,
                   const at::Tensor& std, double eps, const char* op);
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& fx, const at::Tensor& fy,
+                           const at::Tensor& mean, const at::Tensor& std, double eps);
 bool prepare_layout(const at::Tensor& fx, const at::Tensor& fy, at::Tensor& x, at::Tensor& y);
 std::vector<int64_t> channels_last_perm(int64_t dim);
 }  // namespace piad
@@ -248,12 +250,7 @@ at::Tensor rel_perc_l1_cuda(const at::Tensor& fx, const at::Tensor& fy, const at
 at::Tensor rel_perc_l1_backward_cuda(const at::Tensor& grad, const at::Tensor& fx,
                                      const at::Tensor& fy, const at::Tensor& mean,
                                      const at::Tensor& std, double eps) {
-  piad::check_inputs(fx, fy, mean, std, eps, "piad::rel_perc_l1_backward");
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == fx.size(0),
-              "piad::rel_perc_l1_backward: grad must have shape (N,) = (", fx.size(0), ",), got ",
-              grad.sizes());
-  TORCH_CHECK(grad.device() == fx.device(), "piad::rel_perc_l1_backward: grad is on ",
-              grad.device(), " but the features are on ", fx.device());
+  piad::check_backward_inputs(grad, fx, fy, mean, std, eps);
   const c10::cuda::CUDAGuard guard(fx.device());
   at::Tensor x, y;
   const bool interleaved = piad::prepare_layout(fx, fy, x, y);
