@@ -136,7 +136,13 @@ class Sampler:
 
 
 class PIADTrainer:
-    """One iteration of Algorithm 1 per :meth:`step`."""
+    """One iteration of Algorithm 1 per :meth:`step`.
+
+    ``one_pass=False`` runs lines 16-17 literally (two backward passes, gradients rescaled in
+    between); the default computes the same gradients in one pass, saving a backward through E.
+    """
+
+    one_pass = True
 
     def __init__(self, model: piad.PIAD, rec_loss, cfg: TrainConfig):
         self.model, self.rec_loss, self.cfg = model, rec_loss, cfg
@@ -160,7 +166,9 @@ class PIADTrainer:
         self.opt_d.step()
         return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach()}
 
-    def step(self, it: int, sample) -> dict:
+    def step(self, it: int, sample, *, log: bool = True) -> dict:
+        """One iteration; ``log=False`` skips the real-data terms of eq. (6), which carry no
+        gradient and only make the logged values equal to the paper's losses."""
         m, p = self.model, self.model.config
         for _ in range(p.n_dis):  # Alg. 1 lines 2-6
             x, _ = sample()
@@ -171,18 +179,27 @@ class PIADTrainer:
         for q in critics:
             q.requires_grad_(False)
         z_enc = m.E(x)
-        adv_g = piad.adversarial_loss(m.DX, x, m.G(z))  # eq. (6)
-        adv_e = piad.adversarial_loss(m.DZ, z, z_enc)  # eq. (6) for E
-        rec = self.rec_loss(x, m.G(z_enc), fx=fx)  # eq. (7)
+        # E(x) enters G through its own node, whose hook rescales the reconstruction gradient
+        # reaching E (factor 1 unless set below), so lines 16-17 run as one backward pass.
+        z_rec = z_enc.view_as(z_enc)
+        self._rec_to_e = 1.0
+        z_rec.register_hook(lambda g: g * self._rec_to_e)
+        adv_g = piad.adversarial_loss(m.DX, x if log else None, m.G(z))  # eq. (6)
+        adv_e = piad.adversarial_loss(m.DZ, z if log else None, z_enc)  # eq. (6) for E
+        rec = self.rec_loss(x, m.G(z_rec), fx=fx)  # eq. (7)
         if self.cfg.weights_policy == "gradnorm" and it % self.cfg.n_weight == 0:  # lines 9-14
             self._update_gammas(adv_g, adv_e, rec)
         self.opt_ge.zero_grad(set_to_none=True)  # line 15
-        rec.backward(retain_graph=True)  # line 16
-        for net, gamma in ((m.G, self.gamma_g), (m.E, self.gamma_e)):
-            for q in net.parameters():
-                if q.grad is not None:
-                    q.grad.mul_(gamma)
-        (adv_g + adv_e).backward()  # line 17
+        if self.one_pass and self.gamma_g > 0:  # lines 16-17: G gets γ_G·∇L_rec, E γ_E·∇L_rec, + ∇L_adv
+            self._rec_to_e = self.gamma_e / self.gamma_g
+            (self.gamma_g * rec + adv_g + adv_e).backward()
+        else:  # literally, two passes (also when γ_G = 0)
+            rec.backward(retain_graph=True)  # line 16
+            for q in m.E.parameters():
+                q.grad.mul_(self.gamma_e)
+            for q in m.G.parameters():
+                q.grad.mul_(self.gamma_g)
+            (adv_g + adv_e).backward()  # line 17
         self.opt_ge.step()  # line 18
         for q in critics:
             q.requires_grad_(True)
@@ -360,8 +377,9 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
             writer.writeheader()
         model.train()
         for it in range(start, iterations):
-            values = trainer.step(it, sampler)
-            if it % cfg.log_every == 0 or it == iterations - 1:
+            log = it % cfg.log_every == 0 or it == iterations - 1
+            values = trainer.step(it, sampler, log=log)
+            if log:
                 row = {k: float(v) for k, v in values.items()}
                 if not all(math.isfinite(v) for v in row.values()):
                     checkpoint(it)  # keep the evidence; a NaN run cannot be resumed usefully

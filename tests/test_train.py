@@ -75,10 +75,10 @@ def test_kill_and_resume_is_exact(tmp_path, monkeypatch, policy):
                 checkpoint_minutes=0.0)  # checkpoint after every iteration
     real_step = train.PIADTrainer.step
 
-    def dying_step(self, it, sample):
+    def dying_step(self, it, sample, **kw):
         if it == 4:
             raise KeyboardInterrupt  # the process is killed mid-run
-        return real_step(self, it, sample)
+        return real_step(self, it, sample, **kw)
     monkeypatch.setattr(train.PIADTrainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train.train(part)
@@ -143,3 +143,28 @@ def test_cli_parsing():
     assert (cfg.dataset, cfg.normal, cfg.iterations, cfg.vgg_weights, cfg.weights_policy, cfg.resume) == \
         ("fashion-mnist", "8", 200, "caffe", "fixed", True)
     assert str(train.TrainConfig(dataset="mnist", normal="8").run_dir()).startswith("runs/mnist-8-piad")
+
+
+def test_one_pass_generator_step_equals_algorithm_1_literally():
+    """Lines 16-17 in one backward pass give the same update as the two literal passes."""
+    import copy
+
+    import data
+    import piad
+
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits", "3")
+    cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0)
+    model = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    rec = train.build_reconstruction_loss(cfg, ds.train, "cpu")[0]
+    results = []
+    for one_pass in (True, False):
+        trainer = train.PIADTrainer(copy.deepcopy(model), rec, cfg)
+        trainer.one_pass = one_pass
+        sampler = train.Sampler(ds.train, 8, "cpu", seed=0)
+        torch.manual_seed(1)
+        for it in range(2):
+            trainer.step(it, sampler)
+        results.append(trainer.model.state_dict())
+    assert all(torch.allclose(results[0][k], results[1][k], rtol=1e-5, atol=1e-6) for k in results[0])
+    assert not all(torch.equal(results[0][k], model.state_dict()[k]) for k in results[0])
