@@ -31,15 +31,20 @@ import losses
 SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "critic", "latent-norm")
 
 
-def _loader(ds, batch_size: int):
-    from torch.utils.data import DataLoader
+def _loader(ds, batch_size: int, order):
+    from torch.utils.data import DataLoader, Subset
 
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    return DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
 
 
 @torch.no_grad()
 def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -> tuple[dict, np.ndarray]:
-    """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels)."""
+    """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
+
+    Items are scored in a fixed random order (seed 0) and returned in dataset order: D_X's
+    minibatch-stddev feature sees its batch, and test sets are stored normal-first, so batches in
+    storage order would let the critic score depend on the label mix of its batch.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -52,7 +57,8 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -
     pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in ("l1", "mse")}
     out: dict[str, list] = {}
     labels = []
-    for x, y in _loader(ds, batch_size):
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    for x, y in _loader(ds, batch_size, order):
         x = x.to(device)
         z = model.E(x)  # (B, *latent)
         xr = model.G(z)  # (B, C, H, W)
@@ -66,7 +72,9 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -
             out.setdefault(k, []).append(v.float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
-    return {k: torch.cat(v).numpy() for k, v in out.items()}, torch.cat(labels).numpy()
+    inverse = torch.argsort(order)  # back to dataset order
+    return ({k: torch.cat(v)[inverse].numpy() for k, v in out.items()},
+            torch.cat(labels)[inverse].numpy())
 
 
 def _stats_of(rec_loss) -> losses.FeatureStats:

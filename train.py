@@ -387,8 +387,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                 writer.writerow({"iteration": it, "time_s": round(elapsed + time.time() - t0, 3), **row})
                 fh.flush()
                 if bar is not None:
-                    bar.set_postfix(rec=f"{row.get('rec', float('nan')):.3f}",
-                                    gG=f"{row.get('gamma_g', float('nan')):.3g}")
+                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("rec", "cycle", "gamma_g", "gamma_e")
+                                     if k in row})
             if bar is not None:
                 bar.update(1)
             if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:

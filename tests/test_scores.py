@@ -118,3 +118,19 @@ def test_latent_norm_is_the_primary_score_of_the_latent_norm_method():
     assert evaluate.primary_score(Cfg) == "latent-norm"
     Cfg.method = "piad"
     assert evaluate.primary_score(Cfg) == "rel-perc-l1"
+
+
+def test_scores_come_back_in_dataset_order_and_batches_are_mixed():
+    """Scoring runs in a shuffled order (so D_X's minibatch-stddev never sees a one-label batch)
+    but every score is returned at its item's index."""
+    model, ds = _synthetic()
+    seen = []
+    model.DX.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    scores, labels = evaluate.compute_scores(model, ds, losses.ReconstructionLoss(kind="mse"), batch_size=16)
+    x = ds.images
+    direct = (model.G(model.E(x)) - x).flatten(1).pow(2).mean(1)
+    assert torch.allclose(torch.from_numpy(scores["mse"]), direct, rtol=1e-5)
+    assert labels.tolist() == [0] * 40 + [1] * 40 and seen == [16] * 5
+    order = torch.randperm(80, generator=torch.Generator().manual_seed(0))
+    first = ds.labels[order[:16]]
+    assert 0 < int(first.sum()) < 16  # the first batch mixes normal and anomalous images
