@@ -248,12 +248,13 @@ def test_reconstruction_loss_kinds(kind, random_vgg, random_stats):
     assert torch.allclose(L(x, y, fx=L.real_features(x)) if kind not in ("mse", "l1") else v, v)
 
 
-def test_reconstruction_loss_gradcheck(random_stats):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reconstruction_loss_gradcheck(random_stats, impl):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vgg = losses.VGG19Features("relu2_1", weights="random").double()
     s = losses.feature_stats(vgg, [torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1])
-    L = losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=s, reduction="none", impl="torch")
+    L = losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=s, reduction="none", impl=impl)
     L.double()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
