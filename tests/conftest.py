@@ -8,6 +8,7 @@ hypothesis' auto-detection. Locally a faster ``dev`` profile is used.
 import os
 import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Tests import the flat modules from the repository root, installed or not.
@@ -18,3 +19,19 @@ settings.register_profile(
     "dev", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+    """``arm(trainer_cls, it)`` makes ``trainer_cls.step`` raise KeyboardInterrupt at iteration
+    ``it`` (the process is killed mid-run); it returns a function that disarms it."""
+    def arm(trainer_cls, it):
+        real_step = trainer_cls.step
+
+        def dying_step(self, i, sample, **kw):
+            if i == it:
+                raise KeyboardInterrupt
+            return real_step(self, i, sample, **kw)
+        monkeypatch.setattr(trainer_cls, "step", dying_step)
+        return lambda: monkeypatch.setattr(trainer_cls, "step", real_step)
+    return arm

@@ -182,22 +182,16 @@ def test_end_to_end_latent_norm_on_digits(tmp_path):
     assert math.isfinite(float(first["cycle"])) and math.isfinite(float(first["loss_dx"]))
 
 
-def test_kill_and_resume_through_train_is_exact(tmp_path, monkeypatch):
+def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
     def cfg(name, **kw):
         return train.TrainConfig(dataset="digits", normal="3", iterations=5, batch_size=4, method="latent-norm",
                                  loss="mse", out=str(tmp_path / name), progress=False, evaluate=False, **kw)
 
     train.train(cfg("full"))
-    real_step = in_the_wild.LatentNormTrainer.step
-
-    def dying_step(self, it, sample, **kw):
-        if it == 3:
-            raise KeyboardInterrupt  # the process is killed mid-run
-        return real_step(self, it, sample, **kw)
-    monkeypatch.setattr(in_the_wild.LatentNormTrainer, "step", dying_step)
+    disarm = kill_at(in_the_wild.LatentNormTrainer, 3)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg("part", checkpoint_minutes=0.0))
-    monkeypatch.setattr(in_the_wild.LatentNormTrainer, "step", real_step)
+    disarm()
     train.train(cfg("part", checkpoint_minutes=0.0), resume=True)
     a, b = (train.load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "part"))
     assert a["iteration"] == b["iteration"] == 5

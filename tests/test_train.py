@@ -67,23 +67,17 @@ def _state(path):
 
 
 @pytest.mark.parametrize("policy", ["gradnorm", "fixed"])
-def test_kill_and_resume_is_exact(tmp_path, monkeypatch, policy):
+def test_kill_and_resume_is_exact(tmp_path, kill_at, policy):
     full = _cfg(tmp_path, iterations=6, out=str(tmp_path / "full"), weights_policy=policy, n_weight=2)
     train.train(full)
 
     part = _cfg(tmp_path, iterations=6, out=str(tmp_path / "part"), weights_policy=policy, n_weight=2,
                 checkpoint_minutes=0.0)  # checkpoint after every iteration
-    real_step = train.PIADTrainer.step
-
-    def dying_step(self, it, sample, **kw):
-        if it == 4:
-            raise KeyboardInterrupt  # the process is killed mid-run
-        return real_step(self, it, sample, **kw)
-    monkeypatch.setattr(train.PIADTrainer, "step", dying_step)
+    disarm = kill_at(train.PIADTrainer, 4)
     with pytest.raises(KeyboardInterrupt):
         train.train(part)
     assert train.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 4
-    monkeypatch.setattr(train.PIADTrainer, "step", real_step)
+    disarm()
     train.train(part, resume=True)
 
     m1, t1, i1 = _state(tmp_path / "full" / "checkpoint.pt")
