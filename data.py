@@ -384,7 +384,7 @@ def _torchvision_pools(name: str, root, download: bool) -> tuple[dict, str]:
         except RuntimeError as e:
             msg = (f"{name} not found in {base} (expected torchvision's layout: {base}/{layout}). Pass "
                    "--data-root DIR pointing at a folder with torchvision's layout, or run once with internet "
-                   "access and download=True (--download).")
+                   "access and download=True (train.py downloads by default unless --no-download).")
             if download:
                 raise RuntimeError(f"downloading {name} failed: {e}. {msg}") from e
             raise FileNotFoundError(msg) from e

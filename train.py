@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # None: runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>
     data_root: str | None = None
-    download: bool = False
+    download: bool = True  # torchvision datasets (MNIST, CIFAR-10) are downloaded when missing
     protocol: str | None = None  # None: the paper's protocol for the dataset
     image_size: int | None = None  # only for --dataset folder (32 or 64)
     contamination: float = 0.0
@@ -438,7 +438,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<normal>-...)")
     p.add_argument("--data-root", default=None, help="folder with the dataset files")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--no-download", action="store_true",
+                   help="never download MNIST/CIFAR-10 (files must be under --data-root)")
     p.add_argument("--protocol", default=None, choices=["split", "gpnd"], help="evaluation protocol")
     p.add_argument("--image-size", type=int, default=None, choices=[32, 64], help="--dataset folder only")
     p.add_argument("--contamination", type=float, default=0.0, help="fraction of anomalies in training")
@@ -461,7 +462,7 @@ def parse_args(argv=None) -> TrainConfig:
     a = p.parse_args(argv)
     return TrainConfig(
         dataset=a.dataset, normal=a.normal, iterations=a.iterations, batch_size=a.batch_size, seed=a.seed,
-        out=a.out, data_root=a.data_root, download=a.download, protocol=a.protocol, image_size=a.image_size,
+        out=a.out, data_root=a.data_root, download=not a.no_download, protocol=a.protocol, image_size=a.image_size,
         contamination=a.contamination, method=a.method, vgg_weights=a.vgg_weights, stats=a.stats,
         loss=a.loss, impl=a.impl, weights_policy=a.weights_policy, gamma_g=a.gamma_g, gamma_e=a.gamma_e,
         policy_reduce=a.policy_reduce, device=a.device, resume=a.resume, cache_features=a.cache_features,

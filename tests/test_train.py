@@ -137,6 +137,7 @@ def test_cli_parsing():
     assert (cfg.dataset, cfg.normal, cfg.iterations, cfg.vgg_weights, cfg.weights_policy, cfg.resume) == \
         ("fashion-mnist", "8", 200, "caffe", "fixed", True)
     assert str(train.TrainConfig(dataset="mnist", normal="8").run_dir()).startswith("runs/mnist-8-piad")
+    assert cfg.download and not train.parse_args(["--no-download"]).download  # MNIST/CIFAR-10 fetched when missing
 
 
 def test_one_pass_generator_step_equals_algorithm_1_literally():
