@@ -101,19 +101,21 @@ def build_reconstruction_loss(cfg: TrainConfig, train_set, device, *, kind: str 
     elif cfg.stats == "sklearn":
         stats = losses.default_stats(vgg)
     elif cfg.stats == "train":
-        images = _all_images(train_set)
-        stats = losses.feature_stats(vgg, (images[i:i + 256].to(device) for i in range(0, len(images), 256)),
-                                     source="training images")
+        stats = losses.feature_stats(vgg, image_batches(train_set, device), source="training images")
     else:
         stats = losses.FeatureStats.load(cfg.stats)
     loss = losses.ReconstructionLoss(kind=kind, features=vgg, stats=stats, reduction=reduction, impl=cfg.impl)
     return loss.to(device), stats
 
 
-def _all_images(ds) -> torch.Tensor:
-    if isinstance(ds, data_mod.TensorImages):
-        return ds.images
-    return torch.stack([ds[i][0] for i in range(len(ds))])
+def image_batches(ds, device, size: int = 256):
+    """The images of ``ds`` in order, ``size`` at a time, streamed (lazy datasets stay on disk)."""
+    for i in range(0, len(ds), size):
+        if isinstance(ds, data_mod.TensorImages):
+            batch = ds.images[i:i + size]
+        else:
+            batch = torch.stack([ds[j][0] for j in range(i, min(i + size, len(ds)))])
+        yield batch.to(device)  # (b, C, H, W)
 
 
 class Sampler:
@@ -342,9 +344,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                    and (cfg.cache_features == "on" or (cfg.cache_features == "auto"
                         and iterations * cfg.batch_size > 2 * len(ds.train))))
     if wants_cache:  # the real images' VGG features: computed once, no graph (VGG is frozen)
-        imgs = ds.train.images
-        features = torch.cat([rec_loss.real_features(imgs[i:i + 256].to(device)).cpu()
-                              for i in range(0, len(imgs), 256)])
+        features = torch.cat([rec_loss.real_features(x).cpu() for x in image_batches(ds.train, device)])
     sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
                       channels_last=cfg.channels_last)
 

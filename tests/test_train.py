@@ -163,3 +163,24 @@ def test_one_pass_generator_step_equals_algorithm_1_literally():
         results.append(trainer.model.state_dict())
     assert all(torch.allclose(results[0][k], results[1][k], rtol=1e-5, atol=1e-6) for k in results[0])
     assert not all(torch.equal(results[0][k], model.state_dict()[k]) for k in results[0])
+
+
+def test_stats_from_training_images_are_streamed(monkeypatch):
+    """--stats train: μ, σ over the training images, batch by batch (lazy datasets too)."""
+    import warnings
+
+    import data
+    import losses
+
+    ds = data.load_dataset("digits", "3")
+    lazy = torch.utils.data.Subset(ds.train, range(len(ds.train)))  # not TensorImages: per-item path
+    batches = list(train.image_batches(lazy, "cpu", size=50))
+    n = len(ds.train)
+    assert [len(b) for b in batches] == [50] * (n // 50) + [n % 50] and torch.equal(torch.cat(batches), ds.train.images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss, stats = train.build_reconstruction_loss(
+            train.TrainConfig(stats="train", vgg_weights="random"), lazy, "cpu")
+        want = losses.feature_stats(loss.features, [ds.train.images])
+    assert stats.source == "training images" and stats.count == want.count
+    assert torch.allclose(stats.mean, want.mean, rtol=1e-5) and torch.allclose(stats.std, want.std, rtol=1e-4)
