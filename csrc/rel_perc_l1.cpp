@@ -50,19 +50,24 @@ void store(T* p, const V& v, int64_t n) {
 // Calls f(i, n, mean, 1/std) for each vector of elements [i, i + n) of a sample, unit by unit:
 // a planar unit is one channel (mean, std broadcast), an interleaved unit one pixel (mean, std
 // loaded per channel). Lanes past n get 1/std = 0.
-template <typename A, typename F>
-inline void for_each_vec(const Layout& l, const A* mean, const A* inv, F&& f) {
+template <bool INTERLEAVED, typename A, typename F>
+inline void for_each_vec(const Layout& l, const A* mean, const A* inv, const F& f) {
   using V = Vectorized<A>;
-  const int64_t len = l.interleaved ? l.C : l.S, units = l.interleaved ? l.S : l.C;
+  const int64_t len = INTERLEAVED ? l.C : l.S, units = INTERLEAVED ? l.S : l.C;
   for (int64_t u = 0; u < units; ++u) {
-    const V mb(l.interleaved ? A(0) : mean[u]), ib(l.interleaved ? A(0) : inv[u]);
+    const V mb(INTERLEAVED ? A(0) : mean[u]), ib(INTERLEAVED ? A(0) : inv[u]);
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t n = std::min<int64_t>(V::size(), len - j);
-      const V m = l.interleaved ? load(mean + j, n) : mb;
-      const V iv = l.interleaved ? load(inv + j, n) : (n == V::size() ? ib : V::set(V(0), ib, n));
+      const V m = INTERLEAVED ? load(mean + j, n) : mb;
+      const V iv = INTERLEAVED ? load(inv + j, n) : (n == V::size() ? ib : V::set(V(0), ib, n));
       f(u * len + j, n, m, iv);
     }
   }
+}
+
+template <typename A, typename F>  // the layout as a compile-time constant in the loops
+void for_each_vec(const Layout& l, const A* mean, const A* inv, const F& f) {
+  l.interleaved ? for_each_vec<true>(l, mean, inv, f) : for_each_vec<false>(l, mean, inv, f);
 }
 
 // Sums of |fx~ - fy~| = |fx - fy| / std (if NUM) and |fx~| = |fx - mean| / std over one sample,

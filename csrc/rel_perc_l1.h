@@ -29,9 +29,9 @@ struct Layout {
   C10_HOST_DEVICE int64_t channel(int64_t i) const { return interleaved ? i % C : i / S; }
 };
 
-// The inputs as the kernels read them, after the checks: x, y in the kernels' order (channels_last
-// fx is read in place, `permuted`: x = fx.movedim(1, -1) is dense and interleaved; anything else
-// is made contiguous, planar; fy follows fx's order), mean and 1/std (eq. (3)) in acc_t.
+// The checked inputs as the kernels read them: x, y in the kernels' order (channels_last fx read
+// in place, `permuted`: x = fx.movedim(1, -1), interleaved; else made contiguous, planar; fy
+// follows fx's order), mean and 1/std (eq. (3)) in acc_t.
 struct Inputs {
   at::Tensor x, y, mean, inv;
   Layout l;

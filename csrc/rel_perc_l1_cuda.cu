@@ -1,8 +1,7 @@
 // Relative-perceptual-L1 loss (Tuluptceva et al. 2019, §3.1, eq. (3)-(4)): CUDA kernels of
 // torch.ops.piad.rel_perc_l1 / rel_perc_l1_backward (maths and shared helpers: rel_perc_l1.h).
 //
-// One thread block per sample: each thread sums a fixed strided subset of the sample's elements
-// and cub::BlockReduce adds the threads' sums, so results are deterministic (no atomics).
+// One thread block per sample, a fixed summation order (no atomics): deterministic results.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,38 +17,29 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Block sums over sample blockIdx.x of |fx~ - fy~| = |fx - fy| / std (if num) and
-// |fx~| = |fx - mean| / std, eq. (3)-(4); the results are valid in thread 0.
+// One block per sample n = blockIdx.x; each thread sums a fixed strided subset of its elements,
+// num = sum |fx~ - fy~| = |fx - fy| / std (forward only) and den = sum |fx~| = |fx - mean| / std,
+// eq. (3)-(4), and cub::BlockReduce adds the threads' sums. Forward (grad == nullptr):
+// loss[n] = num / (den + eps), eq. (4). Backward: grad_fx = g[n] / (den + eps) * sign(fx - fy) / std.
 template <typename T, typename A>
-__device__ void block_sums(const T* x, const T* y, const A* mean, const A* inv, const Layout l,
-                           bool num, A& sn, A& sd) {
+__global__ void rel_perc_l1_kernel(const A* grad, const T* x, const T* y, const A* mean, const A* inv,
+                                   Layout l, double eps, T* out) {
   using Reduce = cub::BlockReduce<A, kThreads>;
   __shared__ typename Reduce::TempStorage tmp[2];
+  __shared__ A scale;
   const int64_t base = blockIdx.x * l.K;
   A an = 0, ad = 0;
   for (int64_t i = threadIdx.x; i < l.K; i += kThreads) {
     const int64_t c = l.channel(i);
     const A xv = static_cast<A>(x[base + i]);
-    if (num) an += ::fabs(xv - static_cast<A>(y[base + i])) * inv[c];
+    if (!grad) an += ::fabs(xv - static_cast<A>(y[base + i])) * inv[c];
     ad += ::fabs(xv - mean[c]) * inv[c];
   }
-  sn = Reduce(tmp[0]).Sum(an);
-  sd = Reduce(tmp[1]).Sum(ad);
-}
-
-// Forward (grad == nullptr): loss[n] = num / (den + eps), eq. (4). Backward: the block first sums
-// the denominator, then writes grad_fx = g[n] / (den + eps) * sign(fx - fy) / std.
-template <typename T, typename A>
-__global__ void rel_perc_l1_kernel(const A* grad, const T* x, const T* y, const A* mean, const A* inv,
-                                   Layout l, double eps, T* out) {
-  __shared__ A scale;
-  A num, den;
-  block_sums(x, grad ? x : y, mean, inv, l, !grad, num, den);
+  const A num = Reduce(tmp[0]).Sum(an), den = Reduce(tmp[1]).Sum(ad);  // valid in thread 0
   if (threadIdx.x == 0 && !grad) out[blockIdx.x] = static_cast<T>(num / (den + static_cast<A>(eps)));
   if (threadIdx.x == 0 && grad) scale = grad[blockIdx.x] / (den + static_cast<A>(eps));
   if (!grad) return;  // the same for the whole block
   __syncthreads();
-  const int64_t base = blockIdx.x * l.K;
   for (int64_t i = threadIdx.x; i < l.K; i += kThreads) {
     const A d = static_cast<A>(x[base + i]) - static_cast<A>(y[base + i]);
     out[base + i] = static_cast<T>(sign_times(d, scale * inv[l.channel(i)]));
