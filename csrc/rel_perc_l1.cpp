@@ -33,18 +33,24 @@ constexpr int64_t kParallel = 1 << 19;  // calls with fewer elements run on one 
 
 template <typename T, typename V = Vectorized<acc_t<T>>>
 V load(const T* p, int64_t n) {  // n <= V::size(); lanes past n are 0
-  if constexpr (std::is_same_v<T, acc_t<T>>) return n == V::size() ? V::loadu(p) : V::loadu(p, n);
-  acc_t<T> buf[V::size()] = {};
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t<T>>(p[i]);
-  return V::loadu(buf);
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return n == V::size() ? V::loadu(p) : V::loadu(p, n);
+  } else {  // half, bfloat16: widened to float
+    T buf[V::size()] = {};
+    if (n < V::size()) std::copy(p, p + n, buf);  // a partial vector, zero-padded
+    V v;
+    at::vec::load_to_float(n < V::size() ? buf : p, v);
+    return v;
+  }
 }
 
 template <typename T, typename V = Vectorized<acc_t<T>>>
 void store(T* p, const V& v, int64_t n) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) return n == V::size() ? v.store(p) : v.store(p, n);
-  acc_t<T> buf[V::size()];
-  v.store(buf);
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    n == V::size() ? v.store(p) : v.store(p, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, n);  // rounded to half, bfloat16
+  }
 }
 
 // Calls f(i, n, mean, 1/std) for each vector of elements [i, i + n) of a sample, unit by unit:
