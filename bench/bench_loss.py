@@ -13,6 +13,11 @@ profiler's memory accounting (``profile_memory=True``); both include the returne
 gradients (2 x input size for fwd+bwd).
 
     python bench/bench_loss.py [--device cpu|cuda] [--grad both|fy] [--repeats 100] [--threads N]
+                               [--clock wall|cpu]
+
+``--clock cpu`` times with the CPU time of the process instead of the wall clock: on a loaded
+machine (more runnable jobs than cores) use it with ``--threads 1``, which then measures the work
+of each path without the time spent waiting for a core.
 """
 import argparse
 import os
@@ -35,11 +40,14 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+CLOCK = time.perf_counter
+
+
 def _timed(fn, dev):
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
     _sync(dev)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def _paired_ms(ref, fused, dev, repeats):
@@ -122,16 +130,23 @@ def main():
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall clock or CPU time of the process (cpu: CPU only, for --threads 1)")
     ap.add_argument("--peak-gbs", type=float, default=3350.0,
                     help="peak memory bandwidth in GB/s for the CUDA efficiency column (H100 SXM)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if dev.type != "cpu" or torch.get_num_threads() != 1:
+            sys.exit("--clock cpu measures the CPU time of one thread: use it with --device cpu --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
     if not fused_op.available(dev):
         sys.exit(f"fused op not available for {dev.type}: build with "
                  "`pip install --no-build-isolation -e .`")
-    print(f"device={dev.type} threads={torch.get_num_threads()} torch={torch.__version__} "
+    print(f"device={dev.type} threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__} "
           f"float32 grad={args.grad} {args.repeats} alternating pairs (warm-up {args.warmup} "
           "rounds); speed-up = median of the pairwise ratios torch / fused")
     if dev.type == "cuda":
