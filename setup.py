@@ -4,12 +4,12 @@ Installs the flat modules and builds the optional extension ``piad_C``: the fuse
 relative-perceptual-L1 op of paper §3.1, eq. (3)-(4) (csrc/). Install with
 ``pip install --no-build-isolation -e .`` so the extension is compiled against the installed torch.
 
-The extension has CPU and CUDA kernels when a CUDA toolkit is found (torch's ``CUDA_HOME``; no
-GPU is needed to build) and CPU kernels only otherwise. The CPU kernels use PyTorch's SIMD
-vectors (``at::vec::Vectorized``) for the instruction set torch reports for this machine
-(AVX512 or AVX2, compiled as torch.compile's C++ backend does); ``ATEN_CPU_CAPABILITY=default``
-builds portable scalar code instead. If the build fails the package still installs and
-losses.py uses the pure-PyTorch path.
+The extension has CPU and CUDA kernels when a CUDA toolkit (nvcc and headers) is found (no GPU
+is needed to build) and CPU kernels only otherwise. The CPU kernels use PyTorch's SIMD vectors
+(``at::vec::Vectorized``) for the instruction set torch reports for this machine (AVX512 or
+AVX2, compiled as torch.compile's C++ backend does), so the library needs a CPU with that
+instruction set; ``ATEN_CPU_CAPABILITY=default`` builds portable (much slower) scalar code.
+If the build fails the package still installs and losses.py uses the pure-PyTorch path.
 
 Environment:
   PIAD_CUDA=0/1   force the CPU-only build / ask for the CUDA build (default: CUDA when found).
