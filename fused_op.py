@@ -2,32 +2,52 @@
 
 The compiled extension ``piad_C`` registers ``torch.ops.piad.rel_perc_l1`` (per-sample loss,
 shape (N,)) and ``torch.ops.piad.rel_perc_l1_backward`` (gradient w.r.t. ``fx``). This module
-adds what the C++ side does not: fake (meta) kernels for ``torch.compile`` and the autograd
-formula. The denominator of eq. (4) depends on ``fx`` only and is a constant in backward, so
+imports it and adds what the C++ side does not: fake kernels (shape checks with ``torch._check``)
+for ``torch.compile`` and the autograd formula. The denominator of eq. (4) depends on ``fx``
+only and is a constant in backward, so
 
     d loss[n] / d fx = g[n] sign(fx - fy) / std[c] / (den[n] + eps),   d loss / d fy = -(that).
 
-Nothing happens at import time; call :func:`load` (``losses.py`` does, lazily). Build the
-extension with ``pip install --no-build-isolation -e .``; without it :func:`load` returns False
-and the pure-PyTorch reference ``losses.rel_perc_l1_torch`` is used instead.
+``losses.py`` imports this module lazily. Build the extension with
+``pip install --no-build-isolation -e .``; without it :func:`load` returns False and the
+pure-PyTorch reference ``losses.rel_perc_l1_torch`` is used instead.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
-_lock = threading.Lock()
-_loaded: bool | None = None  # None: not tried yet
-_error: str = ""
+try:
+    import piad_C  # noqa: F401  (loading the library registers torch.ops.piad.*)
+    _error = ""
+except ImportError as err:
+    piad_C, _error = None, f"{type(err).__name__}: {err}"
+
+
+def _check_inputs(fx, fy, mean, std, eps):
+    """The shape checks of csrc/rel_perc_l1.h, same messages, for fake (traced) tensors."""
+    torch._check(fx.dim() >= 2, lambda: f"features must have shape (N, C, *), got fx.shape={tuple(fx.shape)}")
+    torch._check(fx.shape == fy.shape,
+                 lambda: f"fx and fy must have the same shape, got {tuple(fx.shape)} and {tuple(fy.shape)}")
+    torch._check(fx.dtype == fy.dtype, lambda: f"fx and fy must have the same dtype, got {fx.dtype} and {fy.dtype}")
+    for name, t in (("mean", mean), ("std", std)):
+        torch._check(t.shape == fx.shape[1:2], lambda: f"{name} must be 1-D with one entry per channel "
+                     f"(C={fx.shape[1]}), got shape {tuple(t.shape)}")
+    torch._check(eps >= 0, lambda: f"eps must be >= 0, got {eps}")
 
 
 def _fake_forward(fx, fy, mean, std, eps):
+    _check_inputs(fx, fy, mean, std, eps)
     return fx.new_empty(fx.shape[0])
 
 
 def _fake_backward(grad, fx, fy, mean, std, eps):
-    return torch.empty_like(fx)
+    _check_inputs(fx, fy, mean, std, eps)
+    torch._check(grad.shape == fx.shape[:1],
+                 lambda: f"grad must have shape (N,) = ({fx.shape[0]},), got {tuple(grad.shape)}")
+    xp = fx.movedim(1, -1)  # as the kernels write it: channels_last stays so, else contiguous
+    if fx.dim() >= 3 and not fx.is_contiguous() and xp.is_contiguous():
+        return torch.empty_like(xp).movedim(-1, 1)
+    return fx.new_empty(fx.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -63,37 +83,23 @@ def _double_backward(ctx, gg):
     return (gg * unit).flatten(1).sum(1), None, None, None, None, None
 
 
+if piad_C is not None:
+    torch.library.register_fake("piad::rel_perc_l1")(_fake_forward)
+    torch.library.register_fake("piad::rel_perc_l1_backward")(_fake_backward)
+    torch.library.register_autograd("piad::rel_perc_l1", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("piad::rel_perc_l1_backward", _double_backward,
+                                    setup_context=_setup_context_bw)
+
+
 def load() -> bool:
-    """Import the extension once and register fake kernels and autograd; False if not built."""
-    global _loaded, _error
-    if _loaded is not None:
-        return _loaded
-    with _lock:
-        if _loaded is None:
-            try:
-                import piad_C  # noqa: F401  (registers torch.ops.piad.* on import)
-            except ImportError as err:
-                _error, _loaded = f"{type(err).__name__}: {err}", False
-                return False
-            packet = torch.ops.piad.rel_perc_l1
-            if not getattr(packet, "_piad_registered", False):  # once per process (reloads)
-                torch.library.register_fake("piad::rel_perc_l1")(_fake_forward)
-                torch.library.register_fake("piad::rel_perc_l1_backward")(_fake_backward)
-                torch.library.register_autograd("piad::rel_perc_l1", _backward,
-                                                setup_context=_setup_context)
-                torch.library.register_autograd("piad::rel_perc_l1_backward", _double_backward,
-                                                setup_context=_setup_context_bw)
-                packet._piad_registered = True
-            _loaded = True
-    return _loaded
+    """True when the extension is built (its ops and their fake kernels and autograd are registered)."""
+    return piad_C is not None
 
 
 def available(device: torch.device | str = "cpu") -> bool:
     """True when the extension is loaded and has a kernel for ``device``'s type."""
-    if not load():
-        return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("piad::rel_perc_l1", key)
+    return load() and key is not None and torch.ops.piad.rel_perc_l1.default.has_kernel_for_dispatch_key(key)
 
 
 def rel_perc_l1(fx: torch.Tensor, fy: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

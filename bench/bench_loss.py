@@ -1,8 +1,10 @@
 """Benchmark of the relative-perceptual-L1 loss (paper §3.1, eq. (3)-(4)): fused op vs PyTorch.
 
-Measures, in the same run, forward and forward+backward of ``fused_op.rel_perc_l1`` (csrc/)
-and of the pure-PyTorch reference ``losses.rel_perc_l1_torch`` on relu4_2-like feature shapes,
-float32, median over repeats after warm-up.
+Measures forward and forward+backward of ``fused_op.rel_perc_l1`` (csrc/) and of the
+pure-PyTorch reference ``losses.rel_perc_l1_torch`` on relu4_2-like feature shapes, float32.
+The two paths alternate call by call (which one goes first alternates too), so both see the
+same load on a shared machine; printed are each path's median time and the median of the
+pairwise ratios torch / fused (the speed-up).
 
 On CUDA the effective memory bandwidth (bytes the fused kernels must move / time) is printed
 against ``--peak-gbs``. Peak extra memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the
@@ -10,7 +12,12 @@ peak of the running sum of bytes allocated/freed by the ops of one call, from th
 profiler's memory accounting (``profile_memory=True``); both include the returned
 gradients (2 x input size for fwd+bwd).
 
-    python bench/bench_loss.py [--device cpu|cuda] [--grad both|fy] [--repeats 30] [--threads N]
+    python bench/bench_loss.py [--device cpu|cuda] [--grad both|fy] [--repeats 100] [--threads N]
+                               [--clock wall|cpu]
+
+``--clock cpu`` times with the CPU time of the process instead of the wall clock: on a loaded
+machine (more runnable jobs than cores) use it with ``--threads 1``, which then measures the work
+of each path without the time spent waiting for a core.
 """
 import argparse
 import os
@@ -33,21 +40,31 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _median_ms(fns, dev, warmup, repeats):
-    """Median wall time (ms) of each function; repeats interleave the functions so that both
-    implementations see the same machine load."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
+CLOCK = time.perf_counter
+
+
+def _timed(fn, dev):
+    t0 = CLOCK()
+    fn()
     _sync(dev)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            ts.append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(ts) for ts in times]
+    return CLOCK() - t0
+
+
+def _paired_ms(ref, fused, dev, repeats):
+    """(median ms of ref, median ms of fused, median of the pairwise ratios ref / fused).
+
+    Each repeat times one call of each, back to back, starting with ref on even repeats and
+    with fused on odd ones."""
+    t_ref, t_fused = [], []
+    for r in range(repeats):
+        if r % 2:
+            t_fused.append(_timed(fused, dev))
+            t_ref.append(_timed(ref, dev))
+        else:
+            t_ref.append(_timed(ref, dev))
+            t_fused.append(_timed(fused, dev))
+    ratio = statistics.median(a / b for a, b in zip(t_ref, t_fused))
+    return 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_fused), ratio
 
 
 def _peak_bytes(fn, dev):
@@ -94,12 +111,14 @@ def bench_shape(shape, dev, args):
     for _ in range(args.warmup):  # all variants, so the allocator reaches its steady state
         for fn in fns:
             fn()
-    t_f = _median_ms(fns[:2], dev, 1, args.repeats)
-    t_fb = _median_ms(fns[2:], dev, 1, args.repeats)
+    _sync(dev)
+    *t_f, r_f = _paired_ms(fns[0], fns[1], dev, args.repeats)
+    *t_fb, r_fb = _paired_ms(fns[2], fns[3], dev, args.repeats)
     rows = []
     for i, (name, f) in enumerate(impls):
         fx.grad = fy.grad = None
-        rows.append((name, t_f[i], t_fb[i], _peak_bytes(fwd(f), dev), _peak_bytes(fwd_bwd(f), dev)))
+        rows.append((name, t_f[i], t_fb[i], (1.0, 1.0) if i == 0 else (r_f, r_fb),
+                     _peak_bytes(fwd(f), dev), _peak_bytes(fwd_bwd(f), dev)))
     return rows
 
 
@@ -108,20 +127,28 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--grad", default="both", choices=["both", "fy"],
                     help="inputs that require grad (training only needs fy = f(G(E(x))))")
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall clock or CPU time of the process (cpu: CPU only, for --threads 1)")
     ap.add_argument("--peak-gbs", type=float, default=3350.0,
                     help="peak memory bandwidth in GB/s for the CUDA efficiency column (H100 SXM)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if dev.type != "cpu" or torch.get_num_threads() != 1:
+            sys.exit("--clock cpu measures the CPU time of one thread: use it with --device cpu --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
     if not fused_op.available(dev):
         sys.exit(f"fused op not available for {dev.type}: build with "
                  "`pip install --no-build-isolation -e .`")
-    print(f"device={dev.type} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"float32 grad={args.grad} median of {args.repeats} (warm-up {args.warmup} rounds)")
+    print(f"device={dev.type} threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__} "
+          f"float32 grad={args.grad} {args.repeats} alternating pairs (warm-up {args.warmup} "
+          "rounds); speed-up = median of the pairwise ratios torch / fused")
     if dev.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(dev)}")
     hdr = f"{'shape (N,C,H,W)':<18} {'impl':<6} {'fwd ms':>8} {'fwd+bwd ms':>11} " \
@@ -132,11 +159,10 @@ def main():
     print("-" * len(hdr))
     for shape in SHAPES:
         rows = bench_shape(shape, dev, args)
-        ref_f, ref_fb = rows[0][1], rows[0][2]
         nbytes = 4 * torch.Size(shape).numel()
-        for name, t_f, t_fb, m_f, m_fb in rows:
+        for name, t_f, t_fb, (r_f, r_fb), m_f, m_fb in rows:
             line = (f"{str(shape):<18} {name:<6} {t_f:8.3f} {t_fb:11.3f} "
-                    f"{ref_f / t_f:6.2f}x/{ref_fb / t_fb:5.2f}x "
+                    f"{r_f:6.2f}x/{r_fb:5.2f}x "
                     f"{m_f / 2**20:6.1f}/{m_fb / 2**20:6.1f}")
             if dev.type == "cuda":
                 # Effective bandwidth: bytes the fused kernels move (same count for both impls):

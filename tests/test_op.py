@@ -227,10 +227,10 @@ def test_follows_batch_permutation(perm_seed, n, c, s, seed):
     assert torch.equal(op(fx[p], fy[p], mean, std, EPS), op(fx, fy, mean, std, EPS)[p])
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, 3, 16])
 def test_independent_of_thread_count(n):
-    """Work is split by size only: 1 and 2 threads give bitwise equal results (for N=1 the
-    backward takes its two-phase path with 2 threads and its per-sample path with 1)."""
+    """Each sample is summed in a fixed order: 1 and 2 threads give bitwise equal results
+    (n = 3 and 16 are above the size under which the CPU kernels stay on one thread)."""
     fx, fy, mean, std = make((n, 64, 64, 64), torch.float32, seed=5)
     g = torch.rand(n)
     threads = torch.get_num_threads()
@@ -256,12 +256,15 @@ def test_half_precision_cpu(shape, dtype, layout):
     compare(fx, fy, mean, std, tol=dict(rtol=1e-2, atol=0.0), ref_dtype=torch.float32, layout=layout)
 
 
-@pytest.mark.parametrize("args,match", [
+BAD_INPUTS = [
     (((2, 3, 4, 4), (2, 3, 4, 5), 3, None), "same shape"),
     (((2, 3, 4, 4), (2, 3, 4, 4), 4, None), "one entry per channel"),
     (((2, 3, 4, 4), (2, 3, 4, 4), 3, torch.float64), "same dtype"),
     (((6,), (6,), 6, None), r"\(N, C, \*\)"),
-])
+]
+
+
+@pytest.mark.parametrize("args,match", BAD_INPUTS)
 def test_clear_errors(args, match):
     sx, sy, c, ydtype = args
     fx, fy = torch.randn(sx), torch.randn(sy, dtype=ydtype or torch.float32)
@@ -269,6 +272,30 @@ def test_clear_errors(args, match):
         op(fx, fy, torch.zeros(c), torch.ones(c), EPS)
     with pytest.raises(RuntimeError, match=match):
         op_bw(torch.ones(sx[0]), fx, fy, torch.zeros(c), torch.ones(c), EPS)
+
+
+@pytest.mark.parametrize("args,match", BAD_INPUTS)
+def test_fake_kernel_errors(args, match):
+    """The fake kernels (meta tensors, torch.compile tracing) reject what the C++ kernels reject."""
+    sx, sy, c, ydtype = args
+    fx, fy = torch.empty(sx, device="meta"), torch.empty(sy, dtype=ydtype or torch.float32, device="meta")
+    stats = torch.empty(c, device="meta")
+    with pytest.raises(RuntimeError, match=match):
+        op(fx, fy, stats, stats, EPS)
+    with pytest.raises(RuntimeError, match=match):
+        op_bw(torch.empty(sx[0], device="meta"), fx, fy, stats, stats, EPS)
+
+
+def test_fake_kernels():
+    fx = torch.empty(2, 3, 4, 5, device="meta").to(memory_format=torch.channels_last)
+    stats = torch.empty(3, device="meta")
+    assert op(fx, fx, stats, stats, EPS).shape == (2,)
+    gx = op_bw(torch.empty(2, device="meta"), fx, fx, stats, stats, EPS)
+    assert gx.shape == fx.shape and gx.stride() == fx.stride()
+    with pytest.raises(RuntimeError, match="eps must be >= 0"):
+        op(fx, fx, stats, stats, -1.0)
+    with pytest.raises(RuntimeError, match=r"grad must have shape \(N,\)"):
+        op_bw(torch.empty(3, device="meta"), fx, fx, stats, stats, EPS)
 
 
 def test_more_errors():
