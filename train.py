@@ -184,60 +184,75 @@ class PIADTrainer:
         return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach()}
 
     def step(self, it: int, sample, *, log: bool = True) -> dict:
-        """One iteration; ``log=False`` skips the real-data terms of eq. (6), which carry no
-        gradient and only make the logged values equal to the paper's losses."""
+        """Algorithm 1, one iteration. ``log=False`` skips the real-data terms of eq. (6), which
+        carry no gradient and only make the logged values equal to the paper's losses."""
         m, p = self.model, self.model.config
-        for _ in range(p.n_dis):  # Alg. 1 lines 2-6
-            x, _ = sample()
-            out = self.critic_step(x, m.sample_latent(x.shape[0]))
-        x, fx = sample()  # line 7
+        for _ in range(p.n_dis):                                   # lines 2-6
+            x, _ = sample()                                        # line 3
+            out = self.critic_step(x, m.sample_latent(x.shape[0]))  # lines 4-5
+        x, fx = sample()                                           # line 7
         z = m.sample_latent(x.shape[0])
-        critics = list(m.DX.parameters()) + list(m.DZ.parameters())
-        for q in critics:
+        critics = [*m.DX.parameters(), *m.DZ.parameters()]
+        for q in critics:  # G and E steps train G and E only
             q.requires_grad_(False)
-        z_enc = m.E(x)
-        # E(x) enters G through its own node, whose hook rescales the reconstruction gradient
-        # reaching E (factor 1 unless set below), so lines 16-17 run as one backward pass.
-        z_rec = z_enc.view_as(z_enc)
-        self._rec_to_e = 1.0
-        z_rec.register_hook(lambda g: g * self._rec_to_e)
-        adv_g = piad.adversarial_loss(m.DX, x if log else None, m.G(z))  # eq. (6)
-        adv_e = piad.adversarial_loss(m.DZ, z if log else None, z_enc)  # eq. (6) for E
-        rec = self.rec_loss(x, m.G(z_rec), fx=fx)  # eq. (7)
+        z_enc = m.E(x)                                             # line 8: E(x)
+        z_rec = self._rec_path(z_enc)
+        adv_g = piad.adversarial_loss(m.DX, x if log else None, m.G(z))  # L_adv(G), eq. (6)
+        adv_e = piad.adversarial_loss(m.DZ, z if log else None, z_enc)   # L_adv(E), eq. (6)
+        rec = self.rec_loss(x, m.G(z_rec), fx=fx)                  # L_rec(G, E), eq. (7)
         if self.cfg.weights_policy == "gradnorm" and self.gamma_due(it):  # lines 9-14
             self._update_gammas(adv_g, adv_e, rec)
-        self.opt_ge.zero_grad(set_to_none=True)  # line 15
-        if self.one_pass and self.gamma_g > 0:  # lines 16-17: G gets γ_G·∇L_rec, E γ_E·∇L_rec, + ∇L_adv
-            self._rec_to_e = self.gamma_e / self.gamma_g
-            (self.gamma_g * rec + adv_g + adv_e).backward()
-        else:  # literally, two passes (also when γ_G = 0)
-            rec.backward(retain_graph=True)  # line 16
-            for q in m.E.parameters():
-                q.grad.mul_(self.gamma_e)
-            for q in m.G.parameters():
-                q.grad.mul_(self.gamma_g)
-            (adv_g + adv_e).backward()  # line 17
-        self.opt_ge.step()  # line 18
+        self.opt_ge.zero_grad(set_to_none=True)                    # line 15
+        self._backward_lines_16_17(rec, adv_g, adv_e)              # lines 16-17
+        self.opt_ge.step()                                         # line 18
         for q in critics:
             q.requires_grad_(True)
         return {**out, "adv_g": adv_g.detach(), "adv_e": adv_e.detach(), "rec": rec.detach(),
                 "gamma_g": self.gamma_g, "gamma_e": self.gamma_e}
+
+    def _rec_path(self, z_enc: torch.Tensor) -> torch.Tensor:
+        """E(x) as it enters G(E(x)) in L_rec: an identity node whose gradient hook scales what
+        L_rec sends back to E by ``self._rec_to_e`` (1 unless :meth:`_backward_lines_16_17` sets it)."""
+        self._rec_to_e = 1.0
+        z_rec = z_enc.view_as(z_enc)
+        z_rec.register_hook(lambda g: g * self._rec_to_e)
+        return z_rec
+
+    def _backward_lines_16_17(self, rec, adv_g, adv_e) -> None:
+        """Alg. 1 lines 16-17: ∇_G = γ_G·∇_G L_rec + ∇_G L_adv(G), ∇_E = γ_E·∇_E L_rec + ∇_E L_adv(E).
+
+        Literally (``one_pass = False``, also when γ_G = 0): backpropagate L_rec, scale G's and
+        E's gradients by γ_G and γ_E, then backpropagate the adversarial losses. In one pass:
+        backpropagate ``γ_G·L_rec + L_adv(G) + L_adv(E)``. G's gradient is then exactly line
+        16-17's (L_adv(E) does not reach G). E's gradient from L_rec flows only through the node
+        of :meth:`_rec_path`, whose hook multiplies it by γ_E/γ_G, so E receives
+        γ_G·(γ_E/γ_G)·∇_E L_rec = γ_E·∇_E L_rec, plus ∇_E L_adv(E) (L_adv(G) does not reach E).
+        Same gradients, one backward pass through G, E and VGG instead of two.
+        """
+        if self.one_pass and self.gamma_g > 0:
+            self._rec_to_e = self.gamma_e / self.gamma_g
+            (self.gamma_g * rec + adv_g + adv_e).backward()
+            return
+        rec.backward(retain_graph=True)                            # line 16
+        for q in self.model.E.parameters():
+            q.grad.mul_(self.gamma_e)
+        for q in self.model.G.parameters():
+            q.grad.mul_(self.gamma_g)
+        (adv_g + adv_e).backward()                                 # line 17
 
     def gamma_due(self, it: int) -> bool:
         """Alg. 1 line 9. paper: ``it % n_weight == 0``; authors' code: ``(it + 1) % n_weight == 0``."""
         return (it + (0 if self.cfg.policy_at_start else 1)) % self.cfg.n_weight == 0
 
     def _update_gammas(self, adv_g, adv_e, rec) -> None:
-        for loss, hists, name in ((adv_g, (self.hist_g,), "adv"), (adv_e, (self.hist_e,), "adv"),
-                                  (rec, (self.hist_g, self.hist_e), "rec")):
-            self.opt_ge.zero_grad(set_to_none=True)  # line 11: reset, backpropagate, record
-            loss.backward(retain_graph=True)
-            for h in hists:
-                h.record(name)
+        """Alg. 1 lines 10-13 with weights_policy's Algorithms 2-3."""
+        params = [*self.model.G.parameters(), *self.model.E.parameters()]
+        weights_policy.record_losses([self.hist_g, self.hist_e], {"adv_g": adv_g, "adv_e": adv_e, "rec": rec},
+                                     params)  # lines 10-12
         kw = dict(last_n=self.cfg.policy_last_n, smoothing=self.cfg.policy_smoothing,
                   reduce=self.cfg.policy_reduce)
-        self.gamma_g = self.hist_g.weight("adv", "rec", **kw)  # line 13, Alg. 3, eq. (12)
-        self.gamma_e = self.hist_e.weight("adv", "rec", **kw)
+        self.gamma_g = self.hist_g.weight("adv_g", "rec", **kw)  # line 13, Alg. 3, eq. (12)
+        self.gamma_e = self.hist_e.weight("adv_e", "rec", **kw)
 
     def state_dict(self) -> dict:
         return {"opt_d": self.opt_d.state_dict(), "opt_ge": self.opt_ge.state_dict(),

@@ -25,8 +25,9 @@ With n_weight = 100 (supplement §1.2), 200 records span 20,000 iterations.
 
 Layers a loss does not reach (``grad`` is None or exactly zero) are recorded as NaN
 ("missing"); a layer with any missing entry in either history is left out of the ratio, so
-e.g. ``L_adv(G)`` vs ``L_rec`` measured on G and E together only uses G's layers. If no
-layer is left, :meth:`weight` raises. A layer whose denominator is 0 (e.g. the std of a
+e.g. ``L_adv(G)`` vs ``L_rec`` measured on G and E together only uses G's layers. A loss that
+reaches no tracked layer at all (``L_adv(E)`` for G's history) is not recorded. If no layer is
+left, :meth:`weight` raises. A layer whose denominator is 0 (e.g. the std of a
 constant gradient) is skipped too, so γ is never inf or NaN.
 """
 from __future__ import annotations
@@ -96,10 +97,13 @@ class GradientHistory:
         return len(self.history)
 
     def record(self, loss_name: str) -> None:
-        """Algorithm 2: append the std and L2 norm of every tracked layer's current ``.grad``."""
+        """Algorithm 2: append the std and L2 norm of every tracked layer's current ``.grad``.
+        A loss that reaches none of the tracked layers (every ``.grad`` None) is not recorded."""
+        grads = [p.grad for p in self.params.values()]
+        if all(g is None for g in grads):
+            return
         entry = self.history.setdefault(
             loss_name, {n: {layer: [] for layer in self.params} for n in NORMS})
-        grads = [p.grad for p in self.params.values()]
         present = [g.detach() if g.dtype == torch.float64 else g.detach().float()
                    for g in grads if g is not None]
         if present:  # one device sync for all layers

@@ -196,7 +196,8 @@ def test_record_losses_on_piad_networks():
     assert all(g is None for g in grads["adv_G"][len(list(m.G.parameters())):])  # E not reached
     gamma_g, gamma_e = hist_g.weight("adv_G", "rec"), hist_e.weight("adv_E", "rec")
     assert math.isfinite(gamma_g) and gamma_g > 0 and math.isfinite(gamma_e) and gamma_e > 0
-    with pytest.raises(ValueError, match="no tracked layer"):
+    assert "adv_E" not in hist_g.history and "adv_G" not in hist_e.history   # they reach no layer there
+    with pytest.raises(ValueError, match="no gradient history for loss 'adv_E'"):
         hist_g.weight("adv_E", "rec")
     with pytest.raises(ValueError, match="not among params"):
         record_losses(hist_e, losses, m.G.parameters())
