@@ -107,7 +107,7 @@ def test_pixel_scores_without_vgg():
     model, ds = _synthetic()
     mse = losses.ReconstructionLoss(kind="mse")
     scores, labels = evaluate.compute_scores(model, ds, mse, batch_size=16)
-    assert set(scores) == {"l1", "mse", "critic", "latent-norm"}  # no feature scores without VGG
+    assert set(scores) == {"l1", "mse", "mse-imagenet", "critic", "latent-norm"}  # no feature scores without VGG
     assert all(a > 0.95 for a in evaluate.roc_aucs(scores, labels).values())
 
 
