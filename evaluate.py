@@ -223,7 +223,7 @@ def load_run(checkpoint, *, device="auto", data_root=None):
     if data_root:
         cfg.data_root = data_root
     dev = train_mod.resolve_device(device)
-    model = piad.PIAD(config=piad.PIADConfig(**state["preset"]), channels=state["channels"]).to(dev)
+    model = train_mod.new_model(cfg.method, piad.PIADConfig(**state["preset"]), state["channels"]).to(dev)
     model.load_state_dict(state["model"])
     rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
     return state, cfg, model, rec_loss, data_mod
