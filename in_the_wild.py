@@ -160,3 +160,56 @@ class LatentNormTrainer:
         self.opt_d.load_state_dict(s["opt_d"])
         self.opt_g.load_state_dict(s["opt_g"])
         self.opt_e.load_state_dict(s["opt_e"])
+
+
+@torch.no_grad()
+def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> torch.Tensor:
+    """``E(G(z))`` for ``n`` draws of the prior (fixed seed), (n, D): where E puts what it was
+    trained on. Its mean is E's image of the prior's centre (0 for an E that inverts G exactly)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = PRIOR_SCALE * model.sample_latent(n, generator=gen)  # (n, *latent_shape)
+    return model.E(model.G(z)).flatten(1)
+
+
+@torch.no_grad()
+def latent_norms(model: piad.PIAD, ds, *, centre: torch.Tensor | None = None,
+                 batch_size: int = 256) -> np.ndarray:
+    """``||E(x) - centre||_2`` (``centre=None``: ``||E(x)||_2``) for the items ``(image, label)``
+    of ``ds``, in order, (N,)."""
+    from torch.utils.data import DataLoader
+
+    device = next(model.parameters()).device
+    c = 0 if centre is None else centre.to(device)
+    out = [(model.E(x.to(device)).flatten(1) - c).norm(dim=1).cpu()
+           for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False)]
+    return torch.cat(out).numpy()
+
+
+def plot_latent_norms(path, scores: dict, labels: np.ndarray, generated: torch.Tensor, *, title: str = "") -> None:
+    """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
+    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for ``generated`` =
+    E(G(z)), each panel titled with the score's ROC AUC and that of its negation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score
+
+    gen = generated.cpu()
+    panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
+              ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, xlabel, gen_values) in zip(axes, panels):
+        values, auc = scores[key], roc_auc_score(labels, scores[key])
+        groups = ((values[labels == 0], "normal test"), (values[labels == 1], "anomalous test"),
+                  (gen_values.numpy(), "generated, E(G(z))"))
+        bins = np.histogram_bin_edges(np.concatenate([g for g, _ in groups]), bins=40)
+        for v, name in groups:
+            ax.hist(v, bins=bins, density=True, histtype="step", lw=1.5,
+                    label=f"{name} (n={len(v)}, median {np.median(v):.3g})")
+        ax.set(xlabel=xlabel, ylabel="density", title=f"ROC AUC {auc:.3f} (negated: {1 - auc:.3f})")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, "
+                 f"mean ||E(G(z))|| = {gen.norm(dim=1).mean():.3g}", fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
