@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import in_the_wild
@@ -119,6 +121,21 @@ def test_generator_pixel_normalises_its_latent():
     torch.testing.assert_close(n.square().mean(dim=1), torch.ones(6, 1, 1))
 
 
+@given(seed=st.integers(0, 2**16))
+def test_cycle_loss_is_blind_to_the_encodings_norm(seed):
+    # with G's pixel-norm, ∂L/∂E(x) ⊥ E(x): the cycle loss never trains ||E(x)||, which is why the
+    # paper's score ||E(x)|| is a by-product of E (see README, latent-norm results)
+    m = _tiny(seed=seed % 7)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        x_fake = m.G(in_the_wild.sample_prior(m, 16))
+        z = m.E(x_fake).flatten(1)
+    z.requires_grad_(True)
+    (g,) = torch.autograd.grad((m.G(z) - x_fake).abs().mean(), z)
+    radial = (g * z).sum(dim=1) / z.norm(dim=1)  # (16,) component of the gradient along z
+    assert radial.abs().max() <= 1e-4 * g.norm(dim=1).max() + 1e-12
+
+
 def test_pixel_norm_keeps_piad_weights_and_leaves_piad_alone():
     a, b = _tiny(method="piad"), _tiny(method="latent-norm")
     assert type(a.G) is piad.Generator
@@ -205,6 +222,20 @@ def test_state_dict_round_trip_gives_identical_next_steps():
     assert all(torch.equal(a, b) for a, b in zip(ref_params, m2.parameters()))
 
 
+def test_latent_norms_from_a_centre():
+    m = _tiny()
+    x = torch.rand(10, 1, 8, 8) * 2 - 1
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(10))
+    c = torch.randn(TINY.latent_dim)
+    with torch.no_grad():
+        z = m.E(x).flatten(1)
+    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, batch_size=3), z.norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, centre=c), (z - c).norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds), in_the_wild.latent_norm_score(m, x).numpy(), rtol=1e-6)
+    gen = in_the_wild.encode_prior(m, 50)
+    assert gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50))
+
+
 def _roundtrip(obj):
     import io
 
@@ -248,6 +279,8 @@ def test_end_to_end_latent_norm_on_digits(tmp_path):
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["score"] == "latent-norm" and metrics["score"] == "latent-norm"
     assert math.isfinite(saved["roc_auc"]) and saved["roc_auc"] == saved["roc_auc_per_score"]["latent-norm"]
+    assert math.isfinite(saved["roc_auc_per_score"]["latent-norm-centred"])
+    assert (tmp_path / "r" / "latent_norms.png").stat().st_size > 0
     with open(tmp_path / "r" / "log.csv") as fh:
         header = fh.readline().strip().split(",")
         first = dict(zip(header, fh.readline().strip().split(",")))
