@@ -118,8 +118,8 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     if config.method == "latent-norm":  # ||E(x)|| measured from E's image of the prior's centre
         import in_the_wild
 
-        generated = in_the_wild.encode_prior(model)  # (n, D)
-        scores["latent-norm-centred"] = in_the_wild.latent_norms(model, data.test, centre=generated.mean(0))
+        prior = in_the_wild.encode_prior(model)  # z, E(G(z)): (n, D) each
+        scores["latent-norm-centred"] = in_the_wild.latent_norms(model, data.test, centre=prior[1].mean(0))
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
     metrics = {
@@ -135,7 +135,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
     plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}")
     if config.method == "latent-norm":
-        in_the_wild.plot_latent_norms(run / "latent_norms.png", scores, labels, generated,
+        in_the_wild.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
                                       title=f"{config.dataset}, normal {data.normal}")
     return metrics
 

@@ -163,12 +163,12 @@ class LatentNormTrainer:
 
 
 @torch.no_grad()
-def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> torch.Tensor:
-    """``E(G(z))`` for ``n`` draws of the prior (fixed seed), (n, D): where E puts what it was
-    trained on. Its mean is E's image of the prior's centre (0 for an E that inverts G exactly)."""
+def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, E(G(z)))`` for ``n`` draws of the prior (fixed seed), both (n, D): where E puts what it
+    was trained on. The mean of E(G(z)) is E's image of the prior's centre (0 if E inverts G)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     z = PRIOR_SCALE * model.sample_latent(n, generator=gen)  # (n, *latent_shape)
-    return model.E(model.G(z)).flatten(1)
+    return z.flatten(1), model.E(model.G(z)).flatten(1)
 
 
 @torch.no_grad()
@@ -185,17 +185,19 @@ def latent_norms(model: piad.PIAD, ds, *, centre: torch.Tensor | None = None,
     return torch.cat(out).numpy()
 
 
-def plot_latent_norms(path, scores: dict, labels: np.ndarray, generated: torch.Tensor, *, title: str = "") -> None:
+def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,
+                      title: str = "") -> None:
     """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
-    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for ``generated`` =
-    E(G(z)), each panel titled with the score's ROC AUC and that of its negation."""
+    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for E(G(z)) (``prior``
+    = :func:`encode_prior`), each panel titled with the score's ROC AUC and that of its negation;
+    the figure's title says how far E is from inverting G (offset of E(G(z)), cos(E(G(z)), z))."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score
 
-    gen = generated.cpu()
+    z, gen = (t.cpu() for t in prior)
     panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
               ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -209,7 +211,8 @@ def plot_latent_norms(path, scores: dict, labels: np.ndarray, generated: torch.T
                     label=f"{name} (n={len(v)}, median {np.median(v):.3g})")
         ax.set(xlabel=xlabel, ylabel="density", title=f"ROC AUC {auc:.3f} (negated: {1 - auc:.3f})")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, "
-                 f"mean ||E(G(z))|| = {gen.norm(dim=1).mean():.3g}", fontsize=10)
+    cos = torch.nn.functional.cosine_similarity(gen, z).mean()
+    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, mean ||E(G(z))|| = "
+                 f"{gen.norm(dim=1).mean():.3g}, mean cos(E(G(z)), z) = {cos:.3g}", fontsize=10)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -232,8 +232,11 @@ def test_latent_norms_from_a_centre():
     np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, batch_size=3), z.norm(dim=1).numpy(), rtol=1e-6)
     np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, centre=c), (z - c).norm(dim=1).numpy(), rtol=1e-6)
     np.testing.assert_allclose(in_the_wild.latent_norms(m, ds), in_the_wild.latent_norm_score(m, x).numpy(), rtol=1e-6)
-    gen = in_the_wild.encode_prior(m, 50)
-    assert gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50))
+    z, gen = in_the_wild.encode_prior(m, 50)
+    assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50)[1])
+    assert z.std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(gen, m.E(m.G(z)).flatten(1))
 
 
 def _roundtrip(obj):
