@@ -28,7 +28,7 @@ import torch
 
 import losses
 
-SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "critic", "latent-norm")
+SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "mse-imagenet", "critic", "latent-norm")
 
 
 def _loader(ds, batch_size: int, order):
@@ -54,7 +54,7 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -
             feature_losses[kind] = losses.ReconstructionLoss(
                 kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss), reduction="none",
                 impl=rec_loss.impl, check_range=False).to(device)
-    pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in ("l1", "mse")}
+    pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in losses.PIXEL_KINDS}
     out: dict[str, list] = {}
     labels = []
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))

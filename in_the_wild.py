@@ -19,8 +19,8 @@ Deviations from the original, one per line:
   no progressive growing: the resolution is fixed at the preset's image size.
 * Only G's input is pixel-normalised; pGAN's pixel-norm after every G layer, equalised learning
   rate and their E (D's trunk ending in a dense layer + leaky ReLU) are not reproduced.
-* Optimiser and critic: PIAD's (``piad.preset``: Adam betas, learning rates, WGAN-GP weight and
-  drift term), not pGAN's β1 = 0, lr 0.001 with batch 64-128 and drift on real scores only.
+* Optimiser: PIAD's Adam (``piad.preset``: betas, learning rates, weight decay) and batch size,
+  not pGAN's β1 = 0, lr 0.001, batch 64-128; the critic's drift term is on real scores only, as theirs.
 * No moving average of G (their ``Gs``, β = 0.999): they use it for sample grids and their
   reconstruction-based detector; E is trained against the live G and ‖E(x)‖ does not involve G.
 """
@@ -101,15 +101,17 @@ class LatentNormTrainer:
     def __init__(self, model: piad.PIAD, cfg: train.TrainConfig | None = None):
         self.model, self.cfg = model, cfg
         p = model.config
-        self.opt_d = torch.optim.Adam(model.DX.parameters(), lr=p.lr_critic, betas=p.betas)
-        self.opt_g = torch.optim.Adam(model.G.parameters(), lr=p.lr_gen, betas=p.betas)
-        self.opt_e = torch.optim.Adam(model.E.parameters(), lr=p.lr_gen, betas=p.betas)
+        adam = dict(betas=p.betas, weight_decay=p.weight_decay)
+        self.opt_d = torch.optim.Adam(model.DX.parameters(), lr=p.lr_critic, **adam)
+        self.opt_g = torch.optim.Adam(model.G.parameters(), lr=p.lr_gen, **adam)
+        self.opt_e = torch.optim.Adam(model.E.parameters(), lr=p.lr_gen, **adam)
 
     def critic_step(self, x: torch.Tensor) -> torch.Tensor:
         m, p = self.model, self.model.config
         with torch.no_grad():
             x_fake = m.G(sample_prior(m, x.shape[0]))  # loss.py D_wgangp_acgan: the 0.1 prior
-        loss, _ = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift)  # eq. (5)
+        loss, _ = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift,
+                                   drift_fake=False)  # eq. (5); loss.py: drift on real scores only
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()

@@ -5,8 +5,9 @@ features ``f`` are taken at ``relu4_2`` of an ImageNet-pretrained VGG-19, normal
 channel by precomputed statistics (eq. 3), and compared with an L1 distance that is divided
 by the L1 norm of the first image's normalised features (eq. 4). Eq. (2) (the classic
 perceptual loss) and the intermediate steps of Table 3 (right) are offered behind one
-interface, :class:`ReconstructionLoss`, with ``kind`` in ``mse | l1 | perc | perc-l1 |
-rel-perc-l1``.
+interface, :class:`ReconstructionLoss`, with ``kind`` in ``mse | l1 | mse-imagenet | perc |
+perc-l1 | rel-perc-l1`` (``mse-imagenet``: the authors' pixel L2 of Table 3 right, on
+ImageNet-normalised pixels).
 
 This module is usable on its own (copy it into another project): it needs torch and
 torchvision, and optionally the fused op of ``csrc/`` (module ``fused_op``), which it
@@ -16,8 +17,9 @@ Statistics. The paper computes ``mean``/``std`` of every relu4_2 channel over an
 subset. ImageNet is not available offline, so :func:`default_stats` computes them over the
 natural photos bundled with scikit-learn (``china.jpg``, ``flower.jpg``) at several scales;
 :func:`feature_stats` (and ``python losses.py stats --images DIR``) computes them over any
-images, e.g. an ImageNet subset or your training set. Statistics belong to one set of VGG
-weights: a loss refuses statistics computed with other weights.
+images, e.g. an ImageNet subset or your training set; :func:`authors_stats` loads the authors'
+ImageNet statistics for torchvision's weights (shipped in ``stats/``). Statistics belong to one
+set of VGG weights: a loss refuses statistics computed with other weights.
 
 Command line::
 
@@ -40,7 +42,8 @@ from torch import nn
 
 log = logging.getLogger("piad.losses")
 
-KINDS = ("mse", "l1", "perc", "perc-l1", "rel-perc-l1")
+KINDS = ("mse", "l1", "mse-imagenet", "perc", "perc-l1", "rel-perc-l1")
+PIXEL_KINDS = ("mse", "l1", "mse-imagenet")
 REDUCTIONS = ("none", "mean", "sum")
 DEFAULT_EPS = 1e-6
 
@@ -94,9 +97,14 @@ def _torchvision_cached_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILE
 
 
+def _imagenet_scale(d: torch.Tensor) -> torch.Tensor:
+    """(1, 3, 1, 1): a difference of images in [-1, 1] in units of ImageNet-normalised pixels."""
+    return 0.5 / torch.tensor(_IMAGENET_STD, dtype=d.dtype, device=d.device).view(1, 3, 1, 1)
+
+
 def _torchvision_input() -> tuple[torch.Tensor, torch.Tensor]:
-    std = torch.tensor(_IMAGENET_STD)
-    return torch.diag(1.0 / std).view(3, 3, 1, 1), -torch.tensor(_IMAGENET_MEAN) / std
+    std = torch.tensor(_IMAGENET_STD, dtype=torch.float64)  # float64: exact in float64 runs
+    return torch.diag(1.0 / std).view(3, 3, 1, 1), -torch.tensor(_IMAGENET_MEAN, dtype=torch.float64) / std
 
 
 class VGG19Features(nn.Module):
@@ -123,8 +131,8 @@ class VGG19Features(nn.Module):
         # Input preprocessing as a fixed 1×1 conv on RGB in [0, 1]: caffe = RGB->BGR×255 minus
         # the mean pixel (the file's own layer 0); torchvision = (x - mean) / std.
         self.weights_id, (w, b) = self._load(weights, seed)
-        self.register_buffer("in_weight", w.float().clone())
-        self.register_buffer("in_bias", b.float().clone())
+        self.register_buffer("in_weight", w.double().clone())  # cast to the input's dtype in forward
+        self.register_buffer("in_bias", b.double().clone())
         self.requires_grad_(False)
         self.eval()
 
@@ -270,6 +278,14 @@ def _sample_photos() -> list[torch.Tensor]:
             for im in load_sample_images().images]
 
 
+AUTHORS_STATS = Path(__file__).resolve().parent / "stats" / "vgg19-torchvision-relu4_2-authors.pt"
+
+
+def authors_stats() -> FeatureStats:
+    """The authors' ImageNet statistics of relu4_2 for torchvision's VGG-19 (stats/README.md)."""
+    return FeatureStats.load(AUTHORS_STATS)
+
+
 def default_stats(model: VGG19Features, *, cache: bool = True) -> FeatureStats:
     """Statistics over scikit-learn's two bundled photos at scales 1, 1/2, 1/4 (cached on disk).
 
@@ -363,7 +379,9 @@ def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: f
 class ReconstructionLoss(nn.Module):
     """Image-pair losses of Table 3 (right): per-sample values or a reduction.
 
-    kind: ``mse`` / ``l1`` (pixels), ``perc`` (eq. 2: MSE of raw features), ``perc-l1``
+    kind: ``mse`` / ``l1`` (pixels in [-1, 1]), ``mse-imagenet`` (the authors' pixel L2 of the
+    Table 3 ablation: ImageNet-normalised pixels, grey repeated to 3 channels), ``perc`` (eq. 2:
+    MSE of raw features), ``perc-l1``
     (eq. 3 features, L1 mean), ``rel-perc-l1`` (eq. 4). Feature kinds need ``features``
     (a :class:`VGG19Features`); the normalised ones also need ``stats``, computed with the
     same weights. The first argument is the real image: its features are computed without
@@ -379,7 +397,7 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"unknown loss kind {kind!r}; choose one of {KINDS}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if kind not in ("mse", "l1") and features is None:
+        if kind not in PIXEL_KINDS and features is None:
             raise ValueError(f"loss {kind!r} needs VGG features (features=VGG19Features(...))")
         if kind in ("perc-l1", "rel-perc-l1"):
             if stats is None:
@@ -415,10 +433,12 @@ class ReconstructionLoss(nn.Module):
         if x.shape != y.shape and fx is None:
             raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
         reduction = reduction or self.reduction
-        if self.kind in ("mse", "l1"):
+        if self.kind in PIXEL_KINDS:
             self._check(x)
-            d = (x - y).flatten(1)
-            values = d.pow(2).mean(1) if self.kind == "mse" else d.abs().mean(1)
+            d = x - y                                                     # (B, C, H, W)
+            if self.kind == "mse-imagenet":  # the authors' pixel L2: [-1, 1] -> ImageNet-normalised
+                d = d.expand(-1, 3, -1, -1) * _imagenet_scale(d)
+            values = d.flatten(1).pow(2).mean(1) if self.kind != "l1" else d.flatten(1).abs().mean(1)
             return _reduce(values, reduction)
         fx = self.real_features(x) if fx is None else fx
         fy = self.features(y) if fy is None else fy

@@ -10,12 +10,21 @@ Losses: the critic objective, eq. (5), with the gradient penalty of Gulrajani et
 drift term ``0.001 * E[D(x)^2]`` of supplement §1; the adversarial loss of G and E, eq. (6);
 and the anomaly score, eq. (1), for any per-sample image distance.
 
-Deviations from the paper (each also noted where it happens):
-* Table 1's D_X lists a fourth "BlockDown" whose output stays 4×4: it is a BlockDown without
-  pooling (``downsample=False``).
+Where the paper's text and the authors' code (ninatu/piad) disagree, the default follows the
+code, which produced the paper's numbers; the paper's variant stays one setting away:
+* D_X depth, MNIST preset: paper (Table 1): a fourth "BlockDown" that stays at 4×4
+  (``dx_channels=(32,) * 5``, built without pooling); authors' code: three (default).
+* Minibatch stddev: paper/ProGAN: groups of 4 (``mbstd_group=4``); authors' code: one scalar
+  over the whole batch (``mbstd_group=0``, default).
+* Drift term: paper: ``0.001·E[D(x)^2]`` on real samples (``drift_fake=False``); authors' code:
+  on real and fake samples (default).
+* G/E learning rate: paper: 2e-4; authors' code: 1e-4 (default). Adam weight decay: paper:
+  none; authors' code: 1e-8 on all optimisers (default).
+* Initialisation: paper: not stated (``init="pytorch"`` keeps PyTorch's defaults); authors'
+  code: Kaiming-normal (fan_out, leaky-ReLU a = 0.2) for every convolution of G, E and D_X,
+  Xavier-uniform with the activation's gain for D_Z's layers, default biases (``init="authors"``).
 * Tables 2 and 4 list a 32-dimensional D_Z input although G takes 256 (CIFAR-10) / 64 (CelebA)
-  latents: D_Z here takes the generator's latent size.
-* Weight initialisation is PyTorch's default (the paper does not state one).
+  latents: D_Z here takes the generator's latent size, as the authors' code does.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import torch
 from torch import nn
 
 LRELU_SLOPE = 0.2  # supplement §1.3: Leaky ReLU with negative slope 0.2
+INITS = ("authors", "pytorch")
 
 
 def _act() -> nn.LeakyReLU:
@@ -55,12 +65,15 @@ class PIADConfig:
     iterations: int = 100_000
     batch_size: int = 32
     lr_critic: float = 5e-4
-    lr_gen: float = 2e-4                # generator and encoder
+    lr_gen: float = 1e-4                # G and E. paper: 2e-4; authors' code: 1e-4 (default)
     betas: tuple[float, float] = (0.5, 0.99)
+    weight_decay: float = 1e-8          # all Adams. paper: none; authors' code: 1e-8 (default)
     gp_weight: float = 10.0             # λ of eq. (5)
-    drift: float = 1e-3                 # weight of E[D(x)^2], supplement §1
+    drift: float = 1e-3                 # weight of the drift term, supplement §1
+    drift_fake: bool = True             # paper: E[D(x)^2] on real only; authors' code: real + fake (default)
     n_weight: int = 100                 # γ update period, supplement §1.2
-    mbstd_group: int = 4                # minibatch-stddev group size (ProGAN's default)
+    mbstd_group: int = 0                # paper/ProGAN: groups of 4; authors' code: 0 = whole batch (default)
+    init: str = "authors"               # "authors" (Kaiming/Xavier, default) | "pytorch" (paper: not stated)
 
     def __post_init__(self):
         for f in ("latent_shape", "gen_channels", "enc_channels", "dx_channels", "betas"):
@@ -75,6 +88,8 @@ class PIADConfig:
                              f"{self.image_size}×{self.image_size} images")
         if len(self.dx_channels) < n_up + 1:
             raise ValueError(f"dx_channels needs at least {n_up + 1} entries")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     @property
     def latent_dim(self) -> int:
@@ -87,10 +102,11 @@ class PIADConfig:
 
 
 _PRESETS = {
-    # Table 1 (MNIST, fMNIST, COIL-100). D_X has a fourth, non-pooling BlockDown at 4×4.
+    # Table 1 (MNIST, fMNIST, COIL-100). paper: D_X has a fourth, non-pooling BlockDown at 4×4
+    # (dx_channels=(32,) * 5); authors' code: three BlockDowns (default).
     "mnist": PIADConfig(name="mnist", image_size=32, latent_shape=(32, 1, 1),
                         gen_channels=(32, 32, 32, 32), enc_channels=(32, 32, 32, 32),
-                        dx_channels=(32, 32, 32, 32, 32), dx_head_channels=32, dz_hidden=128,
+                        dx_channels=(32, 32, 32, 32), dx_head_channels=32, dz_hidden=128,
                         n_dis=2, iterations=50_000),
     # Table 2. Its D_Z header says input 32×1×1, but G and E use 256: we follow G (256).
     "cifar10": PIADConfig(name="cifar10", image_size=32, latent_shape=(256, 1, 1),
@@ -98,20 +114,21 @@ _PRESETS = {
                           dx_channels=(32, 32, 64, 128), dx_head_channels=128, dz_hidden=1024,
                           n_dis=2, iterations=100_000),
     # Table 3: a 32×4×4 latent; D_Z input 512 = 32·4·4.
+    # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
     "lsun": PIADConfig(name="lsun", image_size=64, latent_shape=(32, 4, 4),
                        gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
-                       dx_head_channels=64, dz_hidden=2048, n_dis=3, iterations=200_000),
+                       dx_head_channels=64, dz_hidden=2048, n_dis=3, iterations=300_000),
     # Table 4. Its D_Z header says input 32×1×1, but G and E use 64: we follow G (64).
     "celeba": PIADConfig(name="celeba", image_size=64, latent_shape=(64, 1, 1),
                          gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
                          dx_head_channels=64, dz_hidden=256, n_dis=3, iterations=200_000),
 }
 
-# dataset -> (preset, image channels, iterations); supplement §1 and §1.3.
+# dataset -> (preset, image channels, iterations); supplement §1 and §1.3 (LSUN: the authors' 300k).
 _DATASETS = {
     "mnist": ("mnist", 1, 50_000), "fmnist": ("mnist", 1, 50_000),
     "coil100": ("mnist", 3, 20_000), "cifar10": ("cifar10", 3, 100_000),
-    "lsun": ("lsun", 3, 200_000), "celeba": ("celeba", 3, 200_000),
+    "lsun": ("lsun", 3, 300_000), "celeba": ("celeba", 3, 200_000),
 }
 _DATASET_ALIASES = {"fashionmnist": "fmnist", "coil": "coil100"}
 
@@ -212,20 +229,21 @@ class BlockDown(nn.Module):
 
 
 class MinibatchStdDev(nn.Module):
-    """ProGAN's minibatch standard deviation: appends one channel, (B, C, H, W) -> (B, C+1, H, W).
+    """Minibatch standard deviation: appends one channel, (B, C, H, W) -> (B, C+1, H, W).
 
-    Samples are split into groups of ``min(group_size, B)`` (sample ``i`` is in group
-    ``i mod B/g``, as in ProGAN); each group gets the std over its members, averaged over
-    channels and pixels. If ``B`` is not divisible by the group size the whole batch is one group.
+    ``group_size=0`` (authors' code, default): the std over the whole batch of every feature,
+    averaged to one scalar. ``group_size=g`` (paper/ProGAN, g = 4): samples split into groups
+    of ``min(g, B)`` (sample ``i`` in group ``i mod B/g``), one scalar per group; if ``B`` is not
+    divisible by the group size the whole batch is one group. Population std, eps inside sqrt.
     """
 
-    def __init__(self, group_size: int = 4, eps: float = 1e-8):
+    def __init__(self, group_size: int = 0, eps: float = 1e-8):
         super().__init__()
         self.group_size, self.eps = group_size, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        g = min(self.group_size, b)
+        g = min(self.group_size, b) if self.group_size > 0 else b
         if b % g:
             g = b
         y = x.reshape(g, b // g, c, h, w)                                  # (G, M, C, H, W)
@@ -342,6 +360,8 @@ class PIAD(nn.Module):
         self.E = Encoder(config=config, channels=channels)
         self.DX = ImageCritic(config=config, channels=channels)
         self.DZ = LatentCritic(config=config)
+        if config.init == "authors":
+            init_authors_(self)
 
     @property
     def device(self) -> torch.device:
@@ -356,6 +376,23 @@ class PIAD(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """G(E(x)): (B, C, S, S) -> (B, C, S, S)."""
         return self.G(self.E(x))
+
+
+@torch.no_grad()
+def init_authors_(model: PIAD) -> None:
+    """The authors' initialisation (paper: not stated). Every convolution of G, E and D_X:
+    Kaiming-normal weights (fan_out, leaky-ReLU gain, a = 0.2); D_Z's dense layers:
+    Xavier-uniform weights with the gain of the activation that follows (leaky-ReLU 0.2, then
+    linear for the output). Biases keep PyTorch's default (uniform ±1/sqrt(fan_in))."""
+    for net in (model.G, model.E, model.DX):
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=LRELU_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
+    dense = [m for m in model.DZ.modules() if isinstance(m, nn.Linear)]
+    for i, m in enumerate(dense):
+        last = i == len(dense) - 1
+        gain = 1.0 if last else nn.init.calculate_gain("leaky_relu", LRELU_SLOPE)
+        nn.init.xavier_uniform_(m.weight, gain=gain)
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
@@ -382,16 +419,19 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
 
 def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
                 fake: torch.Tensor, *, gp_weight: float = 10.0, drift: float = 1e-3,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                drift_fake: bool = True, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. (5) plus the drift term of supplement §1; returns ``(loss, floats for logging)``.
 
-    ``E[D(fake)] - E[D(real)] + λ·GP + drift·E[D(real)^2]``. Both inputs are detached, so only
-    the critic receives gradients. For D_Z, ``real`` is z ~ p_Z and ``fake`` is E(x).
+    ``E[D(fake)] - E[D(real)] + λ·GP + drift·(E[D(real)^2] + E[D(fake)^2])``. Drift term,
+    paper: on real samples only (``drift_fake=False``); authors' code: real and fake (default).
+    Both inputs are detached, so only the critic receives gradients. For D_Z, ``real`` is
+    z ~ p_Z and ``fake`` is E(x).
     """
     real, fake = real.detach(), fake.detach()
     d_real, d_fake = critic(real), critic(fake)                    # (B,), (B,)
     gp = gradient_penalty(critic, real, fake, generator=generator)
-    drift_term = d_real.square().mean()
+    drift_term = d_real.square().mean() + (d_fake.square().mean() if drift_fake else 0.0)
     loss = d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term  # eq. (5)
     stats = {"loss": loss.item(), "wasserstein": (d_real.mean() - d_fake.mean()).item(),
              "gp": gp.item(), "drift": drift_term.item(),

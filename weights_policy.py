@@ -10,15 +10,18 @@ weights equally, ``||∂l_1/∂w|| = γ·||∂l_2/∂w||`` (eq. 12), averaged ov
   entries with mean ``m``, ``std² = l2²/n - m²``, so the two agree up to the constant
   ``√n`` per layer (which cancels in the ratio) whenever the gradient mean is ~0.
 * Algorithm 3 (:meth:`GradientHistory.weight`): per layer, exponentially smooth each
-  loss's history, keep the last N entries, average the ratios numerator/denominator; then
-  reduce over layers with the mean (the paper) or the median (an option, more robust to a
-  few layers with extreme ratios).
+  loss's history, keep the last N entries, take the ratios numerator/denominator; then reduce.
 
-Defaults, not given in the paper: ``smoothing=0.9`` (``s_t = 0.9·s_{t-1} + 0.1·v_t``,
-``s_0 = v_0``) and ``last_n=10``. Every record is a single minibatch, so it is noisy;
-with n_weight = 100 (supplement §1.2) both choices look back ~10 records ≈ 1,000 iterations,
-0.5-5% of a training run (20k-200k iterations): smooth enough to ignore one-batch noise,
-short enough to follow the drift of gradient magnitudes as training progresses.
+Where the paper's text and the authors' code disagree, the default follows the code:
+* Reduction: paper (Alg. 3): mean of ratios per layer, then mean over layers
+  (``reduce="mean"``); authors' code: the median of all (layer × time) ratios pooled
+  (``reduce="pooled-median"``, default). ``"median"`` (median over per-layer means) is offered too.
+* Smoothing and N (the paper gives no values): authors' code: ``s_0 = v_0``,
+  ``s_t = 0.95·s_{t-1} + 0.05·v_t`` (their EWMA with α = 0.05), N = 200 (defaults).
+* History: paper: "all previously calculated values are kept"; authors' code: the last 200
+  records per layer (``max_history=200``, default; ``None`` keeps all), and the smoothing
+  starts again from the oldest record kept.
+With n_weight = 100 (supplement §1.2), 200 records span 20,000 iterations.
 
 Layers a loss does not reach (``grad`` is None or exactly zero) are recorded as NaN
 ("missing"); a layer with any missing entry in either history is left out of the ratio, so
@@ -38,9 +41,10 @@ import torch
 from torch import nn
 
 NORMS = ("std", "l2")
-REDUCES = ("mean", "median")
-DEFAULT_SMOOTHING = 0.9
-DEFAULT_LAST_N = 10
+REDUCES = ("pooled-median", "mean", "median")
+DEFAULT_SMOOTHING = 0.95  # authors' code: EWMA with α = 0.05 (the paper gives no value)
+DEFAULT_LAST_N = 200      # authors' code (the paper gives no value)
+DEFAULT_HISTORY = 200     # authors' code keeps the last 200 records; paper: all
 
 _TRACKED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
             nn.ConvTranspose3d, nn.Linear)
@@ -67,11 +71,14 @@ class GradientHistory:
     """
 
     def __init__(self, module: nn.Module, *, norm: str = "std",
-                 layers: Callable[[str, nn.Module], bool] | None = None):
+                 layers: Callable[[str, nn.Module], bool] | None = None,
+                 max_history: int | None = DEFAULT_HISTORY):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if max_history is not None and max_history < 1:
+            raise ValueError(f"max_history must be positive or None, got {max_history}")
         select = layers or default_layers
-        self.norm = norm
+        self.norm, self.max_history = norm, max_history
         self.params: OrderedDict[str, torch.Tensor] = OrderedDict(
             (name, m.weight) for name, m in module.named_modules()
             if select(name, m) and isinstance(getattr(m, "weight", None), torch.Tensor))
@@ -103,8 +110,11 @@ class GradientHistory:
             std, l2 = next(it) if g is not None else (math.nan, math.nan)
             if l2 == 0.0:
                 std = l2 = math.nan  # an all-zero gradient: the loss does not reach this layer
-            entry["std"][layer].append(std)
-            entry["l2"][layer].append(l2)
+            for name, value in (("std", std), ("l2", l2)):
+                series = entry[name][layer]
+                series.append(value)
+                if self.max_history is not None:
+                    del series[:-self.max_history]  # keep the last max_history records
 
     def _series(self, loss_name: str) -> dict[str, list[float]]:
         if loss_name not in self.history:
@@ -112,9 +122,10 @@ class GradientHistory:
             raise ValueError(f"no gradient history for loss {loss_name!r} (recorded: {known})")
         return self.history[loss_name][self.norm]
 
-    def layer_weights(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
-                      smoothing: float = DEFAULT_SMOOTHING) -> dict[str, float]:
-        """Algorithm 3, lines 2-6: γ per layer, only over layers both losses reach."""
+    def layer_ratios(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
+                     smoothing: float = DEFAULT_SMOOTHING) -> dict[str, list[float]]:
+        """Algorithm 3, lines 2-4: per layer, the last ``last_n`` ratios of the smoothed
+        histories (~ eq. (12)), only over layers both losses reach."""
         if last_n < 1:
             raise ValueError(f"last_n must be positive, got {last_n}")
         if not 0.0 <= smoothing < 1.0:
@@ -130,24 +141,35 @@ class GradientHistory:
             n = min(len(va), len(vb))  # both usually have the same length
             if min(vb[-n:]) <= 0.0:
                 continue  # e.g. a constant gradient has std 0: no finite ratio
-            out[layer] = sum(x / y for x, y in zip(va[-n:], vb[-n:])) / n  # ~ eq. (12)
+            out[layer] = [x / y for x, y in zip(va[-n:], vb[-n:])]
         return out
 
+    def layer_weights(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
+                      smoothing: float = DEFAULT_SMOOTHING) -> dict[str, float]:
+        """Algorithm 3, line 5: γ per layer, the mean of its ratios."""
+        ratios = self.layer_ratios(numerator, denominator, last_n=last_n, smoothing=smoothing)
+        return {layer: statistics.fmean(r) for layer, r in ratios.items()}
+
     def weight(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
-               smoothing: float = DEFAULT_SMOOTHING, reduce: str = "mean") -> float:
-        """Algorithm 3: γ with ``||∂l_num|| ≈ γ·||∂l_den||`` (eq. 12), for ``l_num + γ·l_den``."""
+               smoothing: float = DEFAULT_SMOOTHING, reduce: str = "pooled-median") -> float:
+        """Algorithm 3: γ with ``||∂l_num|| ≈ γ·||∂l_den||`` (eq. 12), for ``l_num + γ·l_den``.
+
+        reduce: ``"pooled-median"`` (authors' code, default), ``"mean"`` (paper, line 7) or
+        ``"median"`` over the per-layer means."""
         if reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
-        per_layer = self.layer_weights(numerator, denominator, last_n=last_n, smoothing=smoothing)
-        if not per_layer:
+        ratios = self.layer_ratios(numerator, denominator, last_n=last_n, smoothing=smoothing)
+        if not ratios:
             raise ValueError(f"no tracked layer is reached by both {numerator!r} and "
                              f"{denominator!r}")
-        values = list(per_layer.values())
+        if reduce == "pooled-median":
+            return float(statistics.median([r for rs in ratios.values() for r in rs]))
+        values = [statistics.fmean(r) for r in ratios.values()]
         return float(statistics.fmean(values) if reduce == "mean" else statistics.median(values))
 
     def state_dict(self) -> dict:
         """Plain Python containers (``torch.save``/``torch.load(weights_only=True)`` safe)."""
-        return {"norm": self.norm, "layers": list(self.params),
+        return {"norm": self.norm, "layers": list(self.params), "max_history": self.max_history,
                 "history": copy.deepcopy(self.history)}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -158,6 +180,7 @@ class GradientHistory:
         if state["norm"] not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {state['norm']!r}")
         self.norm = state["norm"]
+        self.max_history = state.get("max_history", self.max_history)
         self.history = copy.deepcopy(dict(state["history"]))
 
 

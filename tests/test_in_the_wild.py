@@ -114,7 +114,7 @@ def test_generator_pixel_normalises_its_latent():
     with torch.no_grad():
         out = m.G(z)
         for c in (0.1, 3.0):
-            torch.testing.assert_close(m.G(c * z), out, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.G(c * z), out, rtol=1e-4, atol=1e-5 * out.abs().max().item())
         torch.testing.assert_close(piad.Generator.forward(m.G, in_the_wild.pixel_norm(z)), out)
         assert not torch.allclose(piad.Generator.forward(m.G, z), out)  # the norm does matter without it
     n = in_the_wild.pixel_norm(z)

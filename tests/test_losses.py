@@ -239,13 +239,15 @@ def test_reconstruction_loss_kinds(kind, random_vgg, random_stats):
     assert torch.allclose(L(x, y, reduction="mean"), v.mean())
     fx, fy = random_vgg(x), random_vgg(y)
     mean, std = random_stats.mean.view(1, -1, 1, 1), random_stats.std.view(1, -1, 1, 1)
+    scale = 0.5 / torch.tensor(losses._IMAGENET_STD).view(1, 3, 1, 1)   # grey -> 3 channels
     want = {"mse": ((x - y) ** 2).mean((1, 2, 3)), "l1": (x - y).abs().mean((1, 2, 3)),
+            "mse-imagenet": ((x - y) * scale).square().mean((1, 2, 3)),
             "perc": ((fx - fy) ** 2).mean((1, 2, 3)),  # eq. (2)
             "perc-l1": ((fx - fy) / std).abs().mean((1, 2, 3)),
             "rel-perc-l1": ((fx - fy) / std).abs().sum((1, 2, 3))
             / (((fx - mean) / std).abs().sum((1, 2, 3)) + losses.DEFAULT_EPS)}[kind]
     assert torch.allclose(v, want, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(L(x, y, fx=L.real_features(x)) if kind not in ("mse", "l1") else v, v)
+    assert torch.allclose(L(x, y, fx=L.real_features(x)) if kind not in losses.PIXEL_KINDS else v, v)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -299,3 +301,22 @@ def test_reduce_contrast():
     assert torch.equal(losses.reduce_contrast(x, 1.0), torch.zeros(4))
     with pytest.raises(ValueError):
         losses.reduce_contrast(x, 1.5)
+
+
+def test_mse_imagenet_is_the_l2_of_imagenet_normalised_pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.rand(3, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    m = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    norm = lambda t: ((t + 1) / 2 - m) / s  # noqa: E731
+    loss = losses.ReconstructionLoss(kind="mse-imagenet", reduction="none")
+    torch.testing.assert_close(loss(x, y), (norm(x) - norm(y)).square().flatten(1).mean(1))
+    grey_x, grey_y = x[:, :1], y[:, :1]   # grey images are repeated to 3 channels
+    torch.testing.assert_close(loss(grey_x, grey_y), loss(grey_x.expand(-1, 3, -1, -1), grey_y.expand(-1, 3, -1, -1)))
+
+
+def test_authors_statistics_ship_for_torchvision_weights():
+    st = losses.authors_stats()
+    assert (st.weights, st.layer, st.mean.shape, st.std.shape) == ("torchvision:IMAGENET1K_V1", "relu4_2", (512,), (512,))
+    assert torch.isfinite(st.mean).all() and (st.std > 0).all() and "Apache-2.0" in st.source

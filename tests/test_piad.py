@@ -1,4 +1,5 @@
 """Networks of supplement Tables 1-4 and the losses of paper §3.2 (eq. 1, 5, 6)."""
+import dataclasses
 import math
 from dataclasses import asdict
 
@@ -16,8 +17,9 @@ TABLES = {
     "mnist": {
         "G": "Conv4p3 32x4x4|BlockUp 32x8x8|BlockUp 32x16x16|BlockUp 32x32x32|PreAct 32x32x32|"
              "LReLU 32x32x32|Conv1p0 Cx32x32",
+        # the authors' code (default): three BlockDowns; Table 1's fourth one: TABLE1_DX below
         "DX": "Conv3p1 32x32x32|BlockDown 32x16x16|BlockDown 32x8x8|BlockDown 32x4x4|"
-              "BlockDown 32x4x4|MBStd 33x4x4|LReLU 33x4x4|Conv4p0 32x1x1|LReLU 32x1x1|"
+              "MBStd 33x4x4|LReLU 33x4x4|Conv4p0 32x1x1|LReLU 32x1x1|"
               "Conv1p0 1x1x1|Reshape -",
         "E": "Conv3p1 32x32x32|BlockDown 32x16x16|BlockDown 32x8x8|BlockDown 32x4x4|"
              "LReLU 32x4x4|Conv4p0 32x1x1|LReLU 32x1x1|Conv1p0 32x1x1",
@@ -55,6 +57,11 @@ TABLES = {
         "DZ": "Reshape 64|Dense 256|LReLU 256|Dense 256|LReLU 256|Dense 1",
     },
 }
+
+# Supplement Table 1 as printed: a fourth BlockDown that stays at 4×4 (dx_channels=(32,) * 5).
+TABLE1_DX = ("Conv3p1 32x32x32|BlockDown 32x16x16|BlockDown 32x8x8|BlockDown 32x4x4|"
+             "BlockDown 32x4x4|MBStd 33x4x4|LReLU 33x4x4|Conv4p0 32x1x1|LReLU 32x1x1|"
+             "Conv1p0 1x1x1|Reshape -")
 
 
 def _label(m: nn.Module) -> str:
@@ -109,6 +116,15 @@ def test_networks_match_supplement_tables(model):
         assert model.reconstruct(x).shape == x.shape
         assert model.G(z.flatten(1)).shape == x.shape                 # flat latents accepted
         assert model.DZ(z.flatten(1)).shape == (2,)
+
+
+def test_table1_critic_is_one_setting_away():
+    from dataclasses import replace
+
+    cfg = replace(piad.preset("mnist"), dx_channels=(32,) * 5)
+    dx = piad.PIAD(config=cfg, channels=1).DX
+    rows, d = _walk(dx, torch.randn(2, 1, 32, 32))
+    assert rows == _parse(TABLE1_DX, 1) and d.shape == (2,)
 
 
 def test_sample_latent(model):
@@ -174,6 +190,29 @@ def test_minibatch_stddev_values():
     out = piad.MinibatchStdDev(group_size=4, eps=0.0)(y)
     assert torch.allclose(out[:, 3], y.std(dim=0, correction=0).mean().expand(6, 2, 2))
     assert torch.isfinite(piad.MinibatchStdDev()(torch.randn(1, 3, 2, 2))).all()
+    # default (authors' code): one scalar over the whole batch, whatever its size
+    out = piad.MinibatchStdDev(eps=0.0)(x)
+    assert torch.allclose(out[:, 3], x.std(dim=0, correction=0).mean().expand(8, 2, 2))
+
+
+def test_authors_initialisation():
+    torch.manual_seed(0)
+    m = piad.PIAD(config=piad.preset("cifar10"), channels=3)
+    gain = math.sqrt(2 / (1 + 0.2 ** 2))
+    for net in (m.G, m.E, m.DX):   # Kaiming-normal, fan_out, every convolution
+        for conv in (c for c in net.modules() if isinstance(c, nn.Conv2d)):
+            fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+            if conv.weight.numel() >= 4096:
+                assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(fan_out), rel=0.1)
+    fc1, fc2, fc3 = (l for l in m.DZ.modules() if isinstance(l, nn.Linear))
+    for fc, g in ((fc1, gain), (fc2, gain), (fc3, 1.0)):   # Xavier-uniform with the activation's gain
+        bound = g * math.sqrt(6 / (fc.in_features + fc.out_features))
+        assert fc.weight.abs().max().item() <= bound and fc.weight.abs().max().item() > 0.9 * bound
+    torch.manual_seed(0)
+    default = piad.PIAD(config=dataclasses.replace(piad.preset("cifar10"), init="pytorch"), channels=3)
+    assert default.G.conv_in.weight.std().item() < 0.5 * m.G.conv_in.weight.std().item()
+    with pytest.raises(ValueError, match="init"):
+        dataclasses.replace(piad.preset("mnist"), init="xavier")
 
 
 class Linear(nn.Module):
@@ -228,11 +267,14 @@ def test_critic_loss_linear_by_hand():
     d_real = [0.3 + 4.0 - 0.5 + 0.25, 0.5 * 1.6 + 0.25]       # [4.05, 1.05]
     d_fake = [-1.2 + 0.5 + 0.25, -0.3 - 2.4 + 0.25]          # [-0.45, -2.45]
     gp = (math.sqrt(0.09 + 1.44 + 4.0 + 0.25) - 1) ** 2
-    drift = (4.05 ** 2 + 1.05 ** 2) / 2
+    drift_real = (4.05 ** 2 + 1.05 ** 2) / 2               # paper: E[D(x)^2] on real samples
+    drift = drift_real + (0.45 ** 2 + 2.45 ** 2) / 2       # authors' code: + E[D(x~)^2] (default)
     expected = sum(d_fake) / 2 - sum(d_real) / 2 + 10.0 * gp + 0.001 * drift   # eq. (5)
     loss, stats = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert stats["gp"] == pytest.approx(gp) and stats["drift"] == pytest.approx(drift)
+    paper, _ = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001, drift_fake=False)
+    assert paper.item() == pytest.approx(expected - 0.001 * (drift - drift_real), rel=1e-12)
     assert stats["wasserstein"] == pytest.approx(sum(d_real) / 2 - sum(d_fake) / 2)
     assert all(isinstance(v, float) for v in stats.values())
     loss.backward()
@@ -307,10 +349,13 @@ def test_presets_and_datasets():
         piad.preset("unknown")
     assert piad.preset("lsun").n_dis == 3 and piad.preset("celeba").n_dis == 3
     assert piad.preset("cifar10").n_dis == 2
-    for name, it in [("mnist", 50_000), ("cifar10", 100_000), ("lsun", 200_000), ("celeba", 200_000)]:
+    # supplement §1, except where the authors' code differs: LSUN 300k (paper 200k), G/E lr 1e-4
+    # (paper 2e-4), weight decay 1e-8 (paper none), drift on real and fake, one mbstd group
+    for name, it in [("mnist", 50_000), ("cifar10", 100_000), ("lsun", 300_000), ("celeba", 200_000)]:
         cfg = piad.preset(name)
         assert cfg.iterations == it and cfg.batch_size == 32 and cfg.betas == (0.5, 0.99)
-        assert (cfg.lr_critic, cfg.lr_gen, cfg.gp_weight, cfg.drift) == (5e-4, 2e-4, 10.0, 1e-3)
+        assert (cfg.lr_critic, cfg.lr_gen, cfg.gp_weight, cfg.drift) == (5e-4, 1e-4, 10.0, 1e-3)
+        assert (cfg.weight_decay, cfg.drift_fake, cfg.mbstd_group, cfg.init) == (1e-8, True, 0, "authors")
     cfg, ch = piad.dataset_preset("COIL-100")
     assert (cfg.name, ch, cfg.iterations) == ("mnist", 3, 20_000)
     assert piad.iterations_for("fashion-mnist") == 50_000

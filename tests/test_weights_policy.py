@@ -77,8 +77,9 @@ def _hand_history(num, den, n_layers=1):
 def test_mean_vs_median_over_layers():
     hist = _hand_history([[1.0, 2.0, 10.0]], [[1.0, 1.0, 1.0]], n_layers=3)
     assert hist.layer_weights("num", "den") == pytest.approx({"fcs.0": 1.0, "fcs.1": 2.0, "fcs.2": 10.0})
-    assert hist.weight("num", "den") == pytest.approx(13 / 3)        # the paper: mean
+    assert hist.weight("num", "den", reduce="mean") == pytest.approx(13 / 3)   # the paper: mean
     assert hist.weight("num", "den", reduce="median") == pytest.approx(2.0)
+    assert hist.weight("num", "den") == pytest.approx(2.0)   # authors' code: pooled median
     with pytest.raises(ValueError, match="reduce"):
         hist.weight("num", "den", reduce="max")
 
@@ -86,13 +87,17 @@ def test_mean_vs_median_over_layers():
 def test_smoothing_and_last_n_by_hand():
     hist = _hand_history([[2.0], [4.0], [8.0]], [[1.0], [1.0], [1.0]])
     # smoothing 0.5: s = [2, 3, 5.5]
-    assert hist.weight("num", "den", smoothing=0.5, last_n=1) == pytest.approx(5.5)
+    mean = dict(reduce="mean")
+    assert hist.weight("num", "den", smoothing=0.5, last_n=1, **mean) == pytest.approx(5.5)
+    assert hist.weight("num", "den", smoothing=0.5, last_n=2, **mean) == pytest.approx(4.25)
+    assert hist.weight("num", "den", smoothing=0.5, last_n=10, **mean) == pytest.approx(3.5)
+    assert hist.weight("num", "den", smoothing=0.0, last_n=3, **mean) == pytest.approx(14 / 3)
+    # pooled median over the last N ratios [2, 3, 5.5]
+    assert hist.weight("num", "den", smoothing=0.5, last_n=10) == pytest.approx(3.0)
     assert hist.weight("num", "den", smoothing=0.5, last_n=2) == pytest.approx(4.25)
-    assert hist.weight("num", "den", smoothing=0.5, last_n=10) == pytest.approx(3.5)
-    assert hist.weight("num", "den", smoothing=0.0, last_n=3) == pytest.approx(14 / 3)
     # the ratio of smoothed values, not the smoothed ratio: den s = [1, 2] -> ratios [1, 0.5]
     hist = _hand_history([[1.0], [1.0]], [[1.0], [3.0]])
-    assert hist.weight("num", "den", smoothing=0.5, last_n=2) == pytest.approx(0.75)
+    assert hist.weight("num", "den", smoothing=0.5, last_n=2, **mean) == pytest.approx(0.75)
     assert exp_smoothing([2.0, 4.0, 8.0], 0.9) == pytest.approx([2.0, 2.2, 2.78])
     with pytest.raises(ValueError):
         hist.weight("num", "den", last_n=0)
@@ -196,3 +201,18 @@ def test_record_losses_on_piad_networks():
     with pytest.raises(ValueError, match="not among params"):
         record_losses(hist_e, losses, m.G.parameters())
     (losses["rec"] + losses["adv_G"]).backward()   # graph retained for Algorithm 1, lines 15-17
+
+
+def test_history_keeps_the_last_records_and_smooths_from_the_oldest_kept():
+    module = Layers(1)
+    hist = GradientHistory(module, norm="l2", max_history=2)
+    for a in (2.0, 4.0, 8.0):   # the first record falls out of the history
+        _set_grads(module, [a]), hist.record("num")
+        _set_grads(module, [1.0]), hist.record("den")
+    assert hist.history["num"]["l2"]["fcs.0"] == pytest.approx([4.0, 8.0])
+    # smoothing restarts from 4 (the oldest record kept): s = [4, 6] -> pooled median 5
+    assert hist.weight("num", "den", smoothing=0.5, last_n=10) == pytest.approx(5.0)
+    everything = GradientHistory(module, norm="l2", max_history=None)
+    assert everything.max_history is None
+    with pytest.raises(ValueError, match="max_history"):
+        GradientHistory(module, max_history=0)
