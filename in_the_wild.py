@@ -11,7 +11,9 @@ What is implemented (``python train.py --method latent-norm``), following the au
 * Per iteration (their ``train.py``, ``D_repeats=1``): one critic step (eq. 5), one G step
   (eq. 6), one E step on the cycle loss ``mean |G(z) - G(E(G(z)))|`` (gradients to E only; E is
   trained against the live G).
-* The anomaly score is ``||E(x)||_2`` (the paper's score).
+* The anomaly score is ``||E(x)||_2`` (the paper's score). For diagnosis, evaluate.py also writes
+  ``latent-norm-centred`` = ``||E(x) - c||``, c = mean E(G(z)) (:func:`encode_prior`), and the
+  histograms ``latent_norms.png`` (:func:`plot_latent_norms`); README says why they differ.
 
 Deviations from the original, one per line:
 
