@@ -9,8 +9,8 @@ is the training loss for PIAD and ``latent-norm`` for ``--method latent-norm``.
 
 Writes to the run folder: ``metrics.json`` (ROC AUC of every score and the run's settings),
 ``scores.csv`` (one row per test image), ``roc.png``, ``reconstructions.png`` (x above G(E(x)),
-normal then anomalous, as Fig. 4) and ``extremes.png`` (least and most anomalous test images,
-as Fig. 5).
+normal then anomalous, as Fig. 4), ``extremes.png`` (least and most anomalous test images,
+as Fig. 5) and, for latent-norm runs, ``latent_norms.png`` (histogram of ‖E(x)‖₂).
 
 ``python evaluate.py --checkpoint RUN/checkpoint.pt [--images DIR]`` re-evaluates a saved run,
 or scores a folder of new, unlabelled images.
@@ -115,6 +115,11 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, data, model))
+    if config.method == "latent-norm":  # ||E(x)|| measured from E's image of the prior's centre
+        import in_the_wild
+
+        prior = in_the_wild.encode_prior(model)  # z, E(G(z)): (n, D) each
+        scores["latent-norm-centred"] = in_the_wild.latent_norms(model, data.test, centre=prior[1].mean(0))
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
     metrics = {
@@ -129,6 +134,9 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
     plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
     plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}")
+    if config.method == "latent-norm":
+        in_the_wild.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
+                                      title=f"{config.dataset}, normal {data.normal}")
     return metrics
 
 
@@ -223,7 +231,7 @@ def load_run(checkpoint, *, device="auto", data_root=None):
     if data_root:
         cfg.data_root = data_root
     dev = train_mod.resolve_device(device)
-    model = piad.PIAD(config=piad.PIADConfig(**state["preset"]), channels=state["channels"]).to(dev)
+    model = train_mod.new_model(cfg.method, piad.PIADConfig(**state["preset"]), state["channels"]).to(dev)
     model.load_state_dict(state["model"])
     rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
     return state, cfg, model, rec_loss, data_mod

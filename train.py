@@ -316,8 +316,18 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def new_model(method: str, config: piad.PIADConfig, channels: int) -> piad.PIAD:
+    """The networks of ``method`` (on the CPU): PIAD's; latent-norm's G normalises its latent."""
+    model = piad.PIAD(config=config, channels=channels)
+    if method == "latent-norm":
+        import in_the_wild
+
+        in_the_wild.use_pixel_norm(model)
+    return model
+
+
 def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD:
-    return piad.PIAD(config=piad.preset(ds.preset), channels=ds.channels).to(device)
+    return new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
 
 
 def default_iterations(dataset: str, model_cfg) -> int:

@@ -1,10 +1,13 @@
-"""The latent-norm method of Berg et al. (in_the_wild.py): cycle loss, trainer, score, end to end."""
+"""The latent-norm method of Berg et al. (in_the_wild.py): one prior, pixel-norm, step order, cycle
+loss, trainer, score, exact resume, end to end."""
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import in_the_wild
@@ -24,9 +27,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _tiny(seed=0):
+def _tiny(seed=0, method="latent-norm"):
     torch.manual_seed(seed)
-    return piad.PIAD(config=TINY, channels=1)
+    return train.new_model(method, TINY, 1)
 
 
 def _sampler(batch=8, size=8, seed=1):
@@ -58,7 +61,7 @@ def test_encoder_step_updates_e_only():
 
 def test_cycle_loss_formula_and_gradient_path():
     m = _tiny()
-    z = in_the_wild.sample_narrow_latent(m, 5)
+    z = in_the_wild.sample_prior(m, 5)
     with torch.no_grad():
         x = m.G(z)
         expected = (x - m.G(m.E(x))).abs().mean()
@@ -69,19 +72,105 @@ def test_cycle_loss_formula_and_gradient_path():
     assert gz.abs().sum() > 0  # G is on the path, so callers must restrict to E (encoder_step does)
 
 
-def test_narrowed_prior_scale():
+def test_prior_scale():
     m = _tiny()
     torch.manual_seed(0)
-    z = in_the_wild.sample_narrow_latent(m, 20000)
+    z = in_the_wild.sample_prior(m, 20000)
     assert z.shape == (20000, *TINY.latent_shape)
     assert in_the_wild.PRIOR_SCALE == 0.1
     assert z.std().item() == pytest.approx(0.1, rel=0.02)
     assert abs(z.mean().item()) < 0.003
 
 
+def _record_g_inputs(m):
+    """G's raw inputs (before its pixel-norm), one list entry per call of G."""
+    seen = []
+    m.G.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_one_prior_for_critic_generator_and_encoder():
+    # loss.py: D_wgangp_acgan, G_wgan_acgan and E_wgangp_acgan all draw 0.1 * N(0, I). Each step
+    # calls G first on its prior draw (the encoder step then on E(G(z))): that draw's std is 0.1.
+    m = _tiny()
+    t = in_the_wild.LatentNormTrainer(m, None)
+    x = _sampler(batch=512)()[0]
+    for name, run in (("critic", lambda: t.critic_step(x)), ("generator", lambda: t.generator_step(512)),
+                      ("encoder", lambda: t.encoder_step(512))):
+        seen = _record_g_inputs(m)
+        torch.manual_seed(1)
+        run()
+        m.G._forward_pre_hooks.clear()
+        assert seen[0].shape == (512, *TINY.latent_shape), name
+        assert seen[0].std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.1), name
+
+
+def test_generator_pixel_normalises_its_latent():
+    # networks.py G_paper, normalize_latents=True: G(z) depends on z's direction only
+    m = _tiny()
+    assert isinstance(m.G, in_the_wild.PixelNormGenerator)
+    torch.manual_seed(2)
+    z = torch.randn(6, *TINY.latent_shape)
+    with torch.no_grad():
+        out = m.G(z)
+        for c in (0.1, 3.0):
+            torch.testing.assert_close(m.G(c * z), out, rtol=1e-4, atol=1e-5 * out.abs().max().item())
+        torch.testing.assert_close(piad.Generator.forward(m.G, in_the_wild.pixel_norm(z)), out)
+        assert not torch.allclose(piad.Generator.forward(m.G, z), out)  # the norm does matter without it
+    n = in_the_wild.pixel_norm(z)
+    torch.testing.assert_close(n.square().mean(dim=1), torch.ones(6, 1, 1))
+
+
+@given(seed=st.integers(0, 2**16))
+def test_cycle_loss_is_blind_to_the_encodings_norm(seed):
+    # with G's pixel-norm, ∂L/∂E(x) ⊥ E(x): the cycle loss never trains ||E(x)||, which is why the
+    # paper's score ||E(x)|| is a by-product of E (see README, latent-norm results)
+    m = _tiny(seed=seed % 7)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        x_fake = m.G(in_the_wild.sample_prior(m, 16))
+        z = m.E(x_fake).flatten(1)
+    z.requires_grad_(True)
+    (g,) = torch.autograd.grad((m.G(z) - x_fake).abs().mean(), z)
+    radial = (g * z).sum(dim=1) / z.norm(dim=1)  # (16,) component of the gradient along z
+    assert radial.abs().max() <= 1e-4 * g.norm(dim=1).max() + 1e-12
+
+
+def test_pixel_norm_keeps_piad_weights_and_leaves_piad_alone():
+    a, b = _tiny(method="piad"), _tiny(method="latent-norm")
+    assert type(a.G) is piad.Generator
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sb) - set(sa) == {"G.latent_norm_eps"}  # a plain PIAD cannot load it unnoticed
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed, same initial weights
+    with pytest.raises(RuntimeError, match="latent_norm_eps"):
+        a.load_state_dict(sb)
+
+
+def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
+    # train.py: per iteration D (D_repeats = 1), then G, then E; one minibatch of real images
+    calls = []
+    for name in ("critic_step", "generator_step", "encoder_step"):
+        real = getattr(in_the_wild.LatentNormTrainer, name)
+        monkeypatch.setattr(in_the_wild.LatentNormTrainer, name,
+                            lambda self, *a, _r=real, _n=name, **k: (calls.append(_n), _r(self, *a, **k))[1])
+    sample = _sampler()
+    n_samples = []
+
+    def counting_sample():
+        n_samples.append(1)
+        return sample()
+
+    m = _tiny()
+    t = in_the_wild.LatentNormTrainer(m, None)
+    for it in range(2):
+        t.step(it, counting_sample)
+    assert calls == ["critic_step", "generator_step", "encoder_step"] * 2
+    assert len(n_samples) == 2
+
+
 def test_step_on_mnist_preset_is_finite():
     torch.manual_seed(0)
-    m = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    m = train.new_model("latent-norm", piad.preset("mnist"), 1)
     t = in_the_wild.LatentNormTrainer(m, train.TrainConfig(method="latent-norm"))
     out = t.step(0, _sampler(batch=4, size=32))
     assert set(out) == {"loss_dx", "adv_g", "cycle"}
@@ -133,6 +222,23 @@ def test_state_dict_round_trip_gives_identical_next_steps():
     assert all(torch.equal(a, b) for a, b in zip(ref_params, m2.parameters()))
 
 
+def test_latent_norms_from_a_centre():
+    m = _tiny()
+    x = torch.rand(10, 1, 8, 8) * 2 - 1
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(10))
+    c = torch.randn(TINY.latent_dim)
+    with torch.no_grad():
+        z = m.E(x).flatten(1)
+    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, batch_size=3), z.norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, centre=c), (z - c).norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds), in_the_wild.latent_norm_score(m, x).numpy(), rtol=1e-6)
+    z, gen = in_the_wild.encode_prior(m, 50)
+    assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50)[1])
+    assert z.std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(gen, m.E(m.G(z)).flatten(1))
+
+
 def _roundtrip(obj):
     import io
 
@@ -176,6 +282,8 @@ def test_end_to_end_latent_norm_on_digits(tmp_path):
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["score"] == "latent-norm" and metrics["score"] == "latent-norm"
     assert math.isfinite(saved["roc_auc"]) and saved["roc_auc"] == saved["roc_auc_per_score"]["latent-norm"]
+    assert math.isfinite(saved["roc_auc_per_score"]["latent-norm-centred"])
+    assert (tmp_path / "r" / "latent_norms.png").stat().st_size > 0
     with open(tmp_path / "r" / "log.csv") as fh:
         header = fh.readline().strip().split(",")
         first = dict(zip(header, fh.readline().strip().split(",")))
@@ -197,3 +305,13 @@ def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
     assert a["iteration"] == b["iteration"] == 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["trainer"]["opt_e"]["state"][0]["step"] == b["trainer"]["opt_e"]["state"][0]["step"] == 5
+    for opt in ("opt_d", "opt_g", "opt_e"):  # Adam's moments too, bitwise
+        sa, sb = a["trainer"][opt]["state"], b["trainer"][opt]["state"]
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and torch.equal(a["sampler"], b["sampler"])
+    # the saved run is re-evaluated with the pixel-norm G it was trained with
+    import evaluate
+
+    _, _, model, _, _ = evaluate.load_run(tmp_path / "part" / "checkpoint.pt", device="cpu")
+    assert isinstance(model.G, in_the_wild.PixelNormGenerator)
