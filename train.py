@@ -7,6 +7,12 @@ in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
 ``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
 variant of Berg et al. (module ``in_the_wild``) on the same networks instead.
 
+Failures a person can act on: mistakes in the settings (``TrainConfig.validate``), data, weights
+or checkpoint end with one ``error: ...`` line and exit status 2 before any work starts;
+SIGINT/SIGTERM finish the current iteration, save the checkpoint, print the ``--resume`` command
+and exit 130/143; a non-finite loss keeps ``checkpoint.pt`` as the last good state, saves
+``diverged.pt`` and prints how to continue (``--resume --reseed K``).
+
 Speed-ups that keep the maths of Algorithm 1: the real images' VGG features carry no autograd
 graph and, for in-memory training sets seen many times, are computed once and cached; fake
 images/latents in the critic steps are produced under ``no_grad``; the critics' parameters

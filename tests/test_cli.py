@@ -3,6 +3,7 @@ mistake (no traceback, no run folder touched), checkpoints that cannot run code,
 that keep the work, and a divergence that keeps the last good state."""
 import csv
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -267,7 +268,6 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_scores(tmp_path):
     whole = train.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert resumed["iteration"] == whole["iteration"] == 16
     assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
-    import json
     assert json.loads((part / "metrics.json").read_text())["roc_auc_per_score"] == full["roc_auc_per_score"]
     assert (part / "scores.csv").read_text() == (tmp_path / "full" / "scores.csv").read_text()
     assert [r["rec"] for r in _rows(part / "log.csv")] == [r["rec"] for r in _rows(tmp_path / "full" / "log.csv")]
@@ -402,3 +402,21 @@ def test_an_exception_mid_training_keeps_the_checkpoint(tmp_path, monkeypatch):
         train.main(FAST + ["--iterations", "5", "--checkpoint-minutes", "0", "--no-evaluate", "--out", str(run),
                            "--resume"])
     assert train.load_checkpoint(run / train.CHECKPOINT)["iteration"] == 5
+
+
+def test_ctrl_c_in_a_grid_stops_it_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    argv = ["custom", "--dataset", "digits", "--classes", "3", "--losses", "mse", "--iterations", "3",
+            "--vgg-weights", "random", "--no-progress", "--root", str(tmp_path / "grid")]
+    disarm = _signal_at(monkeypatch, 1)
+    with pytest.raises(SystemExit) as e:
+        experiments.main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: stopped after iteration 2 of 3" in err and "Traceback" not in err
+    assert "experiments.py " + shlex.join(argv) + " (finished cells are skipped, this one resumes)" in err
+    disarm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        experiments.main(argv)
+    assert "resuming" in capsys.readouterr().out
+    assert (tmp_path / "grid" / "table.md").is_file() and not (tmp_path / "grid" / "failures.txt").exists()
