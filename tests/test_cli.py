@@ -142,6 +142,7 @@ BAD_INPUTS = {  # id: (program, argv with {w} for the world folder, words the er
 }
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch, on the bare pickle
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_error_line_and_exit_2(case, world, capsys, monkeypatch):
     program, argv, words = BAD_INPUTS[case]
