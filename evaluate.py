@@ -221,34 +221,45 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
 
 
 def load_run(checkpoint, *, device="auto", data_root=None):
-    """Rebuilds (config, data, model, reconstruction loss) from a checkpoint of train.py."""
+    """Rebuilds (config, data, model, reconstruction loss) from a checkpoint of train.py.
+
+    The checkpoint is loaded with ``weights_only=True`` (a file carrying pickled objects is
+    refused); a missing, corrupt or foreign file, or VGG weights that cannot be loaded, raise
+    :class:`losses.UserError`."""
     import data as data_mod
     import piad
     import train as train_mod
 
-    state = train_mod.load_checkpoint(checkpoint)
-    cfg = train_mod.TrainConfig(**state["config"])
+    state = train_mod.load_checkpoint(checkpoint, fix="--checkpoint takes the checkpoint.pt of a run of train.py")
+    cfg = train_mod._saved_config(state)
     if data_root:
         cfg.data_root = data_root
     dev = train_mod.resolve_device(device)
     model = train_mod.new_model(cfg.method, piad.PIADConfig(**state["preset"]), state["channels"]).to(dev)
     model.load_state_dict(state["model"])
-    rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
+    with losses.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
+        rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
     return state, cfg, model, rec_loss, data_mod
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate a trained PIAD checkpoint, or score new images.")
+def _main(argv) -> None:
+    p = argparse.ArgumentParser(prog="evaluate.py",
+                                description="Evaluate a trained PIAD checkpoint, or score new images.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", default=None, help="folder of images to score (no labels needed)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    losses.add_debug_flag(p)
     a = p.parse_args(argv)
-    state, cfg, model, rec_loss, data_mod = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent
+    if out.exists() and not out.is_dir():
+        raise losses.UserError(f"--out {out} is a file, not a folder")
+    state, cfg, model, rec_loss, data_mod = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
     if a.images:
-        ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"], channels=state["channels"])
+        with losses.user_errors(ValueError, OSError, prefix="--images: "):
+            ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],
+                                                   channels=state["channels"])
         scores, _ = compute_scores(model, ds, rec_loss)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"scores_{Path(a.images).resolve().name}.csv"
@@ -258,11 +269,18 @@ def main(argv=None) -> None:
               f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}) "
               f"-> {path}")
         return
-    ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                               contamination=cfg.contamination, protocol=cfg.protocol, image_size=cfg.image_size)
+    with losses.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
+        ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
+                                   contamination=cfg.contamination, protocol=cfg.protocol,
+                                   image_size=cfg.image_size)
     metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg,
                            extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint)})
     print(json.dumps(metrics, indent=2))
+
+
+def main(argv=None) -> None:
+    """``python evaluate.py ...``: mistakes end with ``error: ...`` and exit status 2."""
+    losses.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -122,10 +122,36 @@ PRESETS = {
 
 # --- running -----------------------------------------------------------------------------------
 
+def cell_config(grid: Grid, cell: Cell, root, **overrides) -> train_mod.TrainConfig:
+    """The TrainConfig of one cell (``overrides``: TrainConfig fields for every cell)."""
+    out = cell.folder(root)
+    v = cell.variant
+    return train_mod.TrainConfig(
+        dataset=cell.dataset, normal=cell.normal, seed=cell.seed, method=v.method, loss=v.loss,
+        weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e,
+        contamination=cell.contamination, protocol=grid.protocol,
+        out=str(out), resume=(out / train_mod.CHECKPOINT).is_file(), **overrides)
+
+
+def check_grid(grid: Grid, root, **overrides) -> None:
+    """Raises :class:`losses.UserError` if any cell's settings cannot work, before any cell runs."""
+    problems = {}
+    for cell in grid.cells():
+        try:
+            cell_config(grid, cell, root, **overrides).validate()
+        except train_mod.UserError as exc:
+            problems.setdefault(str(exc), cell)
+    if problems:
+        raise train_mod.UserError("; ".join(f"{msg} (cell {cell.folder(root).relative_to(root)})"
+                                            for msg, cell in problems.items()))
+
+
 def run_grid(grid: Grid, root, *, train_fn=None, log=print, **overrides) -> list[tuple[Cell, str]]:
     """Trains every unfinished cell; returns the failures ``[(cell, error)]`` (also in failures.txt).
 
     ``overrides`` are TrainConfig fields for every cell (iterations, data_root, vgg_weights, ...).
+    A SIGINT/SIGTERM stops the grid after saving the running cell (``train.Interrupted``); running
+    the same grid again skips finished cells and resumes that one.
     """
     train_fn = train_fn or train_mod.train
     root = Path(root)
@@ -139,12 +165,7 @@ def run_grid(grid: Grid, root, *, train_fn=None, log=print, **overrides) -> list
         if (out / "metrics.json").is_file():
             log(f"{tag}: done, skipped")
             continue
-        v = cell.variant
-        cfg = train_mod.TrainConfig(
-            dataset=cell.dataset, normal=cell.normal, seed=cell.seed, method=v.method, loss=v.loss,
-            weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e,
-            contamination=cell.contamination, protocol=grid.protocol,
-            out=str(out), resume=(out / train_mod.CHECKPOINT).is_file(), **overrides)
+        cfg = cell_config(grid, cell, root, **overrides)
         log(f"{tag}: {'resuming' if cfg.resume else 'training'}")
         try:
             metrics = train_fn(cfg)
@@ -287,7 +308,8 @@ def build_grid(a) -> Grid:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Run a grid of train.py runs and write the paper's tables.")
+    p = argparse.ArgumentParser(prog="experiments.py",
+                                description="Run a grid of train.py runs and write the paper's tables.")
     p.add_argument("preset", choices=[*PRESETS, "custom"])
     p.add_argument("--root", default=None, help="grid folder (default runs/experiments/<name>[-it<N>])")
     p.add_argument("--classes", nargs="+", default=None, help="normal classes (override the preset's)")
@@ -298,6 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--table-only", action="store_true", help="only rebuild the tables from metrics.json")
     p.add_argument("--no-progress", action="store_true")
+    train_mod.losses.add_debug_flag(p)
     g = p.add_argument_group("custom grids")
     g.add_argument("--dataset", default="fashion-mnist")
     g.add_argument("--methods", nargs="+", default=None, choices=train_mod.METHODS)
@@ -308,18 +331,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def _main(argv) -> None:
     a = parse_args(argv)
     grid = build_grid(a)
     root = Path(a.root) if a.root else Path("runs/experiments") / (
         grid.name + (f"-it{a.iterations}" if a.iterations else ""))
+    if root.exists() and not root.is_dir():
+        raise train_mod.UserError(f"--root {root} is a file, not a folder")
     failures = []
     if not a.table_only:
-        failures = run_grid(grid, root, iterations=a.iterations, data_root=a.data_root,
-                            vgg_weights=a.vgg_weights, device=a.device, progress=not a.no_progress)
+        overrides = dict(iterations=a.iterations, data_root=a.data_root, vgg_weights=a.vgg_weights,
+                         device=a.device, progress=not a.no_progress)
+        check_grid(grid, root, **overrides)  # every cell's settings, before the first one trains
+        try:
+            failures = run_grid(grid, root, **overrides)
+        except train_mod.Interrupted as exc:
+            exc.resume = train_mod.command_line(argv, [], "experiments.py") + \
+                " (finished cells are skipped, this one resumes)"
+            raise
     write_tables(grid, root)
     print((root / "table.md").read_text())
     print(f"tables in {root}" + (f"; {len(failures)} failed cells, see {root / 'failures.txt'}" if failures else ""))
+
+
+def main(argv=None) -> None:
+    """``python experiments.py ...``: mistakes end with ``error: ...`` and exit status 2."""
+    train_mod.losses.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

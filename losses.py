@@ -24,14 +24,21 @@ set of VGG weights: a loss refuses statistics computed with other weights.
 Command line::
 
     python losses.py stats --images DIR --weights caffe --out stats.pt [--image-size 64]
+
+The small command-line helpers shared by every program of the repository live here too (this
+module is the one they all import): :class:`UserError`, :func:`run_cli` and :func:`safe_load`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
+import pickle
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,10 +184,9 @@ class VGG19Features(nn.Module):
             raise FileNotFoundError(
                 f"VGG weights {str(weights)!r}: not 'auto', 'torchvision', 'caffe', 'random' "
                 "nor an existing state-dict file.")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise RuntimeError(f"could not read VGG state dict {path}: {exc}") from exc
+        sd = safe_load(path, what="VGG state dict")  # BadFile (a RuntimeError) if unreadable or unsafe
+        if not isinstance(sd, dict):
+            raise BadFile(f"could not read VGG state dict {path}: it holds no state dict")
         if "0.weight" in sd and tuple(sd["0.weight"].shape) == (3, 3, 1, 1):  # caffe layout
             self._load_convs(convs, [(sd[f"{k}.weight"], sd[f"{k}.bias"]) for k in _CAFFE_CONV_KEYS])
             return f"file:{path.name}:caffe", (sd["0.weight"], sd["0.bias"])
@@ -234,14 +240,15 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        """Loads a file written by :meth:`save` (tensors and plain values only: a file that holds
+        pickled Python objects is refused before anything in it runs)."""
+        d = safe_load(path, what="feature statistics",
+                      fix="compute them with `python losses.py stats --images DIR --out FILE`")
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
             return cls(**d)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"feature statistics file {path} not found; compute it with "
-                                    "`python losses.py stats --images DIR --out FILE`") from None
-        except Exception as exc:
-            raise RuntimeError(f"could not read feature statistics {path}: {exc}") from exc
+        except TypeError as exc:
+            raise BadFile(f"could not read feature statistics {path}: not a statistics file written by "
+                          "`python losses.py stats` (expected mean, std, weights, layer, count)") from exc
 
 
 @torch.no_grad()
@@ -294,7 +301,10 @@ def default_stats(model: VGG19Features, *, cache: bool = True) -> FeatureStats:
     safe = model.weights_id.replace(":", "_").replace("/", "_")
     path = _cache_dir() / "stats" / f"{safe}-{model.layer}-sklearn.pt"
     if cache and path.is_file():
-        return FeatureStats.load(path)
+        try:
+            return FeatureStats.load(path)
+        except BadFile as exc:  # a damaged cache file: computed again below
+            warnings.warn(f"recomputing the default feature statistics: {exc}")
 
     def batches():
         for img in _sample_photos():
@@ -489,23 +499,161 @@ def contrast_curve(image: torch.Tensor, losses: dict[str, ReconstructionLoss], l
     return out
 
 
-def _folder_batches(folder: str, image_size: int | None):
+# ---------------------------------------------------------------------------------------------
+# Command-line errors and safe loading, shared by every command-line program of the repository.
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for: a flag, a file, a folder, a checkpoint.
+
+    :func:`run_cli` reports it as one line, ``error: <what is wrong and how to fix it>``, with exit
+    status 2 (as argparse does); other exceptions are bugs and keep their traceback."""
+
+    exit_code = 2
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file the user named does not exist (still a ``FileNotFoundError`` for callers)."""
+
+
+class BadFile(UserError, RuntimeError):
+    """A file the user named cannot be used: corrupt, truncated, of the wrong kind, or unsafe."""
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException], prefix: str = ""):
+    """Re-raises exceptions of ``types`` from the block as :class:`UserError` (same message).
+
+    For calls whose failures are caused by what the user asked for (loading a named dataset,
+    folder or weights file); everything else keeps its type and its traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except types as exc:
+        raise UserError(f"{prefix}{exc}") from exc
+
+
+def debug_requested(argv) -> bool:
+    """``--debug`` on the command line or ``PIAD_DEBUG`` set (not ``0``): show full tracebacks."""
+    return "--debug" in argv or os.environ.get("PIAD_DEBUG", "").strip() not in ("", "0")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (also PIAD_DEBUG=1)")
+
+
+def run_cli(main, argv=None) -> None:
+    """Runs a command-line ``main(argv)`` and turns expected failures into one line on stderr.
+
+    An exception with an ``exit_code`` attribute is an expected outcome, not a bug, and exits
+    with that status: a :class:`UserError` (2) or a failed run (train.py's ``Diverged``, 1)
+    prints ``error: <message>``; a stopped run (``KeyboardInterrupt``, 130, or train.py's
+    ``Interrupted``, 128 + the signal) prints its message. Anything else is a bug and propagates
+    with its traceback; with ``--debug`` or ``PIAD_DEBUG=1`` everything does."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = debug_requested(argv)
+    try:
+        main(argv)
+    except (Exception, KeyboardInterrupt) as exc:
+        code = getattr(exc, "exit_code", None)
+        if code is None and isinstance(exc, KeyboardInterrupt):
+            code = 130
+        if code is None or debug:
+            raise
+        message = " ".join([str(exc) or "interrupted", *getattr(exc, "__notes__", ())]).split()
+        message = " ".join(message)
+        if not isinstance(exc, KeyboardInterrupt):
+            message = f"error: {message}"
+        sys.stdout.flush()
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+
+
+def _numpy_globals() -> list:
+    """The numpy types inside numpy RNG states, which checkpoints of piad <= 0.1 stored."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = "", allow_numpy: bool = False):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only.
+
+    A file that holds pickled Python objects (which could run arbitrary code while loading) is
+    refused before any of it runs: :class:`BadFile` naming the objects. A missing file raises
+    :class:`MissingFile`, a corrupt one :class:`BadFile`; ``fix`` is appended to the message.
+    ``allow_numpy`` also admits numpy arrays (old checkpoints' RNG states)."""
+    path = Path(path)
+    hint = f"; {fix}" if fix else ""
+    if not path.exists():
+        raise MissingFile(f"{what} {path} not found{hint}")
+    if not path.is_file():
+        raise BadFile(f"{what} {path} is not a file{hint}")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals() if allow_numpy else []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():  # refused by the restricted unpickler
+            found = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
+            try:
+                found = found or torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # noqa: BLE001 - only for the message
+                pass
+            if found:
+                raise BadFile(f"refusing to load {what} {path}: it holds pickled Python objects "
+                              f"({', '.join(dict.fromkeys(found))}), which files written by piad never contain, "
+                              f"and loading them could run arbitrary code; use a file written by piad "
+                              f"itself{hint}") from exc
+        raise BadFile(f"could not read {what} {path}: the file is corrupt or truncated, or not written "
+                      f"by torch.save ({_first_line(exc)}){hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - zip/pickle/IO errors of a bad file
+        raise BadFile(f"could not read {what} {path}: the file is corrupt or truncated, or not written "
+                      f"by torch.save ({_first_line(exc)}){hint}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message, for a one-line error."""
+    text = (str(exc).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+_IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _image_paths(folder: str) -> list[Path]:
+    base = Path(folder).expanduser()
+    if not base.is_dir():
+        raise MissingFile(f"--images {folder}: no such folder")
+    paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise UserError(f"no images ({', '.join(sorted(_IMAGE_EXTENSIONS))}) found under {folder}")
+    return paths
+
+
+def _folder_batches(folder, image_size: int | None):
+    """One (1, 3, H, W) batch in [-1, 1] per image under ``folder`` (or the list of paths)."""
     from PIL import Image
 
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts)
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(exts))}) found under {folder}")
-    for p in paths:
-        img = Image.open(p).convert("RGB")
+    for p in folder if isinstance(folder, list) else _image_paths(folder):
+        with user_errors(OSError, prefix=f"could not read image {p}: "):
+            img = Image.open(p).convert("RGB")
         if image_size:
             img = img.resize((image_size, image_size), Image.BILINEAR)
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         yield t.view(img.height, img.width, 3).permute(2, 0, 1)[None].float().div(127.5).sub(1)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Feature statistics for relative-perceptual-L1 (eq. 3).")
+def _stats_main(argv) -> None:
+    p = argparse.ArgumentParser(prog="losses.py",
+                                description="Feature statistics for relative-perceptual-L1 (eq. 3).")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stats", help="per-channel mean/std of a VGG layer over a folder of images")
     s.add_argument("--images", required=True, help="folder of images (searched recursively)")
@@ -513,12 +661,28 @@ def main(argv=None) -> None:
     s.add_argument("--weights", default="auto", help="auto|torchvision|caffe|random|PATH")
     s.add_argument("--layer", default="relu4_2")
     s.add_argument("--image-size", type=int, default=None, help="resize images to this size first")
+    add_debug_flag(s)
     args = p.parse_args(argv)
-    model = VGG19Features(args.layer, args.weights)
-    stats = feature_stats(model, _folder_batches(args.images, args.image_size), source=str(args.images))
-    stats.save(args.out)
+    if args.image_size is not None and args.image_size < 16:
+        raise UserError(f"--image-size must be at least 16 (VGG-19 relu4_2 sees 1/8 of it), got {args.image_size}")
+    if args.layer not in vgg19_layer_names():
+        raise UserError(f"--layer {args.layer!r} is not a VGG-19 layer; choose one of {', '.join(vgg19_layer_names())}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'stats.pt'}")
+    paths = _image_paths(args.images)  # before the VGG is built: a wrong folder fails at once
+    with user_errors(OSError, RuntimeError, ValueError, prefix="--weights: "):
+        model = VGG19Features(args.layer, args.weights)
+    with user_errors(ValueError):
+        stats = feature_stats(model, _folder_batches(paths, args.image_size), source=str(args.images))
+    with user_errors(OSError, prefix=f"could not write {out}: "):
+        stats.save(out)
     print(f"wrote {args.out}: {stats.mean.numel()} channels, {stats.count} samples/channel, "
           f"weights {stats.weights}")
+
+
+def main(argv=None) -> None:
+    run_cli(_stats_main, argv)
 
 
 if __name__ == "__main__":

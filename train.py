@@ -7,6 +7,12 @@ in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
 ``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
 variant of Berg et al. (module ``in_the_wild``) on the same networks instead.
 
+Failures a person can act on: mistakes in the settings (``TrainConfig.validate``), data, weights
+or checkpoint end with one ``error: ...`` line and exit status 2 before any work starts;
+SIGINT/SIGTERM finish the current iteration, save the checkpoint, print the ``--resume`` command
+and exit 130/143; a non-finite loss keeps ``checkpoint.pt`` as the last good state, saves
+``diverged.pt`` and prints how to continue (``--resume --reseed K``).
+
 Speed-ups that keep the maths of Algorithm 1: the real images' VGG features carry no autograd
 graph and, for in-memory training sets seen many times, are computed once and cached; fake
 images/latents in the critic steps are produced under ``no_grad``; the critics' parameters
@@ -22,6 +28,11 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,7 +47,11 @@ import piad
 import weights_policy
 
 CHECKPOINT = "checkpoint.pt"
+DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good checkpoint.pt
+CRASHED = "crashed.pt"  # the state at an exception in the middle of training
+CHECKPOINT_FORMAT = "piad-checkpoint-1"
 METHODS = ("piad", "latent-norm")
+UserError = losses.UserError
 
 
 @dataclass
@@ -79,6 +94,64 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     evaluate: bool = True
+    reseed: int = 0  # new random draws (minibatches, latents) from here on, e.g. after a divergence
+
+    def validate(self) -> "TrainConfig":
+        """Raises :class:`UserError` naming every setting that cannot work (before any work starts)."""
+        bad = []
+
+        def need(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                bad.append(f"--{field.replace('_', '-')} {what}, got {getattr(self, field)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        choices = {"method": METHODS, "weights_policy": ("gradnorm", "fixed"), "loss": losses.KINDS,
+                   "impl": ("auto", "ext", "torch"), "policy_reduce": weights_policy.REDUCES,
+                   "device": ("auto", "cpu", "cuda"), "cache_features": ("auto", "on", "off"),
+                   "protocol": (None, "split", "gpnd"), "image_size": (None, 32, 64)}
+        for field, allowed in choices.items():
+            need(getattr(self, field) in allowed, field,
+                 "must be one of " + ", ".join(str(a) for a in allowed if a is not None))
+        dataset_ok = str(self.dataset).lower() in data_mod.DATASETS
+        need(dataset_ok, "dataset", "must be one of " + ", ".join(data_mod.DATASETS))
+        if dataset_ok and str(self.dataset).lower() != "folder":
+            try:  # the dataset's own class check (names or indices), without loading any data
+                data_mod._resolve_class(str(self.dataset).lower(), self.normal,
+                                        data_mod.class_names(self.dataset, self.data_root))
+            except ValueError as exc:
+                bad.append(f"--normal: {exc}")
+        need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
+             "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
+        for field in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every"):
+            need(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "must be a whole number >= 1")
+        need(is_int(self.seed) and 0 <= self.seed < 2 ** 32, "seed", "must be a whole number in 0..2**32-1")
+        need(is_int(self.reseed) and 0 <= self.reseed < 2 ** 32, "reseed", "must be a whole number in 0..2**32-1")
+        need(is_real(self.policy_smoothing) and 0 <= self.policy_smoothing < 1, "policy_smoothing",
+             "must be a number with 0 <= s < 1")
+        need(is_real(self.contamination) and 0 <= self.contamination < 1, "contamination",
+             "must be a fraction with 0 <= P < 1")
+        for field in ("gamma_g", "gamma_e"):
+            need(is_real(getattr(self, field)) and getattr(self, field) > 0, field, "must be a number > 0")
+        need(is_real(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
+             "must be a number >= 0 (0: after every iteration)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            bad.append("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+        if self.vgg_weights not in ("auto", "torchvision", "caffe", "random") and not Path(self.vgg_weights).is_file():
+            bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give auto, torchvision, caffe, "
+                       "random or the path of a VGG-19 state-dict file")
+        if self.stats not in ("auto", "authors", "sklearn", "train") and not Path(self.stats).is_file():
+            bad.append(f"--stats {self.stats!r}: no such file; give auto, authors, sklearn, train or a file "
+                       "written by `python losses.py stats`")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            bad.append(f"--out {self.out!r} is a file, not a run folder")
+        if bad:
+            raise UserError("; ".join(bad))
+        return self
 
     def run_dir(self) -> Path:
         if self.out:
@@ -91,9 +164,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -287,22 +360,27 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
+    """A checkpoint of train.py, loaded with ``weights_only=True``: tensors and plain containers
+    only, so a file carrying pickled objects is refused (:class:`losses.BadFile`) before any of
+    it runs. Missing, corrupt or foreign files raise :class:`UserError` subclasses (``fix`` is
+    appended to their message)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
-                           "restart without --resume into a new --out folder") from exc
-    if not isinstance(state, dict) or state.get("format") != "piad-checkpoint-1":
-        raise RuntimeError(f"{path} is not a piad checkpoint")
+    state = losses.safe_load(path, what="checkpoint", fix=fix, allow_numpy=True)  # numpy: old RNG states
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise losses.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
+                             + (f"; {fix}" if fix else ""))
     return state
 
 
 def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Global RNG states as tensors and plain Python values (``weights_only`` loadable)."""
+    key, pos, has_gauss, cached = np.random.get_state()[1:]
+    version, internal, gauss_next = random.getstate()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached_gaussian": float(cached)},
+         "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -310,8 +388,14 @@ def _rng_state() -> dict:
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:  # checkpoints of piad <= 0.1: numpy's own tuple
+        np.random.set_state(n)
+    version, internal, gauss_next = s["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -324,6 +408,15 @@ def new_model(method: str, config: piad.PIADConfig, channels: int) -> piad.PIAD:
 
         in_the_wild.use_pixel_norm(model)
     return model
+
+
+def _reseed(cfg: TrainConfig, sampler, it: int) -> None:
+    """New random draws from iteration ``it`` on (``--reseed K``): seeds derived from (seed, K, it)."""
+    seed = int(np.random.SeedSequence([cfg.seed, cfg.reseed, it]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+    sampler.gen.manual_seed(seed + 1)
 
 
 def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD:
@@ -343,42 +436,143 @@ def default_iterations(dataset: str, model_cfg) -> int:
 LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM: the iteration in progress was finished and saved.
+
+    ``exit_code`` is 128 + the signal number (130 for SIGINT, 143 for SIGTERM); ``resume`` says
+    how to continue (train.py's ``main`` puts the user's command line there)."""
+
+    def __init__(self, signum: int, done: int, iterations: int, checkpoint: Path):
+        super().__init__(signum, done)
+        self.signum, self.done, self.iterations, self.checkpoint = signum, done, iterations, checkpoint
+        self.exit_code = 128 + signum
+        self.resume_flags = ["--resume"]
+        self.resume = "train(config, resume=True)"
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.done >= self.iterations:
+            return (f"{name}: training had finished ({self.checkpoint}); evaluation skipped. "
+                    f"Evaluate with: {self.resume}")
+        return (f"{name}: stopped after iteration {self.done} of {self.iterations}; the run is saved in "
+                f"{self.checkpoint}. Resume with: {self.resume}")
+
+
+class Diverged(FloatingPointError):
+    """A loss (or a weight) became non-finite. ``checkpoint.pt`` keeps the last good state,
+    ``diverged.pt`` beside it the diverged one; ``resume`` says how to continue with new random
+    draws (``--resume --reseed K``)."""
+
+    exit_code = 1  # a run that failed, not a mistake on the command line (2)
+
+    def __init__(self, what: str, good: int | None, checkpoint: Path, diverged: Path, reseed: int,
+                 checkpoint_minutes: float):
+        super().__init__(what)
+        self.what, self.good, self.checkpoint, self.diverged = what, good, checkpoint, diverged
+        self.checkpoint_minutes = checkpoint_minutes
+        self.resume_flags = ["--resume", "--reseed", str(reseed)]
+        self.resume = f"train(config, resume=True, reseed={reseed})"
+
+    def __str__(self) -> str:
+        if self.good is None:
+            return (f"training diverged: {self.what}. No checkpoint had been written yet (every "
+                    f"{self.checkpoint_minutes:g} minutes, --checkpoint-minutes); the diverged state is in "
+                    f"{self.diverged}. Start again with new random draws: {self.resume}; or use another --seed")
+        return (f"training diverged: {self.what}. {self.checkpoint} keeps the last good state (iteration "
+                f"{self.good}), {self.diverged} the diverged one. Continue from the good state with new random "
+                f"draws: {self.resume}; or start over with another --seed and --out")
+
+
+class _StopOnSignal:
+    """While active (main thread only): SIGINT and SIGTERM ask the loop to stop after the
+    current iteration; a second SIGINT aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without saving
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration and saving a checkpoint "
+              "(Ctrl-C again stops at once without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def _first_nonfinite(bad_at, values: dict, it: int):
+    """Device-side record of the first iteration whose losses were not all finite (-1: none yet);
+    no host sync, so it costs nothing on a GPU until it is read."""
+    flags = [torch.isfinite(v.detach()).all() for v in values.values() if torch.is_tensor(v)]
+    ok = torch.stack(flags).all() if flags else torch.tensor(True)
+    if not all(math.isfinite(v) for v in values.values() if isinstance(v, float)):
+        ok = ok & False
+    if bad_at is None:
+        bad_at = torch.full((), -1, dtype=torch.long, device=ok.device)
+    return torch.where((bad_at < 0) & ~ok, it, bad_at)
+
+
+def _params_finite(model) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+def _saved_config(state: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state["config"].items() if k in names})
+
+
 def train(config: TrainConfig | None = None, **overrides) -> dict:
-    """Algorithm 1 end to end; returns the metrics written to ``metrics.json``."""
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-    if cfg.method not in METHODS:
-        raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
-    if cfg.weights_policy not in ("gradnorm", "fixed"):
-        raise ValueError(f"--weights-policy must be gradnorm or fixed, got {cfg.weights_policy!r}")
-    if cfg.loss not in losses.KINDS:
-        raise ValueError(f"--loss must be one of {losses.KINDS}, got {cfg.loss!r}")
+    """Algorithm 1 end to end; returns the metrics written to ``metrics.json``.
+
+    Mistakes in the settings, data, weights or checkpoint raise :class:`UserError` before any
+    work starts. SIGINT/SIGTERM stop the run after the current iteration with a checkpoint
+    (:class:`Interrupted`); a non-finite loss keeps ``checkpoint.pt`` as the last good state,
+    saves ``diverged.pt`` and raises :class:`Diverged`; any other exception in the loop leaves
+    ``checkpoint.pt`` as it was and saves the state at the failure as ``crashed.pt``."""
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
     run = cfg.run_dir()
     ckpt_path = run / CHECKPOINT
     state = None
     if ckpt_path.exists():
         if not cfg.resume:
-            raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out "
-                                  "(a finished checkpoint is never overwritten)")
-        state = load_checkpoint(ckpt_path)
-        saved = TrainConfig(**state["config"])
+            raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out "
+                            "(a run's checkpoint is never overwritten)")
+        state = load_checkpoint(ckpt_path, fix="train without --resume into another --out")
+        saved = _saved_config(state)
         keep = {"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations", "data_root",
                 "impl", "cache_features", "channels_last",  # these change speed, not the maths
+                "reseed", "out",  # new draws from here on; a run folder may be moved
                 "stats"}  # the checkpoint's own statistics are used on resume
-        diff = [f.name for f in dataclasses.fields(cfg) if f.name not in keep
-                and getattr(saved, f.name) != getattr(cfg, f.name)]
+        diff = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                for f in dataclasses.fields(cfg) if f.name not in keep and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
-            raise ValueError(f"--resume with settings that differ from the checkpoint: {diff}")
+            raise UserError(f"--resume with settings that differ from the checkpoint {ckpt_path}: {', '.join(diff)}; "
+                            "resume with the run's own settings, or train into another --out")
+        if cfg.iterations is not None and state["iteration"] > cfg.iterations:
+            raise UserError(f"--iterations {cfg.iterations} is fewer than the {state['iteration']} the checkpoint "
+                            f"{ckpt_path} has already done")
     device = resolve_device(cfg.device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                               contamination=cfg.contamination, protocol=cfg.protocol,
-                               download=cfg.download, image_size=cfg.image_size)
+    with losses.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
+        ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
+                                   contamination=cfg.contamination, protocol=cfg.protocol,
+                                   download=cfg.download, image_size=cfg.image_size)
     model = build_model(cfg, ds, device)
     iterations = cfg.iterations or default_iterations(cfg.dataset, model.config)
-    rec_loss, stats = build_reconstruction_loss(
-        cfg, ds.train, device, stats_state=state["stats"] if state else None)
+    with losses.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
+        rec_loss, stats = build_reconstruction_loss(
+            cfg, ds.train, device, stats_state=state["stats"] if state else None)
     if cfg.channels_last:  # same maths, NHWC layout
         model.to(memory_format=torch.channels_last)
         rec_loss.to(memory_format=torch.channels_last)
@@ -401,48 +595,99 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
         sampler.gen.set_state(state["sampler"])
         _set_rng_state(state["rng"])
         start, elapsed = state["iteration"], state["elapsed_s"]
+    if cfg.reseed != (saved.reseed if state else 0):  # draws not yet made under this --reseed
+        _reseed(cfg, sampler, start)
     run.mkdir(parents=True, exist_ok=True)
     log_path = run / "log.csv"
     _truncate_log(log_path, start)
     stats_state = dataclasses.asdict(stats) if stats is not None else None
 
-    def checkpoint(it: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "format": "piad-checkpoint-1", "config": asdict(cfg), "iteration": it,
+    def checkpoint(path: Path, it: int, **extra) -> None:
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "config": asdict(cfg), "iteration": it,
             "iterations": iterations, "elapsed_s": elapsed + time.time() - t0,
             "preset": asdict(model.config), "channels": ds.channels, "image_size": ds.image_size,
             "model": model.state_dict(), "trainer": trainer.state_dict(), "sampler": sampler.gen.get_state(),
-            "rng": _rng_state(), "stats": stats_state, "vgg_weights": rec_loss.weights_id})
+            "rng": _rng_state(), "stats": stats_state, "vgg_weights": rec_loss.weights_id, **extra})
+
+    good = start if state else None  # the iteration checkpoint.pt holds (None: not written yet)
+    bad_at, values, values_it = None, {}, None
+
+    def diverge(done: int, at: int | None) -> None:
+        """Saves the diverged state beside checkpoint.pt (kept as the last good one) and raises."""
+        if at is None:
+            what = f"a weight became non-finite by iteration {done}"
+        else:
+            what = f"a loss became non-finite at iteration {at}"
+            if values_it == at:
+                row = {k: float(v) for k, v in values.items()}
+                what += " (" + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if not math.isfinite(v)) + ")"
+        checkpoint(run / DIVERGED, done, status="diverged")
+        raise Diverged(what, good, ckpt_path, run / DIVERGED, cfg.reseed + 1, cfg.checkpoint_minutes)
+
+    def save_good(done: int) -> None:
+        """checkpoint.pt is only ever written with finite losses and weights."""
+        nonlocal good
+        at = int(bad_at) if bad_at is not None else -1
+        if at >= 0 or not _params_finite(model):
+            diverge(done, at if at >= 0 else None)
+        checkpoint(ckpt_path, done)
+        good = done
 
     t0 = time.time()
     last_ckpt = t0
     bar = _progress(cfg, start, iterations)
-    with open(log_path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        if start == 0:
-            writer.writeheader()
-        model.train()
-        for it in range(start, iterations):
-            log = it % cfg.log_every == 0 or it == iterations - 1
-            values = trainer.step(it, sampler, log=log)
-            if log:
-                row = {k: float(v) for k, v in values.items()}
-                if not all(math.isfinite(v) for v in row.values()):
-                    checkpoint(it)  # keep the evidence; a NaN run cannot be resumed usefully
-                    raise FloatingPointError(f"non-finite loss at iteration {it}: {row}")
-                writer.writerow({"iteration": it, "time_s": round(elapsed + time.time() - t0, 3), **row})
-                fh.flush()
+    stop = _StopOnSignal()
+    it = start
+    try:
+        with stop, open(log_path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            if start == 0:
+                writer.writeheader()
+            model.train()
+            for it in range(start, iterations):
+                log = it % cfg.log_every == 0 or it == iterations - 1
+                values, values_it = trainer.step(it, sampler, log=log), it
+                bad_at = _first_nonfinite(bad_at, values, it)
+                if log:
+                    row = {k: float(v) for k, v in values.items()}
+                    if int(bad_at) >= 0:
+                        diverge(it + 1, int(bad_at))
+                    writer.writerow({"iteration": it, "time_s": round(elapsed + time.time() - t0, 3), **row})
+                    fh.flush()
+                    if bar is not None:
+                        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("rec", "cycle", "gamma_g", "gamma_e")
+                                         if k in row})
                 if bar is not None:
-                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("rec", "cycle", "gamma_g", "gamma_e")
-                                     if k in row})
-            if bar is not None:
-                bar.update(1)
-            if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
-                checkpoint(it + 1)
-                last_ckpt = time.time()
-    if bar is not None:
-        bar.close()
-    checkpoint(iterations)
+                    bar.update(1)
+                if stop.signum is not None or time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+                    save_good(it + 1)
+                    last_ckpt = time.time()
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, it + 1, iterations, ckpt_path)
+            it = iterations
+            if good != iterations:
+                save_good(iterations)
+        if stop.signum is not None:  # arrived while the last checkpoint was written
+            raise Interrupted(stop.signum, iterations, iterations, ckpt_path)
+    except (Interrupted, Diverged):
+        raise
+    except BaseException as exc:  # an exception in the middle of training: checkpoint.pt stays as it was
+        kept = (f"{ckpt_path} keeps the last good state (iteration {good})" if good is not None
+                else "no checkpoint had been written yet")
+        saved_note = ""
+        if isinstance(exc, Exception):  # not for a second Ctrl-C: stopping at once was asked for
+            try:
+                checkpoint(run / CRASHED, it, status="crashed")
+                saved_note = f"; the state at the failure (iteration {it}, possibly half-updated) is in {run / CRASHED}"
+            except Exception as save_exc:  # noqa: BLE001 - e.g. the disk is full: keep the first error
+                saved_note = f"; saving the state at the failure failed too ({save_exc})"
+        exc.add_note(f"piad: training stopped at iteration {it}: {kept}{saved_note}. "
+                     "Resume with the same command plus --resume.")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     train_time = elapsed + time.time() - t0
     if not cfg.evaluate:
         return {"iterations": iterations, "train_time_s": train_time}
@@ -476,7 +721,8 @@ def _progress(cfg: TrainConfig, start: int, total: int):
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description="Train PIAD (Algorithm 1) on one normal class and evaluate it.")
+    p = argparse.ArgumentParser(prog="train.py",
+                                description="Train PIAD (Algorithm 1) on one normal class and evaluate it.")
     p.add_argument("--dataset", default="mnist", choices=data_mod.DATASETS)
     p.add_argument("--normal", default="8", help="normal class: index or name (attribute for celeba)")
     p.add_argument("--iterations", type=int, default=None, help="default: the supplement's schedule")
@@ -504,7 +750,11 @@ def parse_args(argv=None) -> TrainConfig:
                    help="compute the training images' VGG features once (auto: when seen > twice)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--reseed", type=int, default=0,
+                   help="with --resume: new random draws from the checkpoint on (e.g. after a divergence)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-evaluate", action="store_true", help="train only (evaluate later with evaluate.py)")
+    losses.add_debug_flag(p)
     a = p.parse_args(argv)
     return TrainConfig(
         dataset=a.dataset, normal=a.normal, iterations=a.iterations, batch_size=a.batch_size, seed=a.seed,
@@ -513,12 +763,48 @@ def parse_args(argv=None) -> TrainConfig:
         loss=a.loss, impl=a.impl, weights_policy=a.weights_policy, gamma_g=a.gamma_g, gamma_e=a.gamma_e,
         policy_reduce=a.policy_reduce, device=a.device, resume=a.resume, cache_features=a.cache_features,
         channels_last=not a.no_channels_last, checkpoint_minutes=a.checkpoint_minutes,
-        progress=not a.no_progress)
+        progress=not a.no_progress, evaluate=not a.no_evaluate, reseed=a.reseed)
+
+
+def _python() -> str:
+    """How to call this interpreter in a printed command: ``python`` if that is it, else its path."""
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+        return "python"
+    rel = os.path.relpath(sys.executable)
+    return rel if not rel.startswith("..") else sys.executable
+
+
+def command_line(argv, flags: list[str], script: str = "train.py") -> str:
+    """``argv`` as a command to paste, with ``flags`` (``--resume``, ``--reseed K``) set."""
+    argv, out = list(argv), []
+    drop = {f for f in flags if f.startswith("--")}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in drop:
+            i += 1 if (name == "--resume" or "=" in a) else 2  # flag, or flag and its value
+            continue
+        out.append(a)
+        i += 1
+    return shlex.join([_python(), script, *out, *flags])
+
+
+def _main(argv) -> None:
+    try:
+        metrics = train(parse_args(argv))
+    except (Interrupted, Diverged) as exc:
+        script = sys.argv[0] if sys.argv and sys.argv[0].endswith("train.py") else "train.py"
+        exc.resume = command_line(argv, exc.resume_flags, script)
+        raise
+    print(json.dumps(metrics, indent=2))
 
 
 def main(argv=None) -> None:
-    metrics = train(parse_args(argv))
-    print(json.dumps(metrics, indent=2))
+    """``python train.py ...``: mistakes end with ``error: ...`` and exit status 2 (no traceback
+    unless ``--debug``); SIGINT/SIGTERM save the run and exit 130/143 with the ``--resume`` command."""
+    losses.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

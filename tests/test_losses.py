@@ -149,8 +149,9 @@ def test_stats_command(tmp_path, monkeypatch):
                      "--image-size", "16"])
     s = losses.FeatureStats.load(out)
     assert s.mean.shape == (512,) and s.count == 3 * 2 * 2 and s.weights == "random:seed0"
-    with pytest.raises(FileNotFoundError, match="no images"):
-        losses.main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(losses.UserError, match="no images"):  # a user error: `error: ...`, exit 2 from main()
+        losses._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
 
 
 # --- eq. (3)-(4) properties -----------------------------------------------------------------------

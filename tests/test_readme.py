@@ -1,5 +1,6 @@
-"""README.md's two commands are the ones CI and users run."""
+"""README.md's two commands are the ones CI and users run, and they do the whole set-up."""
 import re
+import shlex
 from pathlib import Path
 
 import train
@@ -13,15 +14,48 @@ def _commands():
     return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
 
 
+def _make_rule(target: str) -> tuple[list[str], list[str]]:
+    """(prerequisites, recipe lines) of a Makefile target."""
+    text = (ROOT / "Makefile").read_text()
+    m = re.search(rf"^{re.escape(target)}:([^\n]*)\n((?:\t[^\n]*\n)*)", text, flags=re.M)
+    assert m, f"no rule for {target!r} in Makefile"
+    return m.group(1).split(), [line.strip() for line in m.group(2).splitlines()]
+
+
+def _make_var(name: str) -> str:
+    m = re.search(rf"^{name}\s*\??=\s*(.*)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert m, name
+    return m.group(1).strip()
+
+
+def test_readme_has_exactly_two_one_line_commands():
+    assert _commands() == ["make run", "make test"]
+
+
 def test_ci_runs_the_readme_test_command():
     main_cmd, test_cmd = _commands()
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == test_cmd
 
 
-def test_readme_main_command_parses():
-    main_cmd, _ = _commands()
-    argv = main_cmd.split()
-    assert argv[:2] == ["python", "train.py"]
-    cfg = train.parse_args(argv[2:])
-    assert (cfg.dataset, cfg.normal) == ("mnist", "8")
+def test_both_commands_do_the_setup_then_the_job():
+    for target in ("run", "test"):
+        prereqs, _ = _make_rule(target)
+        assert "setup" in prereqs, target
+    prereqs, _ = _make_rule("setup")
+    assert "$(STAMP)" in prereqs and "data" in prereqs
+    _, install = _make_rule("$(STAMP)")
+    text = "\n".join(install)
+    assert "-m venv" in text and "torch==2.14.1 torchvision==0.29.1" in text
+    assert '--no-build-isolation -e ".[test,mnist5k]"' in text
+    _, data = _make_rule("data")
+    assert "dataset-fashion-mnist" in "\n".join(data)
+    # the test command is exactly pytest's, in the venv: its exit status is make's
+    assert _make_rule("test")[1] == ["$(PY) -m pytest -q tests"]
+
+
+def test_readme_main_command_is_the_main_job():
+    _, recipe = _make_rule("run")
+    assert recipe == ["$(PY) train.py $(ARGS)"]
+    cfg = train.parse_args(shlex.split(_make_var("ARGS")))
+    assert (cfg.dataset, cfg.normal, cfg.iterations) == ("mnist", "8", None)

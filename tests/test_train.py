@@ -97,7 +97,7 @@ def test_finished_checkpoint_is_never_overwritten(tmp_path):
     train.train(cfg)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     before = ckpt.read_bytes()
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(train.UserError, match="--resume"):
         train.train(cfg)
     with pytest.raises(ValueError, match="differ"):
         train.train(cfg, resume=True, seed=5)
@@ -112,7 +112,7 @@ def test_truncated_checkpoint_error(tmp_path):
     with pytest.raises(RuntimeError, match="corrupt or truncated"):
         train.train(cfg, resume=True, iterations=4)
     with pytest.raises(RuntimeError, match="corrupt or truncated"):
-        evaluate.main(["--checkpoint", str(ckpt)])
+        evaluate.load_run(ckpt)
     with pytest.raises(FileNotFoundError):
         train.load_checkpoint(tmp_path / "nothing.pt")
 
