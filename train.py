@@ -177,16 +177,15 @@ def build_reconstruction_loss(cfg: TrainConfig, train_set, device, *, kind: str 
     if kind in losses.PIXEL_KINDS:
         return losses.ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
     vgg = losses.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
-    which = cfg.stats
-    if which == "auto":
-        which = "authors" if vgg.weights_id == losses.authors_stats().weights else "sklearn"
-    if stats_state is not None:
+    if stats_state is not None:  # resume: the checkpoint's own statistics
         stats = losses.FeatureStats(**stats_state)
-    elif which == "authors":
-        stats = losses.authors_stats()
-    elif which == "sklearn":
+    elif cfg.stats in ("auto", "authors"):
+        stats = losses.authors_stats()  # "auto": only for the weights they were computed with
+        if cfg.stats == "auto" and stats.weights != vgg.weights_id:
+            stats = losses.default_stats(vgg)
+    elif cfg.stats == "sklearn":
         stats = losses.default_stats(vgg)
-    elif which == "train":
+    elif cfg.stats == "train":
         stats = losses.feature_stats(vgg, image_batches(train_set, device), source="training images")
     else:
         stats = losses.FeatureStats.load(cfg.stats)

@@ -191,3 +191,21 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
         want = losses.feature_stats(loss.features, [ds.train.images])
     assert stats.source == "training images" and stats.count == want.count
     assert torch.allclose(stats.mean, want.mean, rtol=1e-5) and torch.allclose(stats.std, want.std, rtol=1e-4)
+
+
+def test_stats_auto_uses_the_authors_statistics_only_for_their_weights(monkeypatch):
+    """--stats auto: the authors' ImageNet μ, σ when the VGG weights are the ones they belong to."""
+    import warnings
+
+    import losses
+
+    real = losses.authors_stats()
+    for weights_id, expect_authors in (("random:seed0", True), ("torchvision:IMAGENET1K_V1", False)):
+        monkeypatch.setattr(losses, "authors_stats", lambda w=weights_id: losses.FeatureStats(
+            real.mean, real.std, w, "relu4_2", 0, "authors"))
+        cfg = train.TrainConfig(vgg_weights="random", stats="auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, stats = train.build_reconstruction_loss(cfg, None, "cpu")
+        assert (stats.source == "authors") == expect_authors
+        assert stats.weights == "random:seed0"   # never statistics of other weights
