@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import errors
 import losses
 
 SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "mse-imagenet", "critic", "latent-norm")
@@ -225,7 +226,7 @@ def load_run(checkpoint, *, device="auto", data_root=None):
 
     The checkpoint is loaded with ``weights_only=True`` (a file carrying pickled objects is
     refused); a missing, corrupt or foreign file, or VGG weights that cannot be loaded, raise
-    :class:`losses.UserError`."""
+    :class:`errors.UserError`."""
     import data as data_mod
     import piad
     import train as train_mod
@@ -237,7 +238,7 @@ def load_run(checkpoint, *, device="auto", data_root=None):
     dev = train_mod.resolve_device(device)
     model = train_mod.new_model(cfg.method, piad.PIADConfig(**state["preset"]), state["channels"]).to(dev)
     model.load_state_dict(state["model"])
-    with losses.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
+    with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
         rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
     return state, cfg, model, rec_loss, data_mod
 
@@ -250,14 +251,14 @@ def _main(argv) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    losses.add_debug_flag(p)
+    errors.add_debug_flag(p)
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent
     if out.exists() and not out.is_dir():
-        raise losses.UserError(f"--out {out} is a file, not a folder")
+        raise errors.UserError(f"--out {out} is a file, not a folder")
     state, cfg, model, rec_loss, data_mod = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
     if a.images:
-        with losses.user_errors(ValueError, OSError, prefix="--images: "):
+        with errors.user_errors(ValueError, OSError, prefix="--images: "):
             ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],
                                                    channels=state["channels"])
         scores, _ = compute_scores(model, ds, rec_loss)
@@ -269,7 +270,7 @@ def _main(argv) -> None:
               f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}) "
               f"-> {path}")
         return
-    with losses.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
+    with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    image_size=cfg.image_size)
@@ -280,7 +281,7 @@ def _main(argv) -> None:
 
 def main(argv=None) -> None:
     """``python evaluate.py ...``: mistakes end with ``error: ...`` and exit status 2."""
-    losses.run_cli(_main, argv)
+    errors.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

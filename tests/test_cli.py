@@ -22,6 +22,7 @@ import torch
 
 import evaluate
 import experiments
+import errors
 import losses
 import train
 
@@ -163,10 +164,10 @@ def test_bad_input_is_one_error_line_and_exit_2(case, world, capsys, monkeypatch
 
 def test_debug_shows_the_traceback(world, monkeypatch):
     argv = FAST + ["--iterations", "0", "--out", str(world / "finished")]
-    with pytest.raises(losses.UserError, match="--iterations"):
+    with pytest.raises(errors.UserError, match="--iterations"):
         train.main(argv + ["--debug"])
     monkeypatch.setenv("PIAD_DEBUG", "1")
-    with pytest.raises(losses.UserError, match="--iterations"):
+    with pytest.raises(errors.UserError, match="--iterations"):
         train.main(argv)
 
 
@@ -183,7 +184,7 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
 def test_validate_is_one_function_on_the_config():
     cfg = train.TrainConfig(dataset="digits", normal="3", iterations=0, batch_size=0, contamination=1.5,
                             gamma_e=-1.0, n_weight=0, seed=-1)
-    with pytest.raises(losses.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         cfg.validate()
     for flag in ("--iterations", "--batch-size", "--contamination", "--gamma-e", "--n-weight", "--seed"):
         assert flag in str(e.value)
@@ -217,7 +218,7 @@ def test_old_checkpoints_with_numpy_rng_states_still_resume(world, tmp_path):
 
 
 def test_malicious_statistics_are_refused(world):
-    with pytest.raises(losses.BadFile, match="pickled Python objects"):
+    with pytest.raises(errors.BadFile, match="pickled Python objects"):
         losses.FeatureStats.load(world / "evil-stats.pt")
     assert not (world / "PWNED").exists()
 

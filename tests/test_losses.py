@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import errors
 import losses
 
 IMPLS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
@@ -150,7 +151,7 @@ def test_stats_command(tmp_path, monkeypatch):
     s = losses.FeatureStats.load(out)
     assert s.mean.shape == (512,) and s.count == 3 * 2 * 2 and s.weights == "random:seed0"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(losses.UserError, match="no images"):  # a user error: `error: ...`, exit 2 from main()
+    with pytest.raises(errors.UserError, match="no images"):  # a user error: `error: ...`, exit 2 from main()
         losses._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
 
 
