@@ -587,3 +587,13 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
         pools, ctx["source"] = _digits_pool()
         return _from_pools(ctx, k, pools, scale=16.0)
     return _from_pools(ctx, k, pools)
+
+
+def image_batches(ds, device, size: int = 256):
+    """The images of ``ds`` in order, ``size`` at a time, streamed (lazy datasets stay on disk)."""
+    for i in range(0, len(ds), size):
+        if isinstance(ds, TensorImages):
+            batch = ds.images[i:i + size]
+        else:
+            batch = torch.stack([ds[j][0] for j in range(i, min(i + size, len(ds)))])
+        yield batch.to(device)  # (b, C, H, W)

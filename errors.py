@@ -4,7 +4,10 @@ Every command-line program of the repository (``train.py``, ``evaluate.py``, ``e
 ``python losses.py stats``) runs its ``main`` through :func:`run_cli`: a :class:`UserError` (a
 mistake in a flag, file, folder or checkpoint) ends with one ``error: ...`` line and exit status 2;
 ``--debug`` or ``PIAD_DEBUG=1`` shows the traceback. :func:`safe_load` is the only way files are
-read back: tensors and plain containers only (``weights_only=True``).
+read back: tensors and plain containers only (``weights_only=True``). A training run that ends
+early says how to continue: :class:`Interrupted` (SIGINT/SIGTERM, exit 130/143, the run saved) and
+:class:`Diverged` (a non-finite loss, exit 1), each with the ``--resume`` command
+(:func:`command_line`).
 
 This module imports nothing of the project; ``losses.py`` needs it, so copy both to reuse the loss.
 """
@@ -15,7 +18,11 @@ import contextlib
 import os
 import pickle
 import re
+import shlex
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -138,3 +145,103 @@ def _first_line(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+# --- how a training run ends early (train.py) ----------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM: the iteration in progress was finished and saved.
+
+    ``exit_code`` is 128 + the signal number (130 for SIGINT, 143 for SIGTERM); ``resume`` says
+    how to continue (train.py's ``main`` puts the user's command line there)."""
+
+    def __init__(self, signum: int, done: int, iterations: int, checkpoint: Path):
+        super().__init__(signum, done)
+        self.signum, self.done, self.iterations, self.checkpoint = signum, done, iterations, checkpoint
+        self.exit_code = 128 + signum
+        self.resume_flags = ["--resume"]
+        self.resume = "train(config, resume=True)"
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.done >= self.iterations:
+            return (f"{name}: training had finished ({self.checkpoint}); evaluation skipped. "
+                    f"Evaluate with: {self.resume}")
+        return (f"{name}: stopped after iteration {self.done} of {self.iterations}; the run is saved in "
+                f"{self.checkpoint}. Resume with: {self.resume}")
+
+
+class Diverged(FloatingPointError):
+    """A loss (or a weight) became non-finite. ``checkpoint.pt`` keeps the last good state,
+    ``diverged.pt`` beside it the diverged one; ``resume`` says how to continue with new random
+    draws (``--resume --reseed K``)."""
+
+    exit_code = 1  # a run that failed, not a mistake on the command line (2)
+
+    def __init__(self, what: str, good: int | None, checkpoint: Path, diverged: Path, reseed: int,
+                 checkpoint_minutes: float):
+        super().__init__(what)
+        self.what, self.good, self.checkpoint, self.diverged = what, good, checkpoint, diverged
+        self.checkpoint_minutes = checkpoint_minutes
+        self.resume_flags = ["--resume", "--reseed", str(reseed)]
+        self.resume = f"train(config, resume=True, reseed={reseed})"
+
+    def __str__(self) -> str:
+        if self.good is None:
+            return (f"training diverged: {self.what}. No checkpoint had been written yet (every "
+                    f"{self.checkpoint_minutes:g} minutes, --checkpoint-minutes); the diverged state is in "
+                    f"{self.diverged}. Start again with new random draws: {self.resume}; or use another --seed")
+        return (f"training diverged: {self.what}. {self.checkpoint} keeps the last good state (iteration "
+                f"{self.good}), {self.diverged} the diverged one. Continue from the good state with new random "
+                f"draws: {self.resume}; or start over with another --seed and --out")
+
+
+class StopOnSignal:
+    """While active (main thread only): SIGINT and SIGTERM ask the loop to stop after the
+    current iteration; a second SIGINT aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without saving
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration and saving a checkpoint "
+              "(Ctrl-C again stops at once without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def _python() -> str:
+    """How to call this interpreter in a printed command: ``python`` if that is it, else its path."""
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+        return "python"
+    rel = os.path.relpath(sys.executable)
+    return rel if not rel.startswith("..") else sys.executable
+
+
+def command_line(argv, flags: list[str], script: str = "train.py") -> str:
+    """``argv`` as a command to paste, with ``flags`` (``--resume``, ``--reseed K``) set."""
+    argv, out = list(argv), []
+    drop = {f for f in flags if f.startswith("--")}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in drop:
+            i += 1 if (name == "--resume" or "=" in a) else 2  # flag, or flag and its value
+            continue
+        out.append(a)
+        i += 1
+    return shlex.join([_python(), script, *out, *flags])

@@ -25,26 +25,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
+import checkpoint
+import data as data_mod
 import errors
+import in_the_wild
 import losses
+import piad
+from config import TrainConfig
 
 SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "mse-imagenet", "critic", "latent-norm")
 
 
-def _loader(ds, batch_size: int, order):
-    from torch.utils.data import DataLoader, Subset
-
-    return DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
-
-
 @torch.no_grad()
-def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -> tuple[dict, np.ndarray]:
+def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
+                   centre: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
 
-    Items are scored in a fixed random order (seed 0) and returned in dataset order: D_X's
-    minibatch-stddev feature sees its batch, and test sets are stored normal-first, so batches in
-    storage order would let the critic score depend on the label mix of its batch.
+    Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
+    ``centre``, ‖E(x) - centre‖: ``in_the_wild.latent_norm_score``) and -D_X(x). Items are scored
+    in a fixed random order (seed 0) and returned in dataset order: D_X's minibatch-stddev feature
+    sees its batch, and test sets are stored normal-first, so batches in storage order would let
+    the critic score depend on the label mix of its batch.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -56,19 +59,24 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None) -
                 kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss), reduction="none",
                 impl=rec_loss.impl, check_range=False).to(device)
     pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in losses.PIXEL_KINDS}
+
+    def distances(x, xr) -> dict:  # every L(x, G(E(x))) of eq. (1), VGG features computed once
+        out = {k: L(x, xr) for k, L in pixel.items()}
+        if feature_losses:
+            fx, fy = rec_loss.features(x), rec_loss.features(xr)
+            out.update({k: L(x, xr, fx=fx, fy=fy) for k, L in feature_losses.items()})
+        return out
+
     out: dict[str, list] = {}
     labels = []
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    for x, y in _loader(ds, batch_size, order):
+    for x, y in DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=0):
         x = x.to(device)
-        z = model.E(x)  # (B, *latent)
-        xr = model.G(z)  # (B, C, H, W)
-        batch = {k: L(x, xr) for k, L in pixel.items()}
-        if feature_losses:
-            fx, fy = rec_loss.features(x), rec_loss.features(xr)
-            batch.update({k: L(x, xr, fx=fx, fy=fy) for k, L in feature_losses.items()})  # eq. (1)
+        batch = piad.anomaly_score(model, x, distances, batch_size=len(x))  # eq. (1)
         batch["critic"] = -model.DX(x).flatten()
-        batch["latent-norm"] = z.flatten(1).norm(dim=1)
+        batch["latent-norm"] = in_the_wild.latent_norm_score(model, x)
+        if centre is not None:
+            batch["latent-norm-centred"] = in_the_wild.latent_norm_score(model, x, centre=centre)
         for k, v in batch.items():
             out.setdefault(k, []).append(v.float().cpu())
         labels.append(torch.as_tensor(y))
@@ -92,17 +100,15 @@ def roc_aucs(scores: dict, labels: np.ndarray) -> dict:
             for k, v in scores.items()}
 
 
-def _feature_loss(rec_loss, config, data, model):
+def _feature_loss(rec_loss, config, model):
     """The training loss if it has VGG features, else one built for scoring (pixel-loss runs)."""
     if rec_loss is not None and rec_loss.features is not None:
         return rec_loss
-    import train
-
     try:
-        loss, _ = train.build_reconstruction_loss(config, data.train, next(model.parameters()).device,
-                                                  kind="rel-perc-l1")
+        loss, _ = checkpoint.build_reconstruction_loss(config, None, next(model.parameters()).device,
+                                                       kind="rel-perc-l1")
         return loss
-    except (FileNotFoundError, RuntimeError) as exc:  # no VGG weights here: pixel scores only
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:  # no VGG weights here: pixel scores only
         warnings.warn(f"perceptual scores skipped: {exc}")
         return rec_loss
 
@@ -115,12 +121,9 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     """Scores the protocol's test set and writes every output file into ``run``."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, data, model))
-    if config.method == "latent-norm":  # ||E(x)|| measured from E's image of the prior's centre
-        import in_the_wild
-
-        prior = in_the_wild.encode_prior(model)  # z, E(G(z)): (n, D) each
-        scores["latent-norm-centred"] = in_the_wild.latent_norms(model, data.test, centre=prior[1].mean(0))
+    prior = in_the_wild.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
+    scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, model),
+                                    centre=None if prior is None else prior[1].mean(0))  # E's image of 0
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
     metrics = {
@@ -221,26 +224,22 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
     plt.close(fig)
 
 
-def load_run(checkpoint, *, device="auto", data_root=None):
-    """Rebuilds (config, data, model, reconstruction loss) from a checkpoint of train.py.
+def load_run(path, *, device="auto", data_root=None):
+    """Rebuilds (checkpoint state, config, model, reconstruction loss) from what a checkpoint of
+    train.py records: its settings, network preset, channels and VGG statistics.
 
     The checkpoint is loaded with ``weights_only=True`` (a file carrying pickled objects is
     refused); a missing, corrupt or foreign file, or VGG weights that cannot be loaded, raise
     :class:`errors.UserError`."""
-    import data as data_mod
-    import piad
-    import train as train_mod
-
-    state = train_mod.load_checkpoint(checkpoint, fix="--checkpoint takes the checkpoint.pt of a run of train.py")
-    cfg = train_mod._saved_config(state)
+    state = checkpoint.load_checkpoint(path, fix="--checkpoint takes the checkpoint.pt of a run of train.py")
+    cfg = TrainConfig.from_saved(state["config"])
     if data_root:
         cfg.data_root = data_root
-    dev = train_mod.resolve_device(device)
-    model = train_mod.new_model(cfg.method, piad.PIADConfig(**state["preset"]), state["channels"]).to(dev)
-    model.load_state_dict(state["model"])
+    dev = checkpoint.resolve_device(device)
+    model = checkpoint.saved_model(state, dev)
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
-        rec_loss, _ = train_mod.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
-    return state, cfg, model, rec_loss, data_mod
+        rec_loss, _ = checkpoint.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
+    return state, cfg, model, rec_loss
 
 
 def _main(argv) -> None:
@@ -256,7 +255,7 @@ def _main(argv) -> None:
     out = Path(a.out) if a.out else Path(a.checkpoint).parent
     if out.exists() and not out.is_dir():
         raise errors.UserError(f"--out {out} is a file, not a folder")
-    state, cfg, model, rec_loss, data_mod = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
+    state, cfg, model, rec_loss = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
     if a.images:
         with errors.user_errors(ValueError, OSError, prefix="--images: "):
             ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],

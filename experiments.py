@@ -43,7 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoint
+import config
+import data
 import errors
+import losses
 import train as train_mod
 
 DIGITS = tuple(str(k) for k in range(10))
@@ -123,15 +127,15 @@ PRESETS = {
 
 # --- running -----------------------------------------------------------------------------------
 
-def cell_config(grid: Grid, cell: Cell, root, **overrides) -> train_mod.TrainConfig:
+def cell_config(grid: Grid, cell: Cell, root, **overrides) -> config.TrainConfig:
     """The TrainConfig of one cell (``overrides``: TrainConfig fields for every cell)."""
     out = cell.folder(root)
     v = cell.variant
-    return train_mod.TrainConfig(
+    return config.TrainConfig(
         dataset=cell.dataset, normal=cell.normal, seed=cell.seed, method=v.method, loss=v.loss,
         weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e,
         contamination=cell.contamination, protocol=grid.protocol,
-        out=str(out), resume=(out / train_mod.CHECKPOINT).is_file(), **overrides)
+        out=str(out), resume=(out / checkpoint.CHECKPOINT).is_file(), **overrides)
 
 
 def check_grid(grid: Grid, root, **overrides) -> None:
@@ -140,10 +144,10 @@ def check_grid(grid: Grid, root, **overrides) -> None:
     for cell in grid.cells():
         try:
             cell_config(grid, cell, root, **overrides).validate()
-        except train_mod.UserError as exc:
+        except errors.UserError as exc:
             problems.setdefault(str(exc), cell)
     if problems:
-        raise train_mod.UserError("; ".join(f"{msg} (cell {cell.folder(root).relative_to(root)})"
+        raise errors.UserError("; ".join(f"{msg} (cell {cell.folder(root).relative_to(root)})"
                                             for msg, cell in problems.items()))
 
 
@@ -234,8 +238,6 @@ def _fmt(entry) -> str:
 def _row_label(grid: Grid, k: str) -> str:
     if k == "avg" or grid.dataset not in ("fashion-mnist", "cifar10") or not k.isdigit():
         return k
-    import data
-
     return f"{k} ({data.class_names(grid.dataset)[int(k)]})"
 
 
@@ -324,8 +326,8 @@ def parse_args(argv=None):
     errors.add_debug_flag(p)
     g = p.add_argument_group("custom grids")
     g.add_argument("--dataset", default="fashion-mnist")
-    g.add_argument("--methods", nargs="+", default=None, choices=train_mod.METHODS)
-    g.add_argument("--losses", nargs="+", default=None, choices=train_mod.losses.KINDS)
+    g.add_argument("--methods", nargs="+", default=None, choices=config.METHODS)
+    g.add_argument("--losses", nargs="+", default=None, choices=losses.KINDS)
     g.add_argument("--contaminations", nargs="+", type=float, default=None)
     g.add_argument("--weights-policy", default="gradnorm", choices=["gradnorm", "fixed"])
     g.add_argument("--protocol", default=None, choices=["split", "gpnd"])
@@ -338,7 +340,7 @@ def _main(argv) -> None:
     root = Path(a.root) if a.root else Path("runs/experiments") / (
         grid.name + (f"-it{a.iterations}" if a.iterations else ""))
     if root.exists() and not root.is_dir():
-        raise train_mod.UserError(f"--root {root} is a file, not a folder")
+        raise errors.UserError(f"--root {root} is a file, not a folder")
     failures = []
     if not a.table_only:
         overrides = dict(iterations=a.iterations, data_root=a.data_root, vgg_weights=a.vgg_weights,
@@ -346,8 +348,8 @@ def _main(argv) -> None:
         check_grid(grid, root, **overrides)  # every cell's settings, before the first one trains
         try:
             failures = run_grid(grid, root, **overrides)
-        except train_mod.Interrupted as exc:
-            exc.resume = train_mod.command_line(argv, [], "experiments.py") + \
+        except errors.Interrupted as exc:
+            exc.resume = errors.command_line(argv, [], "experiments.py") + \
                 " (finished cells are skipped, this one resumes)"
             raise
     write_tables(grid, root)

@@ -28,15 +28,10 @@ Deviations from the original, one per line:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 import piad
-
-if TYPE_CHECKING:
-    import train
 
 PRIOR_SCALE = 0.1  # loss.py: D, G and E all draw latents = 0.1 * N(0, I)
 PIXEL_NORM_EPS = 1e-8  # networks.py pixel_norm's epsilon
@@ -89,10 +84,13 @@ def cycle_loss(model: piad.PIAD, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_norm_score(model: piad.PIAD, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Anomaly score ``||E(x)||_2`` per image, (N, C, S, S) -> (N,), higher = more anomalous."""
+def latent_norm_score(model: piad.PIAD, x: torch.Tensor, *, centre: torch.Tensor | None = None,
+                      batch_size: int = 256) -> torch.Tensor:
+    """The anomaly score ``||E(x)||_2`` per image (Berg et al.), (N, C, S, S) -> (N,), higher = more
+    anomalous; with ``centre`` (a diagnostic), ``||E(x) - centre||_2``. On ``x``'s device."""
     device = next(model.parameters()).device
-    out = [model.E(x[i:i + batch_size].to(device)).flatten(1).norm(dim=1).to(x.device)
+    c = 0 if centre is None else centre.to(device)
+    out = [(model.E(x[i:i + batch_size].to(device)).flatten(1) - c).norm(dim=1).to(x.device)
            for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out) if out else x.new_zeros(0)
 
@@ -100,8 +98,8 @@ def latent_norm_score(model: piad.PIAD, x: torch.Tensor, *, batch_size: int = 25
 class LatentNormTrainer:
     """One iteration per :meth:`step`: one critic step (D_X), one G step, one E step (train.py)."""
 
-    def __init__(self, model: piad.PIAD, cfg: train.TrainConfig | None = None):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: piad.PIAD):
+        self.model = model
         p = model.config
         adam = dict(betas=p.betas, weight_decay=p.weight_decay)
         self.opt_d = torch.optim.Adam(model.DX.parameters(), lr=p.lr_critic, **adam)
@@ -173,20 +171,6 @@ def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> tuple[tor
     gen = torch.Generator(device="cpu").manual_seed(seed)
     z = PRIOR_SCALE * model.sample_latent(n, generator=gen)  # (n, *latent_shape)
     return z.flatten(1), model.E(model.G(z)).flatten(1)
-
-
-@torch.no_grad()
-def latent_norms(model: piad.PIAD, ds, *, centre: torch.Tensor | None = None,
-                 batch_size: int = 256) -> np.ndarray:
-    """``||E(x) - centre||_2`` (``centre=None``: ``||E(x)||_2``) for the items ``(image, label)``
-    of ``ds``, in order, (N,)."""
-    from torch.utils.data import DataLoader
-
-    device = next(model.parameters()).device
-    c = 0 if centre is None else centre.to(device)
-    out = [(model.E(x.to(device)).flatten(1) - c).norm(dim=1).cpu()
-           for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False)]
-    return torch.cat(out).numpy()
 
 
 def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,

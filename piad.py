@@ -455,32 +455,34 @@ def adversarial_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     return loss
 
 
-def anomaly_score(model: PIAD, x: torch.Tensor,
-                  score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                  batch_size: int = 256) -> torch.Tensor:
+def anomaly_score(model: PIAD, x: torch.Tensor, score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | dict],
+                  *, batch_size: int = 256) -> torch.Tensor | dict[str, torch.Tensor]:
     """Eq. (1): ``A(x) = score_fn(x, G(E(x)))``, one score per sample, (N, C, S, S) -> (N,).
 
-    Runs in batches of ``batch_size`` under ``no_grad`` with every submodule of ``model`` in
-    eval mode, restoring each one's mode afterwards. Batches are moved to the model's device;
-    the scores are returned on ``x``'s device. ``score_fn`` must give per-sample values
-    (e.g. ``losses.ReconstructionLoss(..., reduction="none")``).
+    ``score_fn`` gives per-sample values (e.g. ``losses.ReconstructionLoss(..., reduction="none")``)
+    or a dict of them (several distances of one reconstruction; a dict is returned). Runs in
+    batches of ``batch_size`` under ``no_grad`` with every submodule of ``model`` in eval mode,
+    restoring each one's mode afterwards. Batches are moved to the model's device; the scores are
+    returned on ``x``'s device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     modes = [(m, m.training) for m in model.modules()]
     device = next(model.parameters()).device
-    scores = []
+    scores: dict = {}
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start:start + batch_size].to(device)     # (b, C, S, S)
                 s = score_fn(xb, model.reconstruct(xb))         # eq. (1)
-                if s.shape != (xb.shape[0],):
-                    raise ValueError(f"score_fn must return shape ({xb.shape[0]},), got "
-                                     f"{tuple(s.shape)}; use a per-sample reduction")
-                scores.append(s.to(x.device))
+                for name, v in (s.items() if isinstance(s, dict) else [(None, s)]):
+                    if v.shape != (xb.shape[0],):
+                        raise ValueError(f"score_fn must return shape ({xb.shape[0]},), got "
+                                         f"{tuple(v.shape)}; use a per-sample reduction")
+                    scores.setdefault(name, []).append(v.to(x.device))
     finally:
         for m, mode in modes:
             m.training = mode
-    return torch.cat(scores) if scores else x.new_zeros(0)
+    scores = {k: torch.cat(v) for k, v in scores.items()}
+    return scores.get(None, x.new_zeros(0)) if not scores or None in scores else scores

@@ -88,10 +88,6 @@ class GradientHistory:
         # history[loss][norm][layer] -> one value per record() call (NaN = layer not reached)
         self.history: dict[str, dict[str, dict[str, list[float]]]] = {}
 
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.params)
-
     def __len__(self) -> int:
         """Number of losses with a history."""
         return len(self.history)
@@ -162,14 +158,15 @@ class GradientHistory:
         ``"median"`` over the per-layer means."""
         if reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
-        ratios = self.layer_ratios(numerator, denominator, last_n=last_n, smoothing=smoothing)
-        if not ratios:
+        kw = dict(last_n=last_n, smoothing=smoothing)
+        if reduce == "pooled-median":  # every (layer, record) ratio in one pool
+            values = [r for rs in self.layer_ratios(numerator, denominator, **kw).values() for r in rs]
+        else:  # line 5: one γ per layer
+            values = list(self.layer_weights(numerator, denominator, **kw).values())
+        if not values:
             raise ValueError(f"no tracked layer is reached by both {numerator!r} and "
                              f"{denominator!r}")
-        if reduce == "pooled-median":
-            return float(statistics.median([r for rs in ratios.values() for r in rs]))
-        values = [statistics.fmean(r) for r in ratios.values()]
-        return float(statistics.fmean(values) if reduce == "mean" else statistics.median(values))
+        return float(statistics.fmean(values) if reduce == "mean" else statistics.median(values))  # line 7
 
     def state_dict(self) -> dict:
         """Plain Python containers (``torch.save``/``torch.load(weights_only=True)`` safe)."""

@@ -24,6 +24,7 @@ import evaluate
 import experiments
 import errors
 import losses
+import checkpoint
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ class _Payload:
 
 
 def _malicious(path: Path, marker: Path) -> Path:
-    torch.save({"format": train.CHECKPOINT_FORMAT, "config": {}, "iteration": 1, "payload": _Payload(marker)}, path)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "config": {}, "iteration": 1, "payload": _Payload(marker)}, path)
     return path
 
 
@@ -69,7 +70,7 @@ def world(tmp_path_factory):
     (w / "evil").mkdir()
     _malicious(w / "evil" / "checkpoint.pt", w / "PWNED")
     _malicious(w / "evil-stats.pt", w / "PWNED")
-    torch.save({"format": train.CHECKPOINT_FORMAT, "payload": _Payload(w / "PWNED")}, w / "evil-legacy.pt",
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "payload": _Payload(w / "PWNED")}, w / "evil-legacy.pt",
                _use_new_zipfile_serialization=False)  # torch's old file format
     with open(w / "evil.pkl", "wb") as fh:
         pickle.dump({"payload": _Payload(w / "PWNED")}, fh)  # a bare pickle
@@ -212,9 +213,9 @@ def test_old_checkpoints_with_numpy_rng_states_still_resume(world, tmp_path):
     torch.save(state, run / "checkpoint.pt")
     with pytest.raises(Exception):
         torch.load(run / "checkpoint.pt", weights_only=True)  # numpy arrays are not allowed by default
-    assert train.load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+    assert checkpoint.load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
     _quiet_train(train.parse_args(FAST + ["--iterations", "3", "--resume", "--no-evaluate", "--out", str(run)]))
-    assert train.load_checkpoint(run / "checkpoint.pt")["iteration"] == 3
+    assert checkpoint.load_checkpoint(run / "checkpoint.pt")["iteration"] == 3
 
 
 def test_malicious_statistics_are_refused(world):
@@ -257,7 +258,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_scores(tmp_path):
             proc.kill()
     assert proc.returncode == 143, err
     assert "Traceback" not in err and not (part / "metrics.json").exists()
-    done = train.load_checkpoint(part / "checkpoint.pt")["iteration"]
+    done = checkpoint.load_checkpoint(part / "checkpoint.pt")["iteration"]
     assert 1 <= done < 16
     assert f"stopped after iteration {done} of 16" in err
     command = err.split("Resume with: ", 1)[1].strip().splitlines()[0]
@@ -266,8 +267,8 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_scores(tmp_path):
     r = subprocess.run(_python_argv(command), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     full = _quiet_train(train.parse_args(args + ["--out", str(tmp_path / "full")]))
-    resumed = train.load_checkpoint(part / "checkpoint.pt")
-    whole = train.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    resumed = checkpoint.load_checkpoint(part / "checkpoint.pt")
+    whole = checkpoint.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert resumed["iteration"] == whole["iteration"] == 16
     assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
     assert json.loads((part / "metrics.json").read_text())["roc_auc_per_score"] == full["roc_auc_per_score"]
@@ -297,14 +298,14 @@ def test_ctrl_c_finishes_the_iteration_saves_and_exits_130(tmp_path, monkeypatch
     assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
     err = capsys.readouterr().err
     assert "SIGINT: stopped after iteration 3 of 5" in err and "Traceback" not in err
-    assert train.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 3
+    assert checkpoint.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 3
     command = err.split("Resume with: ", 1)[1].strip().splitlines()[0]
     assert shlex.split(command)[1:] == ["train.py", *argv, "--out", str(tmp_path / "part"), "--resume"]
     disarm()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train.main(shlex.split(command)[2:])  # (resuming exactly: the SIGTERM test and test_train)
-    assert train.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 5
+    assert checkpoint.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 5
 
 
 def test_ctrl_c_twice_stops_at_once_keeping_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -315,8 +316,8 @@ def test_ctrl_c_twice_stops_at_once_keeping_the_last_checkpoint(tmp_path, monkey
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert "keeps the last good state (iteration 2)" in err and "Traceback" not in err
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 2
-    assert not (tmp_path / "run" / train.CRASHED).exists()
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 2
+    assert not (tmp_path / "run" / checkpoint.CRASHED).exists()
 
 
 # --- divergence and crashes ----------------------------------------------------------------------
@@ -348,12 +349,12 @@ def test_divergence_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_pa
     assert len(errors) == 1 and "a loss became non-finite at iteration 3" in errors[0]
     if good is not None:  # found right away (before the next checkpoint), with the values
         assert "at iteration 3 (rec=nan)" in errors[0]
-    diverged = train.load_checkpoint(run / train.DIVERGED)
+    diverged = checkpoint.load_checkpoint(run / checkpoint.DIVERGED)
     assert diverged["status"] == "diverged" and not _finite(diverged)
     if good is None:
-        assert not (run / train.CHECKPOINT).exists() and "No checkpoint had been written yet" in errors[0]
+        assert not (run / checkpoint.CHECKPOINT).exists() and "No checkpoint had been written yet" in errors[0]
     else:
-        state = train.load_checkpoint(run / train.CHECKPOINT)
+        state = checkpoint.load_checkpoint(run / checkpoint.CHECKPOINT)
         assert state["iteration"] == good and _finite(state)
         assert f"keeps the last good state (iteration {good})" in errors[0]
     assert all(math.isfinite(float(r["rec"])) for r in _rows(run / "log.csv"))
@@ -364,7 +365,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train.main(shlex.split(command)[2:])
-    state = train.load_checkpoint(run / train.CHECKPOINT)
+    state = checkpoint.load_checkpoint(run / checkpoint.CHECKPOINT)
     assert state["iteration"] == 5 and _finite(state) and state["config"]["reseed"] == 1
 
 
@@ -378,7 +379,7 @@ def test_reseed_changes_the_draws_and_a_reseeded_run_resumes_exactly(tmp_path, k
         _quiet_train(train.dataclasses.replace(base, out=str(tmp_path / "b"), reseed=1))
     disarm()
     _quiet_train(train.dataclasses.replace(base, out=str(tmp_path / "b"), reseed=1, resume=True))
-    p, a, b = (train.load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("plain", "a", "b"))
+    p, a, b = (checkpoint.load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("plain", "a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], p[k]) for k in a)
 
@@ -396,14 +397,14 @@ def test_an_exception_mid_training_keeps_the_checkpoint(tmp_path, monkeypatch):
         train.main(FAST + ["--iterations", "5", "--checkpoint-minutes", "0", "--no-evaluate", "--out", str(run)])
     note = " ".join(e.value.__notes__)
     assert "keeps the last good state (iteration 3)" in note and "--resume" in note
-    assert train.load_checkpoint(run / train.CHECKPOINT)["iteration"] == 3
-    assert train.load_checkpoint(run / train.CRASHED)["status"] == "crashed"
+    assert checkpoint.load_checkpoint(run / checkpoint.CHECKPOINT)["iteration"] == 3
+    assert checkpoint.load_checkpoint(run / checkpoint.CRASHED)["status"] == "crashed"
     monkeypatch.setattr(train.PIADTrainer, "step", real)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train.main(FAST + ["--iterations", "5", "--checkpoint-minutes", "0", "--no-evaluate", "--out", str(run),
                            "--resume"])
-    assert train.load_checkpoint(run / train.CHECKPOINT)["iteration"] == 5
+    assert checkpoint.load_checkpoint(run / checkpoint.CHECKPOINT)["iteration"] == 5
 
 
 def test_ctrl_c_in_a_grid_stops_it_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):

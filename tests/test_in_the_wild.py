@@ -12,6 +12,7 @@ from torch import nn
 
 import in_the_wild
 import piad
+import checkpoint
 import train
 
 TINY = piad.PIADConfig(name="tiny", image_size=8, latent_shape=(4, 1, 1), gen_channels=(8, 8),
@@ -29,7 +30,7 @@ def _one_thread():
 
 def _tiny(seed=0, method="latent-norm"):
     torch.manual_seed(seed)
-    return train.new_model(method, TINY, 1)
+    return checkpoint.new_model(method, TINY, 1)
 
 
 def _sampler(batch=8, size=8, seed=1):
@@ -47,7 +48,7 @@ def _params(net):
 
 def test_encoder_step_updates_e_only():
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m, None)
+    t = in_the_wild.LatentNormTrainer(m)
     g0, dx0, e0 = _params(m.G), _params(m.DX), _params(m.E)
     loss = t.encoder_step(8)
     assert torch.isfinite(loss) and loss > 0
@@ -93,7 +94,7 @@ def test_one_prior_for_critic_generator_and_encoder():
     # loss.py: D_wgangp_acgan, G_wgan_acgan and E_wgangp_acgan all draw 0.1 * N(0, I). Each step
     # calls G first on its prior draw (the encoder step then on E(G(z))): that draw's std is 0.1.
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m, None)
+    t = in_the_wild.LatentNormTrainer(m)
     x = _sampler(batch=512)()[0]
     for name, run in (("critic", lambda: t.critic_step(x)), ("generator", lambda: t.generator_step(512)),
                       ("encoder", lambda: t.encoder_step(512))):
@@ -161,7 +162,7 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
         return sample()
 
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m, None)
+    t = in_the_wild.LatentNormTrainer(m)
     for it in range(2):
         t.step(it, counting_sample)
     assert calls == ["critic_step", "generator_step", "encoder_step"] * 2
@@ -170,8 +171,8 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
 
 def test_step_on_mnist_preset_is_finite():
     torch.manual_seed(0)
-    m = train.new_model("latent-norm", piad.preset("mnist"), 1)
-    t = in_the_wild.LatentNormTrainer(m, train.TrainConfig(method="latent-norm"))
+    m = checkpoint.new_model("latent-norm", piad.preset("mnist"), 1)
+    t = in_the_wild.LatentNormTrainer(m)
     out = t.step(0, _sampler(batch=4, size=32))
     assert set(out) == {"loss_dx", "adv_g", "cycle"}
     assert set(out) <= set(train.LOG_FIELDS)
@@ -183,7 +184,7 @@ def test_step_without_logging_gives_the_same_update():
     runs = []
     for log in (True, False):
         m = _tiny()
-        t = in_the_wild.LatentNormTrainer(m, None)
+        t = in_the_wild.LatentNormTrainer(m)
         torch.manual_seed(5)
         out = t.step(0, _sampler(), log=log)
         runs.append((out, [q.detach().clone() for q in m.parameters()]))
@@ -200,7 +201,7 @@ def test_make_trainer_dispatches():
 
 def test_state_dict_round_trip_gives_identical_next_steps():
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m, None)
+    t = in_the_wild.LatentNormTrainer(m)
     sample = _sampler()
     for it in range(3):
         t.step(it, sample)
@@ -213,7 +214,7 @@ def test_state_dict_round_trip_gives_identical_next_steps():
 
     m2 = _tiny(seed=123)  # different init: everything must come from the state
     m2.load_state_dict(saved["model"])
-    t2 = in_the_wild.LatentNormTrainer(m2, None)
+    t2 = in_the_wild.LatentNormTrainer(m2)
     t2.load_state_dict(saved["trainer"])
     torch.set_rng_state(saved["rng"])
     new = [t2.step(it, new_sampler) for it in range(3, 5)]
@@ -225,13 +226,12 @@ def test_state_dict_round_trip_gives_identical_next_steps():
 def test_latent_norms_from_a_centre():
     m = _tiny()
     x = torch.rand(10, 1, 8, 8) * 2 - 1
-    ds = torch.utils.data.TensorDataset(x, torch.zeros(10))
     c = torch.randn(TINY.latent_dim)
     with torch.no_grad():
         z = m.E(x).flatten(1)
-    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, batch_size=3), z.norm(dim=1).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds, centre=c), (z - c).norm(dim=1).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(in_the_wild.latent_norms(m, ds), in_the_wild.latent_norm_score(m, x).numpy(), rtol=1e-6)
+    score = in_the_wild.latent_norm_score
+    torch.testing.assert_close(score(m, x, batch_size=3), z.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(score(m, x, centre=c, batch_size=3), (z - c).norm(dim=1), rtol=1e-6, atol=0)
     z, gen = in_the_wild.encode_prior(m, 50)
     assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50)[1])
     assert z.std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.25)
@@ -301,7 +301,7 @@ def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
         train.train(cfg("part", checkpoint_minutes=0.0))
     disarm()
     train.train(cfg("part", checkpoint_minutes=0.0), resume=True)
-    a, b = (train.load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "part"))
+    a, b = (checkpoint.load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "part"))
     assert a["iteration"] == b["iteration"] == 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["trainer"]["opt_e"]["state"][0]["step"] == b["trainer"]["opt_e"]["state"][0]["step"] == 5
@@ -313,5 +313,5 @@ def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
     # the saved run is re-evaluated with the pixel-norm G it was trained with
     import evaluate
 
-    _, _, model, _, _ = evaluate.load_run(tmp_path / "part" / "checkpoint.pt", device="cpu")
+    _, _, model, _ = evaluate.load_run(tmp_path / "part" / "checkpoint.pt", device="cpu")
     assert isinstance(model.G, in_the_wild.PixelNormGenerator)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate
+import checkpoint
 import train
 
 
@@ -62,7 +63,7 @@ def test_score_new_images(tmp_path):
 
 
 def _state(path):
-    s = train.load_checkpoint(path)
+    s = checkpoint.load_checkpoint(path)
     return s["model"], s["trainer"], s["iteration"]
 
 
@@ -76,7 +77,7 @@ def test_kill_and_resume_is_exact(tmp_path, kill_at, policy):
     disarm = kill_at(train.PIADTrainer, 4)
     with pytest.raises(KeyboardInterrupt):
         train.train(part)
-    assert train.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 4
+    assert checkpoint.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["iteration"] == 4
     disarm()
     train.train(part, resume=True)
 
@@ -114,7 +115,7 @@ def test_truncated_checkpoint_error(tmp_path):
     with pytest.raises(RuntimeError, match="corrupt or truncated"):
         evaluate.load_run(ckpt)
     with pytest.raises(FileNotFoundError):
-        train.load_checkpoint(tmp_path / "nothing.pt")
+        checkpoint.load_checkpoint(tmp_path / "nothing.pt")
 
 
 def test_bad_inputs(tmp_path):
@@ -153,7 +154,7 @@ def test_one_pass_generator_step_equals_algorithm_1_literally():
     ds = data.load_dataset("digits", "3")
     cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0)
     model = piad.PIAD(config=piad.preset("mnist"), channels=1).double()
-    rec = train.build_reconstruction_loss(cfg, ds.train, "cpu")[0]
+    rec = checkpoint.build_reconstruction_loss(cfg, None, "cpu")[0]
     results = []
     default = torch.get_default_dtype()
     try:
@@ -181,13 +182,13 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
 
     ds = data.load_dataset("digits", "3")
     lazy = torch.utils.data.Subset(ds.train, range(len(ds.train)))  # not TensorImages: per-item path
-    batches = list(train.image_batches(lazy, "cpu", size=50))
+    batches = list(data.image_batches(lazy, "cpu", size=50))
     n = len(ds.train)
     assert [len(b) for b in batches] == [50] * (n // 50) + [n % 50] and torch.equal(torch.cat(batches), ds.train.images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss, stats = train.build_reconstruction_loss(
-            train.TrainConfig(stats="train", vgg_weights="random"), lazy, "cpu")
+        loss, stats = checkpoint.build_reconstruction_loss(
+            train.TrainConfig(stats="train", vgg_weights="random"), data.image_batches(lazy, "cpu"), "cpu")
         want = losses.feature_stats(loss.features, [ds.train.images])
     assert stats.source == "training images" and stats.count == want.count
     assert torch.allclose(stats.mean, want.mean, rtol=1e-5) and torch.allclose(stats.std, want.std, rtol=1e-4)
@@ -206,6 +207,6 @@ def test_stats_auto_uses_the_authors_statistics_only_for_their_weights(monkeypat
         cfg = train.TrainConfig(vgg_weights="random", stats="auto")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, stats = train.build_reconstruction_loss(cfg, None, "cpu")
+            _, stats = checkpoint.build_reconstruction_loss(cfg, None, "cpu")
         assert (stats.source == "authors") == expect_authors
         assert stats.weights == "random:seed0"   # never statistics of other weights

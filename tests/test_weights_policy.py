@@ -179,7 +179,7 @@ def test_record_losses_on_piad_networks():
     torch.manual_seed(0)
     m = piad.PIAD(config=piad.preset("mnist"), channels=1)
     hist_g, hist_e = GradientHistory(m.G), GradientHistory(m.E)
-    assert len(hist_g.layer_names) == sum(isinstance(x, nn.Conv2d) for x in m.G.modules())
+    assert len(hist_g.params) == sum(isinstance(x, nn.Conv2d) for x in m.G.modules())
     x = torch.randn(4, 1, 32, 32)
     z = m.sample_latent(4)
     losses = {"adv_G": piad.adversarial_loss(m.DX, x, m.G(z)),

@@ -1,0 +1,189 @@
+"""A run's settings: every knob of Algorithm 1's runs, declared once (paper §4, supplement §1).
+
+:class:`TrainConfig` is the single declaration of what a run can change. Each field carries its
+help text (and its choices) as metadata; ``train.py``'s command line is generated from the fields
+(``--batch-size`` for ``batch_size``, ``--no-progress`` for a boolean that defaults to true), and
+:meth:`TrainConfig.validate` checks the same choices. The architecture and optimiser settings of
+the supplement's tables are not here: they belong to the dataset's preset (``piad.PIADConfig``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import data as data_mod
+import errors
+import losses
+from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, REDUCES
+
+METHODS = ("piad", "latent-norm")
+VGG_WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or a path
+STATS = ("auto", "authors", "sklearn", "train")            # or a path
+
+
+def knob(default, help: str, choices: tuple | None = None):
+    """A :class:`TrainConfig` field: its default, its ``--help`` text and its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = knob("mnist", "dataset of the paper or an offline stand-in", tuple(data_mod.DATASETS))
+    normal: str = knob("8", "normal class: index or name (attribute for celeba)")
+    iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)")
+    batch_size: int = knob(32, "minibatch size")
+    seed: int = knob(0, "random seed (data split, initialisation, minibatches)")
+    out: str | None = knob(None, "run folder (default runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>)")
+    data_root: str | None = knob(None, "folder with the dataset files")
+    download: bool = knob(True, "download MNIST/CIFAR-10 when missing (--no-download: files must be "
+                                "under --data-root)")
+    protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)",
+                                ("split", "gpnd"))
+    image_size: int | None = knob(None, "image size, --dataset folder only", (32, 64))
+    contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
+    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (in_the_wild.py)", METHODS)
+    vgg_weights: str = knob("auto", "VGG-19 weights: auto|torchvision|caffe|random|PATH")
+    stats: str = knob("auto", "VGG feature statistics of eq. (3): auto (the authors' ImageNet ones with "
+                              "torchvision's weights, else sklearn)|authors|sklearn|train|PATH")
+    loss: str = knob("rel-perc-l1", "L_rec of eq. (7)", losses.KINDS)
+    impl: str = knob("auto", "relative-perceptual-L1 implementation: fused op or PyTorch",
+                     ("auto", "ext", "torch"))
+    weights_policy: str = knob("gradnorm", "γ_G, γ_E: gradient-normalizing policy (§3.3) or fixed",
+                               ("gradnorm", "fixed"))
+    gamma_g: float = knob(1.0, "γ_G with --weights-policy fixed")
+    gamma_e: float = knob(1.0, "γ_E with --weights-policy fixed")
+    n_weight: int = knob(100, "γ update period (supplement §1.2)")
+    # The paper gives no smoothing or N for the γ policy; the defaults are the authors' code's.
+    policy_last_n: int = knob(DEFAULT_LAST_N, "γ policy: ratios of the last N records")
+    policy_smoothing: float = knob(DEFAULT_SMOOTHING, "γ policy: EWMA factor of the records")
+    policy_history: int = knob(DEFAULT_HISTORY, "γ policy: records kept")
+    policy_reduce: str = knob("pooled-median", "γ policy: reduction of the ratios. paper: mean over layers; "
+                                               "authors' code: pooled median (default)", REDUCES)
+    policy_at_start: bool = knob(False, "γ from iteration 0 (paper, Alg. 1 line 9) instead of γ = 1 until "
+                                        "iteration n_weight - 1 (authors' code, default)")
+    device: str = knob("auto", "where to train", ("auto", "cpu", "cuda"))
+    resume: bool = knob(False, "continue the run in --out from its checkpoint")
+    cache_features: str = knob("auto", "compute the training images' VGG features once (auto: when each "
+                                       "is seen more than twice)", ("auto", "on", "off"))
+    channels_last: bool = knob(True, "NHWC tensors for every conv net (same maths, faster kernels)")
+    checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)")
+    log_every: int = knob(10, "iterations between rows of log.csv")
+    progress: bool = knob(True, "show a progress bar")
+    evaluate: bool = knob(True, "evaluate after training (--no-evaluate: later, with evaluate.py)")
+    reseed: int = knob(0, "with --resume: new random draws from the checkpoint on (e.g. after a divergence)")
+
+    def validate(self) -> "TrainConfig":
+        """Raises :class:`errors.UserError` naming every setting that cannot work (before any work starts)."""
+        bad = []
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                bad.append(f"{flag(name)} {what}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            value = getattr(self, f.name)
+            value = str(value).lower() if f.name == "dataset" else value  # names are case-blind
+            if allowed and not (value in allowed or (value is None and f.default is None)):
+                need(False, f.name, "must be one of " + ", ".join(str(a) for a in allowed))
+        name = str(self.dataset).lower()
+        if name in data_mod.DATASETS and name != "folder":
+            try:  # the dataset's own class check (names or indices), without loading any data
+                data_mod._resolve_class(name, self.normal, data_mod.class_names(self.dataset, self.data_root))
+            except ValueError as exc:
+                bad.append(f"--normal: {exc}")
+        need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
+             "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
+        for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
+        for name in ("seed", "reseed"):
+            need(is_int(getattr(self, name)) and 0 <= getattr(self, name) < 2 ** 32, name,
+                 "must be a whole number in 0..2**32-1")
+        need(is_real(self.policy_smoothing) and 0 <= self.policy_smoothing < 1, "policy_smoothing",
+             "must be a number with 0 <= s < 1")
+        need(is_real(self.contamination) and 0 <= self.contamination < 1, "contamination",
+             "must be a fraction with 0 <= P < 1")
+        for name in ("gamma_g", "gamma_e"):
+            need(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
+        need(is_real(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
+             "must be a number >= 0 (0: after every iteration)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            bad.append("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+        if self.vgg_weights not in VGG_WEIGHTS and not Path(self.vgg_weights).is_file():
+            bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give auto, torchvision, caffe, "
+                       "random or the path of a VGG-19 state-dict file")
+        if self.stats not in STATS and not Path(self.stats).is_file():
+            bad.append(f"--stats {self.stats!r}: no such file; give auto, authors, sklearn, train or a file "
+                       "written by `python losses.py stats`")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            bad.append(f"--out {self.out!r} is a file, not a run folder")
+        if bad:
+            raise errors.UserError("; ".join(bad))
+        return self
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{self.seed}"
+        return Path("runs") / name.replace("/", "_")
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainConfig":
+        """The config a checkpoint recorded (fields added since then take their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+    # Settings a resumed run may change: they change speed, where files are, or (reseed) the
+    # random draws from the checkpoint on; the checkpoint's own statistics are used on resume.
+    RESUMABLE = frozenset({"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations",
+                           "data_root", "impl", "cache_features", "channels_last", "reseed", "out", "stats"})
+
+    def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
+        """The settings that differ from the checkpoint's and would change the maths of the run."""
+        return [f"{flag(f.name)} {getattr(self, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                for f in dataclasses.fields(self)
+                if f.name not in self.RESUMABLE and getattr(saved, f.name) != getattr(self, f.name)]
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a :class:`TrainConfig` field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per field of ``cls``: type from the annotation, help and choices from the metadata,
+    ``--x/--no-x`` (``BooleanOptionalAction``) for booleans."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = next(t for t in (bool, int, float, str) if t in (hints[f.name], *typing.get_args(hints[f.name])))
+        kw = dict(default=f.default, help=f.metadata["help"], dest=f.name)
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw.update(type=kind, choices=f.metadata["choices"])
+            if f.default is not None:
+                kw["help"] += f" (default: {f.default})"
+        parser.add_argument(flag(f.name), **kw)
+
+
+def parse_args(argv=None, *, prog: str = "train.py",
+               description: str = "Train PIAD (Algorithm 1) on one normal class and evaluate it.") -> TrainConfig:
+    """A :class:`TrainConfig` from command-line flags (``--debug`` is accepted and ignored here)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(p)
+    errors.add_debug_flag(p)
+    args = vars(p.parse_args(argv))
+    args.pop("debug")
+    return TrainConfig(**args)
