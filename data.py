@@ -3,7 +3,8 @@
 Perceptual Image Anomaly Detection (Tuluptceva et al., 2019) evaluates one-vs-all: one class
 is normal, all others are anomalous, and the score is ROC AUC. :func:`load_dataset` returns an
 :class:`AnomalyData` with a training set (normal images, plus optional contamination) and a
-labelled test set (1 = anomalous).
+labelled test set (1 = anomalous). :data:`DATASETS` is the one table of what each dataset uses:
+protocols, classes, network preset, image size, channels and training iterations (supplement §1).
 
 Preprocessing (§4, supplement §1): MNIST, Fashion-MNIST and COIL-100 resized to 32x32, CIFAR-10
 kept at 32x32, LSUN downsampled to 64x64, CelebA centre-cropped to 140x140 then downsampled to
@@ -61,27 +62,51 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "coil100", "lsun", "celeba", "folder",
-                             "digits", "mnist-5k")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-# Allowed protocols per dataset; the first one is the default.
-_PROTOCOLS = {"mnist": ("split", "gpnd"), "cifar10": ("split", "gpnd"), "fashion-mnist": ("gpnd", "split"),
-              "coil100": ("gpnd",), "digits": ("gpnd",), "mnist-5k": ("gpnd",), "lsun": ("split",),
-              "celeba": ("attribute",), "folder": ("folder",)}
-_PRESETS = {"mnist": "mnist", "fashion-mnist": "mnist", "coil100": "mnist", "digits": "mnist",
-            "mnist-5k": "mnist", "cifar10": "cifar10", "lsun": "lsun", "celeba": "celeba"}
 _DIGITS = tuple(str(i) for i in range(10))
 _FASHION = ("t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
             "ankle-boot")  # official names: T-shirt/top, Trouser, ..., Ankle boot
 _CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_COIL100 = tuple(str(k) for k in range(1, 101))  # the object numbers of obj1__0.png, ..., obj100__355.png
 _CELEBA = tuple(
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
     "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
     "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
     "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
     "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young".split())
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What one dataset uses: one row of :data:`DATASETS`."""
+
+    protocols: tuple[str, ...]  # allowed evaluation protocols, the default first
+    classes: tuple[str, ...]    # canonical class names (CelebA: attributes, read from ROOT when there)
+    preset: str | None          # network preset (``piad.preset``); None: from the images (folder)
+    channels: int | None        # image channels; None: 1 if every image is greyscale, else 3 (folder)
+    image_sizes: tuple[int, ...]  # allowed image sizes, the default first
+    iterations: int | None      # training iterations; None: the network preset's (PIADConfig.iterations)
+
+
+# Supplement §1 (and §4): preset = the supplement table of the networks (Table 1 serves MNIST,
+# Fashion-MNIST and COIL-100), image size, channels and training iterations of each dataset.
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(("split", "gpnd"), _DIGITS, "mnist", 1, (32,), iterations=50_000),
+    "fashion-mnist": DatasetInfo(("gpnd", "split"), _FASHION, "mnist", 1, (32,), iterations=50_000),
+    "cifar10": DatasetInfo(("split", "gpnd"), _CIFAR10, "cifar10", 3, (32,), iterations=100_000),
+    "coil100": DatasetInfo(("gpnd",), _COIL100, "mnist", 3, (32,), iterations=20_000),
+    # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
+    "lsun": DatasetInfo(("split",), ("bedroom", "conference_room"), "lsun", 3, (64,), iterations=300_000),
+    "celeba": DatasetInfo(("attribute",), _CELEBA, "celeba", 3, (64,), iterations=200_000),
+    # Not in the paper. folder: the preset of the paper's images of that size and channels
+    # (mnist, cifar10; celeba at 64×64) and its iterations (50k, 100k, 200k).
+    "folder": DatasetInfo(("folder",), ("normal",), None, None, (32, 64), iterations=None),
+    # Offline stand-ins for MNIST: the MNIST preset and its 50k iterations.
+    "digits": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
+    "mnist-5k": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
+}
 # CelebA's anomaly attributes of the paper (§4); the authors' normal set has none of them.
 CELEBA_ATTRIBUTES = ("Bald", "Mustache", "Bangs", "Eyeglasses", "Wearing_Hat")
 _FOLDER_LAYOUT = "ROOT/normal/ (training images), ROOT/test/normal/ and ROOT/test/anomalous/ (test images)"
@@ -317,9 +342,7 @@ def class_names(name: str, root: str | None = None) -> list[str]:
             with open(attr_file) as f:
                 f.readline()
                 return f.readline().split()
-    return list({"fashion-mnist": _FASHION, "cifar10": _CIFAR10, "celeba": _CELEBA, "folder": ("normal",),
-                 "coil100": tuple(str(k) for k in range(1, 101)), "lsun": ("bedroom", "conference_room"),
-                 }.get(name, _DIGITS))
+    return list(DATASETS[name].classes)
 
 
 def _resolve_class(name: str, normal, names: list[str]) -> int:
@@ -342,6 +365,12 @@ def _check_name(name: str) -> str:
     if str(name).lower() not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     return str(name).lower()
+
+
+def iterations(name: str) -> int | None:
+    """Default training iterations of dataset ``name`` (supplement §1, see :data:`DATASETS`);
+    None for ``folder``: the iterations of its network preset (``PIADConfig.iterations``)."""
+    return DATASETS[_check_name(name)].iterations
 
 
 @functools.lru_cache(maxsize=8)
@@ -434,19 +463,18 @@ def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> Anomaly
         train_ids, test_ids = [ids[i] for i in sp.train], [ids[i] for i in sp.test]
     train = TensorImages(_array_images(trx[sp.train], size, scale), sp.train_labels)
     test = TensorImages(_array_images(tex[sp.test], size, scale), sp.test_labels)
-    return _result(ctx, train, test, sp, train_ids, test_ids, train.images.shape[1])
+    return _result(ctx, train, test, sp, train_ids, test_ids)
 
 
-def _result(ctx, train, test, sp: Split, train_ids, test_ids, channels, **info) -> AnomalyData:
+def _result(ctx, train, test, sp: Split, train_ids, test_ids, **info) -> AnomalyData:
     n_anom = int(sp.train_labels.sum())
     info = dict(seed=ctx["seed"], requested_contamination=ctx["contamination"], source=ctx["source"],
                 n_train_normal=len(sp.train) - n_anom, n_train_anomalous=n_anom,
                 n_test_normal=int((sp.test_labels == 0).sum()), n_test_anomalous=int(sp.test_labels.sum()),
                 train_ids=list(train_ids), contaminant_ids=[train_ids[i] for i in np.flatnonzero(sp.train_labels)],
                 **info)
-    preset = ctx["preset"] or ("celeba" if ctx["image_size"] == 64 else "mnist" if channels == 1 else "cifar10")
-    return AnomalyData(name=ctx["name"], normal=ctx["normal"], preset=preset, protocol=ctx["protocol"],
-                       channels=channels, image_size=ctx["image_size"], train=train, test=test,
+    return AnomalyData(name=ctx["name"], normal=ctx["normal"], preset=ctx["preset"], protocol=ctx["protocol"],
+                       channels=ctx["channels"], image_size=ctx["image_size"], train=train, test=test,
                        test_ids=list(test_ids), contamination=n_anom / max(len(sp.train), 1), info=info)
 
 
@@ -480,7 +508,7 @@ def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
     train_paths, test_paths = [train_paths[i] for i in sp.train], [test_paths[i] for i in sp.test]
     size = ctx["image_size"]
     return _result(ctx, ImageFiles(train_paths, sp.train_labels, image_size=size),
-                   ImageFiles(test_paths, sp.test_labels, image_size=size), sp, train_paths, test_paths, 3,
+                   ImageFiles(test_paths, sp.test_labels, image_size=size), sp, train_paths, test_paths,
                    split_source=how)
 
 
@@ -511,7 +539,7 @@ def _celeba(ctx: dict, attribute: str, root) -> AnomalyData:
     size = ctx["image_size"]
     return _result(ctx, ImageFiles(train_paths, sp.train_labels, image_size=size, crop=140),
                    ImageFiles(test_paths, sp.test_labels, image_size=size, crop=140), sp, train_paths,
-                   test_paths, 3, attribute=attribute)
+                   test_paths, attribute=attribute)
 
 
 def _folder(ctx: dict, root) -> AnomalyData:
@@ -522,12 +550,14 @@ def _folder(ctx: dict, root) -> AnomalyData:
     base = Path(root).expanduser()
     groups = [_list_images(base / sub, _FOLDER_LAYOUT) for sub in ("normal", "test/normal", "test/anomalous")]
     raw = [[_read_image(p) for p in paths] for paths in groups]
-    channels = 1 if all(a.ndim == 2 for g in raw for a in g) else 3
+    channels = ctx["channels"] = 1 if all(a.ndim == 2 for g in raw for a in g) else 3
+    # the preset of the paper's images of that size and channels (MNIST, CIFAR-10; CelebA at 64×64)
+    ctx["preset"] = "celeba" if ctx["image_size"] == 64 else "mnist" if channels == 1 else "cifar10"
     train_x, test_n, test_a = (torch.stack([_prepare(a, ctx["image_size"], channels) for a in g]) for g in raw)
     sp = Split(np.arange(len(train_x)), np.zeros(len(train_x), np.int64), np.arange(len(test_n) + len(test_a)),
                np.r_[np.zeros(len(test_n), np.int64), np.ones(len(test_a), np.int64)])
     test = TensorImages(torch.cat([test_n, test_a]), sp.test_labels)
-    return _result(ctx, TensorImages(train_x, sp.train_labels), test, sp, groups[0], groups[1] + groups[2], channels)
+    return _result(ctx, TensorImages(train_x, sp.train_labels), test, sp, groups[0], groups[1] + groups[2])
 
 
 def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed: int = 0,
@@ -540,18 +570,19 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
     to the paper's protocol for the dataset. ``image_size`` is fixed (32, or 64 for LSUN/CelebA)
     except for ``folder`` (32 or 64, default 32)."""
     name = _check_name(name)
-    allowed = _PROTOCOLS[name]
-    protocol = protocol or allowed[0]
-    if protocol not in allowed:
-        raise ValueError(f"protocol {protocol!r} is not available for {name}; choose from {', '.join(allowed)}")
+    info = DATASETS[name]
+    protocol = protocol or info.protocols[0]
+    if protocol not in info.protocols:
+        raise ValueError(f"protocol {protocol!r} is not available for {name}; "
+                         f"choose from {', '.join(info.protocols)}")
     n_contaminants(contamination, 0)  # validates the range early
-    default_size = 64 if name in ("lsun", "celeba") else 32
-    if name == "folder" and image_size not in (None, 32, 64):
-        raise ValueError(f"image_size for 'folder' must be 32 or 64, got {image_size}")
-    if name != "folder" and image_size not in (None, default_size):
-        raise ValueError(f"image_size is fixed at {default_size} for {name} (paper §4), got {image_size}")
+    sizes = info.image_sizes
+    if len(sizes) > 1 and image_size not in (None, *sizes):
+        raise ValueError(f"image_size for {name!r} must be {' or '.join(map(str, sizes))}, got {image_size}")
+    if len(sizes) == 1 and image_size not in (None, *sizes):
+        raise ValueError(f"image_size is fixed at {sizes[0]} for {name} (paper §4), got {image_size}")
     ctx = dict(name=name, protocol=protocol, seed=seed, contamination=contamination, source=None,
-               image_size=image_size or default_size, preset=_PRESETS.get(name))
+               image_size=image_size or sizes[0], preset=info.preset, channels=info.channels)
     if name == "folder":
         ctx.update(normal=str(normal), source=str(root))
         return _folder(ctx, root)
@@ -574,9 +605,9 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
         paths = [p for _, _, p in found]
         sp = gpnd_split(labels == k + 1, seed=seed, contamination=contamination)
         train_paths, test_paths = [paths[i] for i in sp.train], [paths[i] for i in sp.test]
-        train = TensorImages(_load_files(train_paths, ctx["image_size"], 3), sp.train_labels)
-        test = TensorImages(_load_files(test_paths, ctx["image_size"], 3), sp.test_labels)
-        return _result(ctx, train, test, sp, train_paths, test_paths, 3)
+        train = TensorImages(_load_files(train_paths, ctx["image_size"], ctx["channels"]), sp.train_labels)
+        test = TensorImages(_load_files(test_paths, ctx["image_size"], ctx["channels"]), sp.test_labels)
+        return _result(ctx, train, test, sp, train_paths, test_paths)
     if name == "fashion-mnist":
         pools, ctx["source"] = _fashion_pools(root, download)
     elif name in ("mnist", "cifar10"):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import data
+import piad
 
 FMNIST_DIR = Path(data.DEBIAN_FASHION_MNIST)
 needs_fmnist = pytest.mark.skipif(not (FMNIST_DIR / "train-labels-idx1-ubyte.gz").is_file(),
@@ -440,9 +441,30 @@ def test_bad_names_classes_and_options():
         data.load_dataset("digits", 1, contamination=0.95)
 
 
+# Each dataset's defaults (supplement §1; LSUN: the authors' 300k, the paper's 200k): default
+# protocol, network preset, channels, image size, training iterations. folder: preset and channels
+# from its images, iterations of that preset.
+DEFAULTS = {"mnist": ("split", "mnist", 1, 32, 50_000), "fashion-mnist": ("gpnd", "mnist", 1, 32, 50_000),
+            "cifar10": ("split", "cifar10", 3, 32, 100_000), "coil100": ("gpnd", "mnist", 3, 32, 20_000),
+            "lsun": ("split", "lsun", 3, 64, 300_000), "celeba": ("attribute", "celeba", 3, 64, 200_000),
+            "folder": ("folder", None, None, 32, None), "digits": ("gpnd", "mnist", 1, 32, 50_000),
+            "mnist-5k": ("gpnd", "mnist", 1, 32, 50_000)}
+
+
+def test_dataset_table():
+    assert list(data.DATASETS) == list(DEFAULTS)   # argparse's choices and the error messages list them so
+    for name, info in data.DATASETS.items():
+        assert (info.protocols[0], info.preset, info.channels, info.image_sizes[0], data.iterations(name)) \
+            == DEFAULTS[name], name
+        assert info.preset is None or piad.preset(info.preset).image_size == info.image_sizes[0]
+    assert data.DATASETS["folder"].image_sizes == (32, 64) and data.iterations("Fashion-MNIST") == 50_000
+    # folder trains for the iterations of its preset (train.py: data.iterations(name) or the preset's)
+    assert [piad.preset(p).iterations for p in ("mnist", "cifar10", "celeba")] == [50_000, 100_000, 200_000]
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        data.iterations("imagenet")
+
+
 def test_class_names_and_constants():
-    assert data.DATASETS == ("mnist", "fashion-mnist", "cifar10", "coil100", "lsun", "celeba", "folder", "digits",
-                             "mnist-5k")
     assert data.class_names("mnist") == [str(i) for i in range(10)]
     assert data.class_names("fashion-mnist")[8] == "bag" and len(data.class_names("cifar10")) == 10
     assert len(data.class_names("celeba")) == 40 and "Wearing_Hat" in data.class_names("celeba")
