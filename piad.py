@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -124,14 +124,6 @@ _PRESETS = {
                          dx_head_channels=64, dz_hidden=256, n_dis=3, iterations=200_000),
 }
 
-# dataset -> (preset, image channels, iterations); supplement §1 and §1.3 (LSUN: the authors' 300k).
-_DATASETS = {
-    "mnist": ("mnist", 1, 50_000), "fmnist": ("mnist", 1, 50_000),
-    "coil100": ("mnist", 3, 20_000), "cifar10": ("cifar10", 3, 100_000),
-    "lsun": ("lsun", 3, 300_000), "celeba": ("celeba", 3, 200_000),
-}
-_DATASET_ALIASES = {"fashionmnist": "fmnist", "coil": "coil100"}
-
 
 def preset(name: str) -> PIADConfig:
     """The preset of one supplement table: ``"mnist"``, ``"cifar10"``, ``"lsun"``, ``"celeba"``."""
@@ -139,25 +131,6 @@ def preset(name: str) -> PIADConfig:
         return _PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}") from None
-
-
-def _dataset_key(dataset: str) -> str:
-    key = dataset.lower().replace("-", "").replace("_", "").replace(" ", "")
-    key = _DATASET_ALIASES.get(key, key)
-    if key not in _DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; datasets: {', '.join(_DATASETS)}")
-    return key
-
-
-def iterations_for(dataset: str) -> int:
-    """Training iterations of supplement §1 (COIL-100 uses the MNIST preset but 20,000)."""
-    return _DATASETS[_dataset_key(dataset)][2]
-
-
-def dataset_preset(dataset: str) -> tuple[PIADConfig, int]:
-    """``(config, image channels)`` for a dataset of the paper, iterations set per supplement §1."""
-    name, channels, iterations = _DATASETS[_dataset_key(dataset)]
-    return replace(preset(name), iterations=iterations), channels
 
 
 # --------------------------------------------------------------------------- building blocks

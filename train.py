@@ -423,14 +423,6 @@ def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD
     return new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
 
 
-def default_iterations(dataset: str, model_cfg) -> int:
-    """Supplement §1: 20k COIL-100, 50k (fashion-)MNIST, 100k CIFAR-10, 200k LSUN/CelebA."""
-    try:
-        return piad.iterations_for(dataset)
-    except ValueError:  # digits, mnist-5k, folder: the preset's schedule
-        return model_cfg.iterations
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e")
@@ -569,7 +561,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    download=cfg.download, image_size=cfg.image_size)
     model = build_model(cfg, ds, device)
-    iterations = cfg.iterations or default_iterations(cfg.dataset, model.config)
+    iterations = cfg.iterations or data_mod.iterations(cfg.dataset) or model.config.iterations  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
         rec_loss, stats = build_reconstruction_loss(
             cfg, ds.train, device, stats_state=state["stats"] if state else None)
