@@ -358,8 +358,8 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
 
     ``root`` is the data folder (default ``$PIAD_DATA`` or ``~/.cache/piad/data``); for
     ``folder`` it is required and ``normal`` is just a label for the run. ``protocol`` defaults
-    to the paper's protocol for the dataset. ``image_size`` is fixed (32, or 64 for LSUN/CelebA)
-    except for ``folder`` (32 or 64, default 32)."""
+    to the paper's protocol for the dataset, ``image_size`` to its size; both must be in its row of
+    :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64)."""
     name = _check_name(name)
     info = DATASETS[name]
     protocol = protocol or info.protocols[0]
