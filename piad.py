@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -48,6 +48,10 @@ def _conv3(in_c: int, out_c: int) -> nn.Conv2d:
     return nn.Conv2d(in_c, out_c, 3, padding=1)
 
 
+def _skip(in_c: int, out_c: int) -> nn.Module:
+    return nn.Conv2d(in_c, out_c, 1) if in_c != out_c else nn.Identity()  # 1×1 only if the channels change
+
+
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class PIADConfig:
@@ -62,7 +66,7 @@ class PIADConfig:
     dx_head_channels: int               # D_X: filters of the 4×4 convolution
     dz_hidden: int                      # D_Z: units of the two hidden dense layers
     n_dis: int = 2                      # critic steps per G/E step (3 for LSUN and CelebA)
-    iterations: int = 100_000
+    iterations: int = 100_000           # the table's schedule; per dataset: data.DATASETS (supplement §1)
     batch_size: int = 32
     lr_critic: float = 5e-4
     lr_gen: float = 1e-4                # G and E. paper: 2e-4; authors' code: 1e-4 (default)
@@ -105,9 +109,8 @@ _PRESETS = {
     # Table 1 (MNIST, fMNIST, COIL-100). paper: D_X has a fourth, non-pooling BlockDown at 4×4
     # (dx_channels=(32,) * 5); authors' code: three BlockDowns (default).
     "mnist": PIADConfig(name="mnist", image_size=32, latent_shape=(32, 1, 1),
-                        gen_channels=(32, 32, 32, 32), enc_channels=(32, 32, 32, 32),
-                        dx_channels=(32, 32, 32, 32), dx_head_channels=32, dz_hidden=128,
-                        n_dis=2, iterations=50_000),
+                        gen_channels=(32,) * 4, enc_channels=(32,) * 4, dx_channels=(32,) * 4,
+                        dx_head_channels=32, dz_hidden=128, n_dis=2, iterations=50_000),
     # Table 2. Its D_Z header says input 32×1×1, but G and E use 256: we follow G (256).
     "cifar10": PIADConfig(name="cifar10", image_size=32, latent_shape=(256, 1, 1),
                           gen_channels=(256, 256, 128, 64), enc_channels=(64, 64, 128, 256),
@@ -124,14 +127,6 @@ _PRESETS = {
                          dx_head_channels=64, dz_hidden=256, n_dis=3, iterations=200_000),
 }
 
-# dataset -> (preset, image channels, iterations); supplement §1 and §1.3 (LSUN: the authors' 300k).
-_DATASETS = {
-    "mnist": ("mnist", 1, 50_000), "fmnist": ("mnist", 1, 50_000),
-    "coil100": ("mnist", 3, 20_000), "cifar10": ("cifar10", 3, 100_000),
-    "lsun": ("lsun", 3, 300_000), "celeba": ("celeba", 3, 200_000),
-}
-_DATASET_ALIASES = {"fashionmnist": "fmnist", "coil": "coil100"}
-
 
 def preset(name: str) -> PIADConfig:
     """The preset of one supplement table: ``"mnist"``, ``"cifar10"``, ``"lsun"``, ``"celeba"``."""
@@ -139,25 +134,6 @@ def preset(name: str) -> PIADConfig:
         return _PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}") from None
-
-
-def _dataset_key(dataset: str) -> str:
-    key = dataset.lower().replace("-", "").replace("_", "").replace(" ", "")
-    key = _DATASET_ALIASES.get(key, key)
-    if key not in _DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; datasets: {', '.join(_DATASETS)}")
-    return key
-
-
-def iterations_for(dataset: str) -> int:
-    """Training iterations of supplement §1 (COIL-100 uses the MNIST preset but 20,000)."""
-    return _DATASETS[_dataset_key(dataset)][2]
-
-
-def dataset_preset(dataset: str) -> tuple[PIADConfig, int]:
-    """``(config, image channels)`` for a dataset of the paper, iterations set per supplement §1."""
-    name, channels, iterations = _DATASETS[_dataset_key(dataset)]
-    return replace(preset(name), iterations=iterations), channels
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -178,10 +154,8 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.conv1, self.act, self.conv2 = _conv3(in_channels, out_channels), _act(), \
-            _conv3(out_channels, out_channels)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels \
-            else nn.Identity()
+        self.conv1, self.act = _conv3(in_channels, out_channels), _act()
+        self.conv2, self.skip = _conv3(out_channels, out_channels), _skip(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
         return self.skip(x) + self.conv2(self.act(self.conv1(x)))
@@ -198,9 +172,7 @@ class BlockUp(nn.Module):
         super().__init__()
         self.act1, self.up = _act(), nn.Upsample(scale_factor=2, mode="nearest")
         self.conv1, self.act2 = _conv3(in_channels, out_channels), _act()
-        self.conv2 = _conv3(out_channels, out_channels)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels \
-            else nn.Identity()
+        self.conv2, self.skip = _conv3(out_channels, out_channels), _skip(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, 2H, 2W)
         h = self.conv2(self.act2(self.conv1(self.up(self.act1(x)))))
@@ -220,8 +192,7 @@ class BlockDown(nn.Module):
         self.act1, self.conv1 = _act(), _conv3(in_channels, out_channels)
         self.act2, self.conv2 = _act(), _conv3(out_channels, out_channels)
         self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels \
-            else nn.Identity()
+        self.skip = _skip(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H/2, W/2)
         h = self.pool(self.conv2(self.act2(self.conv1(self.act1(x)))))
@@ -384,14 +355,12 @@ def init_authors_(model: PIAD) -> None:
     Kaiming-normal weights (fan_out, leaky-ReLU gain, a = 0.2); D_Z's dense layers:
     Xavier-uniform weights with the gain of the activation that follows (leaky-ReLU 0.2, then
     linear for the output). Biases keep PyTorch's default (uniform ±1/sqrt(fan_in))."""
-    for net in (model.G, model.E, model.DX):
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=LRELU_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
+    convs = [m for net in (model.G, model.E, model.DX) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        nn.init.kaiming_normal_(m.weight, a=LRELU_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
     dense = [m for m in model.DZ.modules() if isinstance(m, nn.Linear)]
     for i, m in enumerate(dense):
-        last = i == len(dense) - 1
-        gain = 1.0 if last else nn.init.calculate_gain("leaky_relu", LRELU_SLOPE)
+        gain = 1.0 if i == len(dense) - 1 else nn.init.calculate_gain("leaky_relu", LRELU_SLOPE)
         nn.init.xavier_uniform_(m.weight, gain=gain)
 
 

@@ -201,14 +201,6 @@ def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD
     return checkpoint.new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
 
 
-def default_iterations(dataset: str, model_cfg) -> int:
-    """Supplement §1: 20k COIL-100, 50k (fashion-)MNIST, 100k CIFAR-10, 200k LSUN/CelebA."""
-    try:
-        return piad.iterations_for(dataset)
-    except ValueError:  # digits, mnist-5k, folder: the preset's schedule
-        return model_cfg.iterations
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 def _first_nonfinite(bad_at, values: dict, it: int):
@@ -261,7 +253,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    download=cfg.download, image_size=cfg.image_size)
     model = build_model(cfg, ds, device)
-    iterations = cfg.iterations or default_iterations(cfg.dataset, model.config)
+    iterations = cfg.iterations or data_mod.iterations(cfg.dataset) or model.config.iterations  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
         rec_loss, stats = checkpoint.build_reconstruction_loss(
             cfg, data_mod.image_batches(ds.train, device), device, stats_state=state["stats"] if state else None)

