@@ -25,6 +25,8 @@ from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, R
 METHODS = ("piad", "latent-norm")
 VGG_WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or a path
 STATS = ("auto", "authors", "sklearn", "train")            # or a path
+# The protocols a user can choose between: those of the datasets that allow more than one.
+PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
 
 def knob(default, help: str, choices: tuple | None = None):
@@ -43,9 +45,8 @@ class TrainConfig:
     data_root: str | None = knob(None, "folder with the dataset files")
     download: bool = knob(True, "download MNIST/CIFAR-10 when missing (--no-download: files must be "
                                 "under --data-root)")
-    protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)",
-                                ("split", "gpnd"))
-    image_size: int | None = knob(None, "image size, --dataset folder only", (32, 64))
+    protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)", PROTOCOLS)
+    image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes)
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
     method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (in_the_wild.py)", METHODS)
     vgg_weights: str = knob("auto", "VGG-19 weights: auto|torchvision|caffe|random|PATH")

@@ -330,7 +330,7 @@ def parse_args(argv=None):
     g.add_argument("--losses", nargs="+", default=None, choices=losses.KINDS)
     g.add_argument("--contaminations", nargs="+", type=float, default=None)
     g.add_argument("--weights-policy", default="gradnorm", choices=["gradnorm", "fixed"])
-    g.add_argument("--protocol", default=None, choices=["split", "gpnd"])
+    g.add_argument("--protocol", default=None, choices=config.PROTOCOLS)
     return p.parse_args(argv)
 
 

@@ -364,10 +364,6 @@ def init_authors_(model: PIAD) -> None:
         nn.init.xavier_uniform_(m.weight, gain=gain)
 
 
-def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 # --------------------------------------------------------------------------- losses
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
                      fake: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
