@@ -20,8 +20,9 @@ subset. ImageNet is not available offline, so :func:`default_stats` computes the
 natural photos bundled with scikit-learn (``china.jpg``, ``flower.jpg``) at several scales;
 :func:`feature_stats` (and ``python losses.py stats --images DIR``) computes them over any
 images, e.g. an ImageNet subset or your training set; :func:`authors_stats` loads the authors'
-ImageNet statistics for torchvision's weights (shipped in ``stats/``). Statistics belong to one
-set of VGG weights: a loss refuses statistics computed with other weights.
+ImageNet statistics for torchvision's weights (shipped in ``stats/``); :func:`select_stats`
+picks one of them by name. Statistics belong to one set of VGG weights: a loss refuses
+statistics computed with other weights.
 
 Command line::
 
@@ -444,6 +445,29 @@ def default_stats(model: VGG19Features, *, cache: bool = True) -> FeatureStats:
     if cache:
         stats.save(path)
     return stats
+
+
+STATS_CHOICES = ("auto", "authors", "sklearn", "train")  # or the path of a file of FeatureStats.save
+
+
+def select_stats(choice: str, features: VGG19Features, train_batches=None) -> FeatureStats:
+    """The statistics that ``choice`` (train.py's ``--stats``) names, for ``features``.
+
+    ``"auto"``: the authors' (:func:`authors_stats`) if computed with ``features``' weights, else
+    :func:`default_stats`; ``"authors"``; ``"sklearn"``: :func:`default_stats`; ``"train"``:
+    :func:`feature_stats` over ``train_batches`` (batches of training images); anything else: the
+    path of a file written by :meth:`FeatureStats.save`.
+    """
+    if choice in ("auto", "authors"):
+        stats = authors_stats()  # read once, also to learn their weights
+        return stats if choice == "authors" or stats.weights == features.weights_id else default_stats(features)
+    if choice == "sklearn":
+        return default_stats(features)
+    if choice == "train":
+        if train_batches is None:
+            raise ValueError("statistics 'train' need the training images (train_batches=...)")
+        return feature_stats(features, train_batches, source="training images")
+    return FeatureStats.load(choice)
 
 
 # ---------------------------------------------------------------------------------------------
