@@ -54,16 +54,8 @@ def build_reconstruction_loss(cfg: TrainConfig, train_batches, device, *, kind: 
     vgg = losses.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
     if stats_state is not None:  # resume or evaluation: the checkpoint's own statistics
         stats = losses.FeatureStats(**stats_state)
-    elif cfg.stats in ("auto", "authors"):
-        stats = losses.authors_stats()  # "auto": only for the weights they were computed with
-        if cfg.stats == "auto" and stats.weights != vgg.weights_id:
-            stats = losses.default_stats(vgg)
-    elif cfg.stats == "sklearn":
-        stats = losses.default_stats(vgg)
-    elif cfg.stats == "train":
-        stats = losses.feature_stats(vgg, train_batches, source="training images")
     else:
-        stats = losses.FeatureStats.load(cfg.stats)
+        stats = losses.select_stats(cfg.stats, vgg, train_batches)
     loss = losses.ReconstructionLoss(kind=kind, features=vgg, stats=stats, reduction=reduction, impl=cfg.impl)
     return loss.to(device), stats
 

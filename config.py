@@ -24,7 +24,6 @@ from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, R
 
 METHODS = ("piad", "latent-norm")
 VGG_WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or a path
-STATS = ("auto", "authors", "sklearn", "train")            # or a path
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
@@ -125,7 +124,7 @@ class TrainConfig:
         if self.vgg_weights not in VGG_WEIGHTS and not Path(self.vgg_weights).is_file():
             bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give auto, torchvision, caffe, "
                        "random or the path of a VGG-19 state-dict file")
-        if self.stats not in STATS and not Path(self.stats).is_file():
+        if self.stats not in losses.STATS_CHOICES and not Path(self.stats).is_file():
             bad.append(f"--stats {self.stats!r}: no such file; give auto, authors, sklearn, train or a file "
                        "written by `python losses.py stats`")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():

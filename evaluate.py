@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 import checkpoint
 import data as data_mod
 import errors
+import figures
 import in_the_wild
 import losses
 import piad
@@ -135,12 +136,12 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
         **(extra or {})}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_scores_csv(run / "scores.csv", data.test_ids, scores, labels)
-    plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
-    plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
-    plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}")
+    figures.plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
+    figures.plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
+    figures.plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}")
     if config.method == "latent-norm":
-        in_the_wild.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
-                                      title=f"{config.dataset}, normal {data.normal}")
+        figures.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
+                                  title=f"{config.dataset}, normal {data.normal}")
     return metrics
 
 
@@ -152,76 +153,6 @@ def write_scores_csv(path, ids, scores: dict, labels=None) -> None:
         for i, ident in enumerate(ids):
             w.writerow([ident] + ([int(labels[i])] if labels is not None else [])
                        + [f"{scores[k][i]:.6g}" for k in names])
-
-
-def _images(ds, idx) -> torch.Tensor:
-    return torch.stack([ds[int(i)][0] for i in idx])
-
-
-def _grid(rows: list[torch.Tensor]) -> np.ndarray:
-    """Rows of (n, C, H, W) images in [-1, 1] -> an (H·rows, W·n, 3) array in [0, 1]."""
-    rows = [torch.cat(list(r.clamp(-1, 1).add(1).div(2).expand(-1, 3, -1, -1)), dim=2) for r in rows]
-    return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_roc(path, scores, labels, aucs, *, title="") -> None:
-    from sklearn.metrics import roc_curve
-
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for k, v in scores.items():
-        if np.isfinite(v).all():
-            fpr, tpr, _ = roc_curve(labels, v)
-            ax.plot(fpr, tpr, label=f"{k} ({aucs[k]:.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {title}")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-@torch.no_grad()
-def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    rows = []
-    for wanted in (0, 1):
-        idx = np.flatnonzero(labels == wanted)[:n]
-        if len(idx) == 0:
-            continue
-        x = _images(ds, idx).to(device)
-        rows += [x.cpu(), model.G(model.E(x)).cpu()]  # x above G(E(x))
-    model.train(was_training)
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(n, len(rows) * 1.1))
-    ax.imshow(_grid(rows))
-    ax.set_axis_off()
-    ax.set_title("normal: x / G(E(x))   —   anomalous: x / G(E(x))", fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
-    order = np.argsort(score, kind="stable")
-    n = min(n, len(order) // 2)
-    rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(n, 2.4))
-    ax.imshow(_grid(rows))
-    ax.set_axis_off()
-    ax.set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def load_run(path, *, device="auto", data_root=None):

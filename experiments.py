@@ -47,6 +47,7 @@ import checkpoint
 import config
 import data
 import errors
+import figures
 import losses
 import train as train_mod
 
@@ -266,32 +267,8 @@ def write_tables(grid: Grid, root, records: list[dict] | None = None) -> dict:
         w.writeheader()
         w.writerows(records)
     if len(grid.contaminations) > 1 and records:
-        plot_contamination(root / "auroc_vs_contamination.png", grid, records)
+        figures.plot_contamination(root / "auroc_vs_contamination.png", grid, records)
     return table
-
-
-def plot_contamination(path, grid: Grid, records: list[dict]) -> None:
-    """Mean ROC AUC (± std over classes and seeds) vs. contamination P, one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for v in grid.variants:
-        ps, mean, std = [], [], []
-        for p in grid.contaminations:
-            vals = [r["roc_auc"] for r in records if r["method"] == v.method and r["loss"] == v.loss
-                    and r["weights_policy"] == v.weights_policy and r["contamination"] == p]
-            if vals:
-                ps.append(p), mean.append(np.mean(vals)), std.append(np.std(vals))
-        if ps:
-            ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=v.label)
-    ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC",
-           title=f"{grid.dataset}: ROC AUC vs. contamination")
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ What is implemented (``python train.py --method latent-norm``), following the au
   trained against the live G).
 * The anomaly score is ``||E(x)||_2`` (the paper's score). For diagnosis, evaluate.py also writes
   ``latent-norm-centred`` = ``||E(x) - c||``, c = mean E(G(z)) (:func:`encode_prior`), and the
-  histograms ``latent_norms.png`` (:func:`plot_latent_norms`); README says why they differ.
+  histograms ``latent_norms.png`` (``figures.plot_latent_norms``); README says why they differ.
 
 Deviations from the original, one per line:
 
@@ -28,7 +28,6 @@ Deviations from the original, one per line:
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import piad
@@ -173,34 +172,3 @@ def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> tuple[tor
     return z.flatten(1), model.E(model.G(z)).flatten(1)
 
 
-def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,
-                      title: str = "") -> None:
-    """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
-    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for E(G(z)) (``prior``
-    = :func:`encode_prior`), each panel titled with the score's ROC AUC and that of its negation;
-    the figure's title says how far E is from inverting G (offset of E(G(z)), cos(E(G(z)), z))."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score
-
-    z, gen = (t.cpu() for t in prior)
-    panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
-              ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, xlabel, gen_values) in zip(axes, panels):
-        values, auc = scores[key], roc_auc_score(labels, scores[key])
-        groups = ((values[labels == 0], "normal test"), (values[labels == 1], "anomalous test"),
-                  (gen_values.numpy(), "generated, E(G(z))"))
-        bins = np.histogram_bin_edges(np.concatenate([g for g, _ in groups]), bins=40)
-        for v, name in groups:
-            ax.hist(v, bins=bins, density=True, histtype="step", lw=1.5,
-                    label=f"{name} (n={len(v)}, median {np.median(v):.3g})")
-        ax.set(xlabel=xlabel, ylabel="density", title=f"ROC AUC {auc:.3f} (negated: {1 - auc:.3f})")
-        ax.legend(fontsize=8)
-    cos = torch.nn.functional.cosine_similarity(gen, z).mean()
-    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, mean ||E(G(z))|| = "
-                 f"{gen.norm(dim=1).mean():.3g}, mean cos(E(G(z)), z) = {cos:.3g}", fontsize=10)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)

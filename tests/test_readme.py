@@ -59,3 +59,27 @@ def test_readme_main_command_is_the_main_job():
     assert recipe == ["$(PY) train.py $(ARGS)"]
     cfg = train.parse_args(shlex.split(_make_var("ARGS")))
     assert (cfg.dataset, cfg.normal, cfg.iterations) == ("mnist", "8", None)
+
+
+def test_paper_to_code_table_names_exist():
+    """Every `module.name` in README's "From the paper to the code" table exists, one hop away."""
+    import importlib
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### From the paper to the code", 1)[1].split("\n### ", 1)[0]
+    names = re.findall(r"`([A-Za-z_]\w*(?:\.\w+)+)`", section)
+    assert len(names) > 20
+    classes = {"PIADTrainer": "train", "GradientHistory": "weights_policy"}  # bare class.method names
+    missing = []
+    for dotted in names:
+        first, *rest = dotted.split(".")
+        obj = importlib.import_module(classes.get(first, first))
+        obj = getattr(obj, first) if first in classes else obj
+        for attr in rest:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                missing.append(dotted)
+                break
+    assert not missing, missing
+    for path in re.findall(r"`((?:csrc/)?\w+\.(?:h|py))`", section):
+        assert (ROOT / path).is_file(), path

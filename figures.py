@@ -1,0 +1,183 @@
+"""Figures: the paper's figures that this code can redraw, and the plots of our extensions.
+
+Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
+
+* Fig. 1 and Fig. 3 (right), §3.1: a loss between an image and itself shifted by 5 pixels as
+  the contrast falls (:func:`reduce_contrast`, :func:`contrast_curve`): the perceptual loss
+  (eq. 2) drops with the contrast, relative-perceptual-L1 (eq. 4) hardly moves.
+* Fig. 4, §4: images x above their reconstructions G(E(x)), normal then anomalous
+  (:func:`plot_reconstructions`, ``reconstructions.png``).
+* Fig. 5, §4: the least and the most anomalous test images by a score (:func:`plot_extremes`,
+  ``extremes.png``).
+* ROC curves of every score with their ROC AUC (:func:`plot_roc`, ``roc.png``).
+
+Our extensions, not in the paper: histograms of Berg et al.'s latent norms ‖E(x)‖
+(:func:`plot_latent_norms`, ``latent_norms.png``) and ROC AUC against the fraction of anomalies
+in the training set (:func:`plot_contamination`, ``auroc_vs_contamination.png``).
+
+matplotlib is imported on first use, with its file-only Agg backend; this module imports no
+other module of the project.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Contrast robustness (Fig. 1 and Fig. 3, right).
+
+
+def reduce_contrast(img: torch.Tensor, level: float) -> torch.Tensor:
+    """Histogram stretching to a reduced dynamic range: level 0 = original, 1 = flat grey.
+
+    The image's intensity range [lo, hi] (in [-1, 1]) is mapped linearly onto
+    [(1-level)·lo, (1-level)·hi], i.e. squeezed towards mid-grey 0.
+    """
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"contrast level must be in [0, 1], got {level}")
+    return img * (1.0 - level)
+
+
+def contrast_curve(image: torch.Tensor, losses: dict, levels, *, shift: int = 5) -> dict:
+    """Loss between ``image`` and itself shifted by ``shift`` pixels, as contrast decreases.
+
+    ``losses``: name -> ``losses.ReconstructionLoss`` (e.g. perc and rel-perc-l1). Returns
+    ``{"levels": [...], name: [value per level], name + "_relative": [value / value at level 0],
+    "weights": ...}``.
+    """
+    out: dict = {"levels": list(levels)}
+    with torch.no_grad():
+        for name, loss in losses.items():
+            vals = []
+            for level in levels:
+                x = reduce_contrast(image, level)
+                a, b = x[..., :, :-shift], x[..., :, shift:]  # the image and itself shifted
+                vals.append(float(loss(a, b, reduction="mean")))
+            out[name] = vals
+            out[name + "_relative"] = [v / vals[0] for v in vals]
+            out["weights"] = loss.weights_id
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots, written to image files.
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def _images(ds, idx) -> torch.Tensor:
+    return torch.stack([ds[int(i)][0] for i in idx])
+
+
+def _grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of (n, C, H, W) images in [-1, 1] -> an (H·rows, W·n, 3) array in [0, 1]."""
+    rows = [torch.cat(list(r.clamp(-1, 1).add(1).div(2).expand(-1, 3, -1, -1)), dim=2) for r in rows]
+    return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+
+
+def plot_roc(path, scores, labels, aucs, *, title="") -> None:
+    """ROC curve of every finite score, labelled with its ROC AUC (``aucs``)."""
+    from sklearn.metrics import roc_curve
+
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
+    for k, v in scores.items():
+        if np.isfinite(v).all():
+            fpr, tpr, _ = roc_curve(labels, v)
+            ax.plot(fpr, tpr, label=f"{k} ({aucs[k]:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {title}")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+@torch.no_grad()
+def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
+    """Fig. 4: ``n`` normal then ``n`` anomalous test images x, each row above G(E(x))."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    for wanted in (0, 1):
+        idx = np.flatnonzero(labels == wanted)[:n]
+        if len(idx) == 0:
+            continue
+        x = _images(ds, idx).to(device)
+        rows += [x.cpu(), model.G(model.E(x)).cpu()]  # x above G(E(x))
+    model.train(was_training)
+    fig, ax = _pyplot().subplots(figsize=(n, len(rows) * 1.1))
+    ax.imshow(_grid(rows))
+    ax.set_axis_off()
+    ax.set_title("normal: x / G(E(x))   —   anomalous: x / G(E(x))", fontsize=9)
+    _save(fig, path)
+
+
+def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
+    """Fig. 5: the ``n`` least (top row) and most (bottom row) anomalous images by ``score``."""
+    order = np.argsort(score, kind="stable")
+    n = min(n, len(order) // 2)
+    rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
+    fig, ax = _pyplot().subplots(figsize=(n, 2.4))
+    ax.imshow(_grid(rows))
+    ax.set_axis_off()
+    ax.set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,
+                      title: str = "") -> None:
+    """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
+    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for E(G(z)) (``prior``
+    = ``in_the_wild.encode_prior``), each panel titled with the score's ROC AUC and that of its
+    negation; the figure's title says how far E is from inverting G (offset of E(G(z)),
+    cos(E(G(z)), z))."""
+    from sklearn.metrics import roc_auc_score
+
+    z, gen = (t.cpu() for t in prior)
+    panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
+              ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4))
+    for ax, (key, xlabel, gen_values) in zip(axes, panels):
+        values, auc = scores[key], roc_auc_score(labels, scores[key])
+        groups = ((values[labels == 0], "normal test"), (values[labels == 1], "anomalous test"),
+                  (gen_values.numpy(), "generated, E(G(z))"))
+        bins = np.histogram_bin_edges(np.concatenate([g for g, _ in groups]), bins=40)
+        for v, name in groups:
+            ax.hist(v, bins=bins, density=True, histtype="step", lw=1.5,
+                    label=f"{name} (n={len(v)}, median {np.median(v):.3g})")
+        ax.set(xlabel=xlabel, ylabel="density", title=f"ROC AUC {auc:.3f} (negated: {1 - auc:.3f})")
+        ax.legend(fontsize=8)
+    cos = torch.nn.functional.cosine_similarity(gen, z).mean()
+    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, mean ||E(G(z))|| = "
+                 f"{gen.norm(dim=1).mean():.3g}, mean cos(E(G(z)), z) = {cos:.3g}", fontsize=10)
+    _save(fig, path)
+
+
+def plot_contamination(path, grid, records: list[dict]) -> None:
+    """Mean ROC AUC (± std over classes and seeds) vs. contamination P, one line per variant of
+    ``grid`` (an ``experiments.Grid``); ``records`` are the finished cells (``experiments.collect``)."""
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    for v in grid.variants:
+        ps, mean, std = [], [], []
+        for p in grid.contaminations:
+            vals = [r["roc_auc"] for r in records if r["method"] == v.method and r["loss"] == v.loss
+                    and r["weights_policy"] == v.weights_policy and r["contamination"] == p]
+            if vals:
+                ps.append(p), mean.append(np.mean(vals)), std.append(np.std(vals))
+        if ps:
+            ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=v.label)
+    ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC",
+           title=f"{grid.dataset}: ROC AUC vs. contamination")
+    ax.legend()
+    _save(fig, path)
