@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import errors
+import features
 import in_the_wild
 import losses
 import piad
@@ -51,11 +52,11 @@ def build_reconstruction_loss(cfg: TrainConfig, train_batches, device, *, kind: 
     kind = kind or cfg.loss
     if kind in losses.PIXEL_KINDS:
         return losses.ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
-    vgg = losses.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
+    vgg = features.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
     if stats_state is not None:  # resume or evaluation: the checkpoint's own statistics
-        stats = losses.FeatureStats(**stats_state)
+        stats = features.FeatureStats(**stats_state)
     else:
-        stats = losses.select_stats(cfg.stats, vgg, train_batches)
+        stats = features.select_stats(cfg.stats, vgg, train_batches)
     loss = losses.ReconstructionLoss(kind=kind, features=vgg, stats=stats, reduction=reduction, impl=cfg.impl)
     return loss.to(device), stats
 

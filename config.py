@@ -19,6 +19,7 @@ import torch
 
 import data as data_mod
 import errors
+import features
 import losses
 from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, REDUCES
 
@@ -124,7 +125,7 @@ class TrainConfig:
         if self.vgg_weights not in VGG_WEIGHTS and not Path(self.vgg_weights).is_file():
             bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give auto, torchvision, caffe, "
                        "random or the path of a VGG-19 state-dict file")
-        if self.stats not in losses.STATS_CHOICES and not Path(self.stats).is_file():
+        if self.stats not in features.STATS_CHOICES and not Path(self.stats).is_file():
             bad.append(f"--stats {self.stats!r}: no such file; give auto, authors, sklearn, train or a file "
                        "written by `python losses.py stats`")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 import checkpoint
 import data as data_mod
 import errors
+import features
 import figures
 import in_the_wild
 import losses
@@ -87,9 +88,9 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
             torch.cat(labels)[inverse].numpy())
 
 
-def _stats_of(rec_loss) -> losses.FeatureStats:
+def _stats_of(rec_loss) -> features.FeatureStats:
     f = rec_loss.features
-    return losses.FeatureStats(rec_loss.mean.cpu(), rec_loss.std.cpu(), f.weights_id, f.layer, 0)
+    return features.FeatureStats(rec_loss.mean.cpu(), rec_loss.std.cpu(), f.weights_id, f.layer, 0)
 
 
 def roc_aucs(scores: dict, labels: np.ndarray) -> dict:

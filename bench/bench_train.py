@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import features  # noqa: E402
 import losses  # noqa: E402
 import piad  # noqa: E402
 import train  # noqa: E402
@@ -67,8 +68,8 @@ def main() -> None:
     p.add_argument("--weights", default="caffe", help="VGG weights (timing does not depend on them)")
     a = p.parse_args()
     device = torch.device(a.device)
-    vgg = losses.VGG19Features(weights=a.weights).to(device)
-    stats = losses.default_stats(vgg)
+    vgg = features.VGG19Features(weights=a.weights).to(device)
+    stats = features.default_stats(vgg)
     rows = [("torch", False, False), ("ext", False, False), ("ext", True, False), ("ext", True, True),
             ("torch", True, True)]
     print(f"Algorithm 1, preset {a.preset}, batch {a.batch_size}, n_dis {piad.preset(a.preset).n_dis}, "

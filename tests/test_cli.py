@@ -23,6 +23,7 @@ import torch
 import evaluate
 import experiments
 import errors
+import features
 import losses
 import checkpoint
 import train
@@ -220,7 +221,7 @@ def test_old_checkpoints_with_numpy_rng_states_still_resume(world, tmp_path):
 
 def test_malicious_statistics_are_refused(world):
     with pytest.raises(errors.BadFile, match="pickled Python objects"):
-        losses.FeatureStats.load(world / "evil-stats.pt")
+        features.FeatureStats.load(world / "evil-stats.pt")
     assert not (world / "PWNED").exists()
 
 

