@@ -102,15 +102,16 @@ def roc_aucs(scores: dict, labels: np.ndarray) -> dict:
             for k, v in scores.items()}
 
 
-def _feature_loss(rec_loss, config, model):
+def _feature_loss(rec_loss, config, data, model):
     """The training loss if it has VGG features, else one built for scoring (pixel-loss runs)."""
     if rec_loss is not None and rec_loss.features is not None:
         return rec_loss
     try:
-        loss, _ = checkpoint.build_reconstruction_loss(config, None, next(model.parameters()).device,
+        device = next(model.parameters()).device
+        loss, _ = checkpoint.build_reconstruction_loss(config, data_mod.image_batches(data.train, device), device,
                                                        kind="rel-perc-l1")
         return loss
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:  # no VGG weights here: pixel scores only
+    except (FileNotFoundError, RuntimeError) as exc:  # no VGG weights here: pixel scores only
         warnings.warn(f"perceptual scores skipped: {exc}")
         return rec_loss
 
@@ -124,7 +125,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     prior = in_the_wild.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
-    scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, model),
+    scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, data, model),
                                     centre=None if prior is None else prior[1].mean(0))  # E's image of 0
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
