@@ -46,7 +46,7 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
 
     Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
-    ``centre``, ‖E(x) - centre‖: ``in_the_wild.latent_norm_score``) and -D_X(x). Items are scored
+    ``centre``, ‖E(x) - centre‖: ``in_the_wild.code_norms``) and -D_X(x). Items are scored
     in a fixed random order (seed 0) and returned in dataset order: D_X's minibatch-stddev feature
     sees its batch, and test sets are stored normal-first, so batches in storage order would let
     the critic score depend on the label mix of its batch.
@@ -76,9 +76,10 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
         x = x.to(device)
         batch = piad.anomaly_score(model, x, distances, batch_size=len(x))  # eq. (1)
         batch["critic"] = -model.DX(x).flatten()
-        batch["latent-norm"] = in_the_wild.latent_norm_score(model, x)
+        z = model.E(x)  # (b, *latent_shape): one E pass for both norms
+        batch["latent-norm"] = in_the_wild.code_norms(z)
         if centre is not None:
-            batch["latent-norm-centred"] = in_the_wild.latent_norm_score(model, x, centre=centre)
+            batch["latent-norm-centred"] = in_the_wild.code_norms(z, centre)
         for k, v in batch.items():
             out.setdefault(k, []).append(v.float().cpu())
         labels.append(torch.as_tensor(y))

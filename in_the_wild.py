@@ -83,13 +83,18 @@ def cycle_loss(model: piad.PIAD, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def code_norms(z: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """``||z - centre||_2`` per code, z = E(x) of shape (N, *latent_shape) -> (N,); centre 0 by default.
+    The formula of :func:`latent_norm_score`, for callers that already have E(x)."""
+    return (z.flatten(1) - (0 if centre is None else centre.to(z.device))).norm(dim=1)
+
+
 def latent_norm_score(model: piad.PIAD, x: torch.Tensor, *, centre: torch.Tensor | None = None,
                       batch_size: int = 256) -> torch.Tensor:
     """The anomaly score ``||E(x)||_2`` per image (Berg et al.), (N, C, S, S) -> (N,), higher = more
     anomalous; with ``centre`` (a diagnostic), ``||E(x) - centre||_2``. On ``x``'s device."""
     device = next(model.parameters()).device
-    c = 0 if centre is None else centre.to(device)
-    out = [(model.E(x[i:i + batch_size].to(device)).flatten(1) - c).norm(dim=1).to(x.device)
+    out = [code_norms(model.E(x[i:i + batch_size].to(device)), centre).to(x.device)
            for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out) if out else x.new_zeros(0)
 

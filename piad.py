@@ -428,7 +428,8 @@ def anomaly_score(model: PIAD, x: torch.Tensor, score_fn: Callable[[torch.Tensor
     or a dict of them (several distances of one reconstruction; a dict is returned). Runs in
     batches of ``batch_size`` under ``no_grad`` with every submodule of ``model`` in eval mode,
     restoring each one's mode afterwards. Batches are moved to the model's device; the scores are
-    returned on ``x``'s device.
+    returned on ``x``'s device. An empty ``x`` gives an empty tensor (``score_fn`` is never called,
+    so a dict's keys are unknown).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

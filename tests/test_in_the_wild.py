@@ -232,6 +232,8 @@ def test_latent_norms_from_a_centre():
     score = in_the_wild.latent_norm_score
     torch.testing.assert_close(score(m, x, batch_size=3), z.norm(dim=1), rtol=1e-6, atol=0)
     torch.testing.assert_close(score(m, x, centre=c, batch_size=3), (z - c).norm(dim=1), rtol=1e-6, atol=0)
+    assert torch.equal(in_the_wild.code_norms(z), z.norm(dim=1))  # evaluate.py's one-E-pass form
+    assert torch.equal(in_the_wild.code_norms(z.view(10, -1, 1, 1), c), (z - c).norm(dim=1))
     z, gen = in_the_wild.encode_prior(m, 50)
     assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50)[1])
     assert z.std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.25)
