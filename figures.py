@@ -164,20 +164,33 @@ def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch
     _save(fig, path)
 
 
-def plot_contamination(path, grid, records: list[dict]) -> None:
-    """Mean ROC AUC (± std over classes and seeds) vs. contamination P, one line per variant of
-    ``grid`` (an ``experiments.Grid``); ``records`` are the finished cells (``experiments.collect``)."""
-    fig, ax = _pyplot().subplots(figsize=(5, 4))
+def contamination_curves(grid, records: list[dict]) -> dict[str, tuple[list, list, list]]:
+    """``{variant label: (P values, mean ROC AUC, sample std)}`` over the classes and seeds of the
+    finished cells ``records`` (``experiments.collect``) of ``grid`` (an ``experiments.Grid``). The
+    std has ddof = 1, as in ``table.md``; it is 0 for a single cell (where ``table.md`` shows none)."""
+    curves = {}
     for v in grid.variants:
         ps, mean, std = [], [], []
         for p in grid.contaminations:
             vals = [r["roc_auc"] for r in records if r["method"] == v.method and r["loss"] == v.loss
                     and r["weights_policy"] == v.weights_policy and r["contamination"] == p]
             if vals:
-                ps.append(p), mean.append(np.mean(vals)), std.append(np.std(vals))
+                ps.append(p), mean.append(float(np.mean(vals)))
+                std.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
         if ps:
-            ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=v.label)
+            curves[v.label] = (ps, mean, std)
+    return curves
+
+
+def plot_contamination(path, grid, records: list[dict]) -> None:
+    """:func:`contamination_curves` as error bars vs. contamination P, one line per variant."""
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    for label, (ps, mean, std) in contamination_curves(grid, records).items():
+        ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=label)
+    classes = ", ".join(map(str, grid.classes))
+    seeds = ", ".join(map(str, grid.seeds))
     ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC",
-           title=f"{grid.dataset}: ROC AUC vs. contamination")
+           title=f"{grid.dataset}, normal {classes}, seed {seeds}"
+           + ("\nmean ± std over classes and seeds" if len(grid.classes) * len(grid.seeds) > 1 else ""))
     ax.legend()
     _save(fig, path)

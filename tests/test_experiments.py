@@ -2,11 +2,13 @@
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import experiments as ex
+import figures
 import train
 
 V_PIAD, V_LN = ex.Variant("piad"), ex.Variant("latent-norm", method="latent-norm")
@@ -162,6 +164,22 @@ def test_contamination_plot_is_written_for_several_levels(tmp_path):
     ex.run_grid(single, tmp_path / "b", train_fn=FakeTrain(), log=lambda s: None)
     ex.write_tables(single, tmp_path / "b")
     assert not (tmp_path / "b" / "auroc_vs_contamination.png").exists()
+
+
+def test_contamination_curves_are_means_and_sample_stds_over_classes_and_seeds(tmp_path):
+    grid = _grid(contaminations=(0.0, 0.1))  # classes 0, 8; seeds 0, 1
+    ex.run_grid(grid, tmp_path, train_fn=FakeTrain(), log=lambda s: None)
+    curves = figures.contamination_curves(grid, ex.collect(grid, tmp_path))
+    assert set(curves) == {V_PIAD.label, V_LN.label}
+    for v in grid.variants:
+        ps, mean, std = curves[v.label]
+        assert ps == [0.0, 0.1]
+        for p, m, sd in zip(ps, mean, std):
+            vals = [_auc(SimpleNamespace(normal=k, seed=s, method=v.method, contamination=p))
+                    for k in grid.classes for s in grid.seeds]
+            assert m == pytest.approx(np.mean(vals)) and sd == pytest.approx(np.std(vals, ddof=1))
+    one = _grid(classes=("0",), seeds=(0,), contaminations=(0.0, 0.1))
+    assert all(std == [0.0, 0.0] for _, _, std in figures.contamination_curves(one, ex.collect(one, tmp_path)).values())
 
 
 def test_presets_and_cli_overrides(tmp_path, monkeypatch):
