@@ -82,13 +82,13 @@ def cycle_loss(model: piad.PIAD, z: torch.Tensor) -> torch.Tensor:
     return (model.G(model.E(x_fake)) - x_fake).abs().mean()
 
 
-@torch.no_grad()
 def code_norms(z: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
     """``||z - centre||_2`` per code, z = E(x) of shape (N, *latent_shape) -> (N,); centre 0 by default.
     The formula of :func:`latent_norm_score`, for callers that already have E(x)."""
     return (z.flatten(1) - (0 if centre is None else centre.to(z.device))).norm(dim=1)
 
 
+@torch.no_grad()
 def latent_norm_score(model: piad.PIAD, x: torch.Tensor, *, centre: torch.Tensor | None = None,
                       batch_size: int = 256) -> torch.Tensor:
     """The anomaly score ``||E(x)||_2`` per image (Berg et al.), (N, C, S, S) -> (N,), higher = more

@@ -230,7 +230,10 @@ def test_latent_norms_from_a_centre():
     with torch.no_grad():
         z = m.E(x).flatten(1)
     score = in_the_wild.latent_norm_score
+    graphs = []
+    m.E.register_forward_hook(lambda mod, args, out: graphs.append(out.requires_grad))
     torch.testing.assert_close(score(m, x, batch_size=3), z.norm(dim=1), rtol=1e-6, atol=0)
+    assert graphs and not any(graphs)  # a score: E records no autograd graph
     torch.testing.assert_close(score(m, x, centre=c, batch_size=3), (z - c).norm(dim=1), rtol=1e-6, atol=0)
     assert torch.equal(in_the_wild.code_norms(z), z.norm(dim=1))  # evaluate.py's one-E-pass form
     assert torch.equal(in_the_wild.code_norms(z.view(10, -1, 1, 1), c), (z - c).norm(dim=1))
