@@ -1,10 +1,10 @@
-"""A run on disk: the networks and loss its settings name, and its checkpoint (Algorithm 1's state).
+"""A run on disk: its checkpoint (Algorithm 1's state), written atomically and read safely.
 
 ``train.py`` writes ``checkpoint.pt`` (atomically) and resumes from it; ``evaluate.py`` rebuilds a
-trained model from it alone, as nanoGPT's ``sample.py`` does from ``model_args``: the checkpoint
-records the run's settings (``config``), the network preset (``preset``, a ``piad.PIADConfig``),
-the image channels and size, the VGG feature statistics (``stats``) and every state dict. Files
-are read with ``weights_only=True`` (``errors.safe_load``): tensors and plain containers only.
+trained model from it alone (``assemble.saved_model``): the checkpoint records the run's settings
+(``config``), the network preset (``preset``), the image channels and size, the VGG feature
+statistics (``stats``), every state dict and the random generators' states. Files are read with
+``weights_only=True`` (``errors.safe_load``): tensors and plain containers only.
 """
 from __future__ import annotations
 
@@ -16,49 +16,11 @@ import numpy as np
 import torch
 
 import errors
-import features
-import in_the_wild
-import losses
-import piad
-from config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good checkpoint.pt
 CRASHED = "crashed.pt"  # the state at an exception in the middle of training
 CHECKPOINT_FORMAT = "piad-checkpoint-1"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise errors.UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
-    if name not in ("cpu", "cuda"):
-        raise errors.UserError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def new_model(method: str, config: piad.PIADConfig, channels: int) -> piad.PIAD:
-    """The networks of ``method`` (on the CPU): PIAD's; latent-norm's G normalises its latent."""
-    model = piad.PIAD(config=config, channels=channels)
-    return in_the_wild.use_pixel_norm(model) if method == "latent-norm" else model
-
-
-def build_reconstruction_loss(cfg: TrainConfig, train_batches, device, *, kind: str | None = None,
-                              reduction: str = "mean", stats_state: dict | None = None):
-    """The L_rec of eq. (7) (``cfg.loss``) with VGG features and the statistics ``cfg.stats`` names
-    (``train_batches``: the training images, for ``--stats train``), or the checkpoint's own
-    (``stats_state``). Returns (loss, statistics or None for pixel losses)."""
-    kind = kind or cfg.loss
-    if kind in losses.PIXEL_KINDS:
-        return losses.ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
-    vgg = features.VGG19Features("relu4_2", cfg.vgg_weights).to(device)
-    if stats_state is not None:  # resume or evaluation: the checkpoint's own statistics
-        stats = features.FeatureStats(**stats_state)
-    else:
-        stats = features.select_stats(cfg.stats, vgg, train_batches)
-    loss = losses.ReconstructionLoss(kind=kind, features=vgg, stats=stats, reduction=reduction, impl=cfg.impl)
-    return loss.to(device), stats
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -81,14 +43,6 @@ def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
         raise errors.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
                              + (f"; {fix}" if fix else ""))
     return state
-
-
-def saved_model(state: dict, device) -> piad.PIAD:
-    """The trained networks of a checkpoint, on ``device``."""
-    method = state["config"].get("method", "piad")
-    model = new_model(method, piad.PIADConfig(**state["preset"]), state["channels"]).to(device)
-    model.load_state_dict(state["model"])
-    return model
 
 
 def rng_state() -> dict:

@@ -21,10 +21,10 @@ import data as data_mod
 import errors
 import features
 import losses
-from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, REDUCES
+from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, POLICIES, REDUCES
 
 METHODS = ("piad", "latent-norm")
-VGG_WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or a path
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
@@ -37,6 +37,8 @@ def knob(default, help: str, choices: tuple | None = None):
 @dataclass
 class TrainConfig:
     dataset: str = knob("mnist", "dataset of the paper or an offline stand-in", tuple(data_mod.DATASETS))
+    fallback: str | None = knob(None, "dataset to train on instead when --dataset cannot be had here (not on "
+                                      "disk, no download), e.g. mnist-5k offline", tuple(data_mod.DATASETS))
     normal: str = knob("8", "normal class: index or name (attribute for celeba)")
     iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)")
     batch_size: int = knob(32, "minibatch size")
@@ -49,16 +51,14 @@ class TrainConfig:
     image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes)
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
     method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (in_the_wild.py)", METHODS)
-    vgg_weights: str = knob("auto", "VGG-19 weights: auto|torchvision|caffe|random|PATH")
-    stats: str = knob("auto", "VGG feature statistics of eq. (3): auto (the authors' ImageNet ones with "
-                              "torchvision's weights, else sklearn)|authors|sklearn|train|PATH")
+    vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH")
+    stats: str = knob("auto", "VGG feature statistics of eq. (3): " + "|".join(features.STATS_CHOICES) + "|PATH "
+                              "(auto: the authors' ImageNet ones with torchvision's weights, else sklearn)")
     loss: str = knob("rel-perc-l1", "L_rec of eq. (7)", losses.KINDS)
-    impl: str = knob("auto", "relative-perceptual-L1 implementation: fused op or PyTorch",
-                     ("auto", "ext", "torch"))
-    weights_policy: str = knob("gradnorm", "γ_G, γ_E: gradient-normalizing policy (§3.3) or fixed",
-                               ("gradnorm", "fixed"))
-    gamma_g: float = knob(1.0, "γ_G with --weights-policy fixed")
-    gamma_e: float = knob(1.0, "γ_E with --weights-policy fixed")
+    impl: str = knob("auto", "relative-perceptual-L1 implementation: fused op or PyTorch", losses.IMPLS)
+    weights_policy: str = knob("gradnorm", "γ_G, γ_E: gradient-normalizing policy (§3.3) or fixed", POLICIES)
+    gamma_g: float = knob(1.0, "γ_G: held fixed with --weights-policy fixed; the starting value with gradnorm")
+    gamma_e: float = knob(1.0, "γ_E: held fixed with --weights-policy fixed; the starting value with gradnorm")
     n_weight: int = knob(100, "γ update period (supplement §1.2)")
     # The paper gives no smoothing or N for the γ policy; the defaults are the authors' code's.
     policy_last_n: int = knob(DEFAULT_LAST_N, "γ policy: ratios of the last N records")
@@ -68,7 +68,7 @@ class TrainConfig:
                                                "authors' code: pooled median (default)", REDUCES)
     policy_at_start: bool = knob(False, "γ from iteration 0 (paper, Alg. 1 line 9) instead of γ = 1 until "
                                         "iteration n_weight - 1 (authors' code, default)")
-    device: str = knob("auto", "where to train", ("auto", "cpu", "cuda"))
+    device: str = knob("auto", "where to train", DEVICES)
     resume: bool = knob(False, "continue the run in --out from its checkpoint")
     cache_features: str = knob("auto", "compute the training images' VGG features once (auto: when each "
                                        "is seen more than twice)", ("auto", "on", "off"))
@@ -99,12 +99,12 @@ class TrainConfig:
             value = str(value).lower() if f.name == "dataset" else value  # names are case-blind
             if allowed and not (value in allowed or (value is None and f.default is None)):
                 need(False, f.name, "must be one of " + ", ".join(str(a) for a in allowed))
-        name = str(self.dataset).lower()
-        if name in data_mod.DATASETS and name != "folder":
-            try:  # the dataset's own class check (names or indices), without loading any data
-                data_mod._resolve_class(name, self.normal, data_mod.class_names(self.dataset, self.data_root))
-            except ValueError as exc:
-                bad.append(f"--normal: {exc}")
+        for name in dict.fromkeys([str(self.dataset).lower(), self.fallback]):
+            if name in data_mod.DATASETS and name != "folder":
+                try:  # the dataset's own class check (names or indices), without loading any data
+                    data_mod.resolve_class(name, self.normal, data_mod.class_names(name, self.data_root))
+                except ValueError as exc:
+                    bad.append(f"--normal: {exc}")
         need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
         for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every"):
@@ -122,12 +122,12 @@ class TrainConfig:
              "must be a number >= 0 (0: after every iteration)")
         if self.device == "cuda" and not torch.cuda.is_available():
             bad.append("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
-        if self.vgg_weights not in VGG_WEIGHTS and not Path(self.vgg_weights).is_file():
-            bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give auto, torchvision, caffe, "
-                       "random or the path of a VGG-19 state-dict file")
+        if self.vgg_weights not in features.WEIGHTS and not Path(self.vgg_weights).is_file():
+            bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give {', '.join(features.WEIGHTS)} "
+                       "or the path of a VGG-19 state-dict file")
         if self.stats not in features.STATS_CHOICES and not Path(self.stats).is_file():
-            bad.append(f"--stats {self.stats!r}: no such file; give auto, authors, sklearn, train or a file "
-                       "written by `python losses.py stats`")
+            bad.append(f"--stats {self.stats!r}: no such file; give {', '.join(features.STATS_CHOICES)} or a "
+                       "file written by `python features.py stats`")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             bad.append(f"--out {self.out!r} is a file, not a run folder")
         if bad:
@@ -148,7 +148,7 @@ class TrainConfig:
 
     # Settings a resumed run may change: they change speed, where files are, or (reseed) the
     # random draws from the checkpoint on; the checkpoint's own statistics are used on resume.
-    RESUMABLE = frozenset({"resume", "progress", "device", "checkpoint_minutes", "evaluate", "iterations",
+    RESUMABLE = frozenset({"resume", "fallback", "progress", "device", "checkpoint_minutes", "evaluate", "iterations",
                            "data_root", "impl", "cache_features", "channels_last", "reseed", "out", "stats"})
 
     def resume_conflicts(self, saved: "TrainConfig") -> list[str]:

@@ -58,7 +58,7 @@ import torch
 from torch.utils.data import Dataset
 
 import readers
-from readers import ImageFiles, TensorImages, default_data_root  # data.ImageFiles, ... for the callers
+from readers import DatasetUnavailable, ImageFiles, TensorImages, default_data_root  # data.ImageFiles, ... for the callers
 
 load_image_folder = readers.load_image_folder  # new images to score, as data.load_image_folder
 
@@ -84,7 +84,7 @@ class DatasetInfo:
     preset: str | None            # network preset (``piad.preset``); None: from the images (folder)
     channels: int | None          # image channels; None: 1 if every image is greyscale, else 3 (folder)
     image_sizes: tuple[int, ...]  # allowed image sizes, the default first
-    iterations: int | None        # training iterations; None: the network preset's (PIADConfig.iterations)
+    iterations: int | None        # training iterations; None: those of the paper's dataset of its preset
 
 
 # Supplement §1 (and §4): preset = the supplement table of the networks (Table 1 serves MNIST,
@@ -219,7 +219,7 @@ def class_names(name: str, root: str | None = None) -> list[str]:
     return header or list(DATASETS[name].classes)
 
 
-def _resolve_class(name: str, normal, names: list[str]) -> int:
+def resolve_class(name: str, normal, names: list[str]) -> int:
     text = str(normal).strip()
     key = _slug(text)
     if name == "coil100":
@@ -241,10 +241,16 @@ def _check_name(name: str) -> str:
     return str(name).lower()
 
 
-def iterations(name: str) -> int | None:
-    """Default training iterations of dataset ``name`` (supplement §1, see :data:`DATASETS`);
-    None for ``folder``: the iterations of its network preset (``PIADConfig.iterations``)."""
-    return DATASETS[_check_name(name)].iterations
+def iterations(name: str, preset: str | None = None) -> int:
+    """Default training iterations of dataset ``name`` (supplement §1, see :data:`DATASETS`); for
+    ``folder`` (no schedule of its own) those of the first dataset of the paper with its images'
+    network ``preset`` (mnist: 50k, cifar10: 100k, celeba: 200k)."""
+    own = DATASETS[_check_name(name)].iterations
+    if own is not None:
+        return own
+    if preset is None:
+        raise ValueError(f"dataset {name!r} has no schedule of its own: give its network preset")
+    return next(d.iterations for d in DATASETS.values() if d.preset == preset and d.iterations)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +384,7 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
         ctx.update(normal=str(normal), source=str(root))
         return _folder(ctx, root)
     names = class_names(name, root)
-    k = _resolve_class(name, normal, names)
+    k = resolve_class(name, normal, names)
     ctx["normal"] = names[k]
     if name == "celeba":
         ctx["source"] = str(readers.celeba_dir(root))

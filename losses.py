@@ -7,32 +7,23 @@ by the L1 norm of the first image's normalised features (eq. 4). Eq. (2) (the cl
 perceptual loss) and the intermediate steps of Table 3 (right) are offered behind one
 interface, :class:`ReconstructionLoss`, with ``kind`` in ``mse | l1 | mse-imagenet | perc |
 perc-l1 | rel-perc-l1`` (``mse-imagenet``: the authors' pixel L2 of Table 3 right, on
-ImageNet-normalised pixels). The file follows the section: eq. (2)-(4) on features, the
-losses, then the command line that computes feature statistics. The features themselves (the
-VGG-19 and the statistics μ, σ of eq. 3) are ``features.py``; the contrast curves of Fig. 1 are
-drawn by ``figures.py``.
+ImageNet-normalised pixels). The file follows the section: eq. (2)-(4) on features, then the
+losses. The features themselves (the VGG-19 and the statistics μ, σ of eq. 3, and the command
+that computes them) are ``features.py``; the contrast curves of Fig. 1 are drawn by ``figures.py``.
 
-This module is usable on its own: copy it, ``features.py`` and ``errors.py`` into another project.
-It needs torch and torchvision, and optionally the fused op of ``csrc/`` (module ``fused_op``),
-which it uses when it is built and falls back to pure PyTorch otherwise.
-
-Command line::
-
-    python losses.py stats --images DIR --weights caffe --out stats.pt [--image-size 64]
-
+This module is usable on its own: copy it, ``features.py``, ``readers.py`` and ``errors.py`` into
+another project. It needs torch and torchvision, and optionally the fused op of ``csrc/`` (module
+``fused_op``), which it uses when it is built and falls back to pure PyTorch otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from errors import MissingFile, UserError, add_debug_flag, run_cli, user_errors
-from features import IMAGENET_STD, FeatureStats, VGG19Features, feature_stats, vgg19_layer_names
+from features import IMAGENET_STD, FeatureStats, VGG19Features
 
 try:  # the fused op of csrc/ (optional: without it, or unbuilt, eq. (3)-(4) run in PyTorch)
     import fused_op
@@ -44,6 +35,7 @@ log = logging.getLogger("piad.losses")
 KINDS = ("mse", "l1", "mse-imagenet", "perc", "perc-l1", "rel-perc-l1")
 PIXEL_KINDS = ("mse", "l1", "mse-imagenet")
 REDUCTIONS = ("none", "mean", "sum")
+IMPLS = ("auto", "ext", "torch")  # fused op when built, the fused op, PyTorch
 DEFAULT_EPS = 1e-6
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +74,7 @@ def _log_choice(device_type: str, impl: str) -> None:  # logs each (device, impl
 
 
 def _fused_available(device: torch.device) -> bool:
-    return fused_op is not None and fused_op.load() and fused_op.available(device)
+    return fused_op is not None and fused_op.is_built() and fused_op.available(device)
 
 
 def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: float = DEFAULT_EPS,
@@ -96,8 +88,8 @@ def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: f
         raise ValueError(f"feature shapes differ or lack (N, C): {tuple(fx.shape)} vs {tuple(fy.shape)}")
     if mean.shape != (fx.shape[1],) or std.shape != (fx.shape[1],):
         raise ValueError(f"mean/std must have shape ({fx.shape[1]},), got {tuple(mean.shape)}, {tuple(std.shape)}")
-    if impl not in ("auto", "ext", "torch"):
-        raise ValueError(f"impl must be 'auto', 'ext' or 'torch', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     use_ext = impl == "ext" or (impl == "auto" and _fused_available(fx.device))
     if use_ext and not _fused_available(fx.device):
         raise RuntimeError(f"impl='ext' but the fused op is not built for {fx.device.type}; "
@@ -182,71 +174,3 @@ class ReconstructionLoss(nn.Module):
             values = relative_perceptual_l1(fx, fy, self.mean, self.std, reduction="none",
                                             eps=self.eps, impl=self.impl)  # eq. (3)-(4)
         return _reduce(values, reduction)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-_IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def _image_paths(folder: str) -> list[Path]:
-    base = Path(folder).expanduser()
-    if not base.is_dir():
-        raise MissingFile(f"--images {folder}: no such folder")
-    paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
-        raise UserError(f"no images ({', '.join(sorted(_IMAGE_EXTENSIONS))}) found under {folder}")
-    return paths
-
-
-def _folder_batches(paths: list[Path], image_size: int | None):
-    """One (1, 3, H, W) batch in [-1, 1] per image file of ``paths``."""
-    from PIL import Image
-
-    for p in paths:
-        with user_errors(OSError, prefix=f"could not read image {p}: "):
-            img = Image.open(p).convert("RGB")
-        if image_size:
-            img = img.resize((image_size, image_size), Image.BILINEAR)
-        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        yield t.view(img.height, img.width, 3).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-
-
-def _stats_main(argv) -> None:
-    p = argparse.ArgumentParser(prog="losses.py",
-                                description="Feature statistics for relative-perceptual-L1 (eq. 3).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("stats", help="per-channel mean/std of a VGG layer over a folder of images")
-    s.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    s.add_argument("--out", required=True, help="output .pt file")
-    s.add_argument("--weights", default="auto", help="auto|torchvision|caffe|random|PATH")
-    s.add_argument("--layer", default="relu4_2")
-    s.add_argument("--image-size", type=int, default=None, help="resize images to this size first")
-    add_debug_flag(s)
-    args = p.parse_args(argv)
-    if args.image_size is not None and args.image_size < 16:
-        raise UserError(f"--image-size must be at least 16 (VGG-19 relu4_2 sees 1/8 of it), got {args.image_size}")
-    if args.layer not in vgg19_layer_names():
-        raise UserError(f"--layer {args.layer!r} is not a VGG-19 layer; choose one of {', '.join(vgg19_layer_names())}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'stats.pt'}")
-    paths = _image_paths(args.images)  # before the VGG is built: a wrong folder fails at once
-    with user_errors(OSError, RuntimeError, ValueError, prefix="--weights: "):
-        model = VGG19Features(args.layer, args.weights)
-    with user_errors(ValueError):
-        stats = feature_stats(model, _folder_batches(paths, args.image_size), source=str(args.images))
-    with user_errors(OSError, prefix=f"could not write {out}: "):
-        stats.save(out)
-    print(f"wrote {args.out}: {stats.mean.numel()} channels, {stats.count} samples/channel, "
-          f"weights {stats.weights}")
-
-
-def main(argv=None) -> None:
-    run_cli(_stats_main, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,32 +2,22 @@
 
 Perceptual Image Anomaly Detection (Tuluptceva et al., 2019). A generator ``G: z -> x``, an
 encoder ``E: x -> z`` and two Wasserstein critics, ``D_X`` on images and ``D_Z`` on latents,
-built from pre-activation residual blocks without normalisation (supplement Fig. 1) exactly
-as listed in supplement Tables 1-4. Each network is an ``nn.Sequential`` whose named children
-are the rows of its table, so ``for name, row in net.named_children()`` walks the table.
+built from the residual blocks of supplement Fig. 1 (blocks.py) exactly as listed in supplement
+Tables 1-4. Each network is an ``nn.Sequential`` whose named children are the rows of its table,
+so ``for name, row in net.named_children()`` walks the table.
 
 Losses: the critic objective, eq. (5), with the gradient penalty of Gulrajani et al. and the
 drift term ``0.001 * E[D(x)^2]`` of supplement §1; the adversarial loss of G and E, eq. (6);
 and the anomaly score, eq. (1), for any per-sample image distance.
 
 Where the paper's text and the authors' code (ninatu/piad) disagree, the default follows the
-code, which produced the paper's numbers; the paper's variant stays one setting away:
-* D_X depth, MNIST preset: paper (Table 1): a fourth "BlockDown" that stays at 4×4
-  (``dx_channels=(32,) * 5``, built without pooling); authors' code: three (default).
-* Minibatch stddev: paper/ProGAN: groups of 4 (``mbstd_group=4``); authors' code: one scalar
-  over the whole batch (``mbstd_group=0``, default).
-* Drift term: paper: ``0.001·E[D(x)^2]`` on real samples (``drift_fake=False``); authors' code:
-  on real and fake samples (default).
-* G/E learning rate: paper: 2e-4; authors' code: 1e-4 (default). Adam weight decay: paper:
-  none; authors' code: 1e-8 on all optimisers (default).
-* Initialisation: paper: not stated (``init="pytorch"`` keeps PyTorch's defaults); authors'
-  code: Kaiming-normal (fan_out, leaky-ReLU a = 0.2) for every convolution of G, E and D_X,
-  Xavier-uniform with the activation's gain for D_Z's layers, default biases (``init="authors"``).
-* Tables 2 and 4 list a 32-dimensional D_Z input although G takes 256 (CIFAR-10) / 64 (CelebA)
-  latents: D_Z here takes the generator's latent size, as the authors' code does.
+code, which produced the paper's numbers, and the paper's variant stays one setting away: each
+such default is stated once, at the :class:`PIADConfig` field or preset that decides it, and
+docs/deviations.md lists them all.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,26 +26,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-LRELU_SLOPE = 0.2  # supplement §1.3: Leaky ReLU with negative slope 0.2
+from blocks import (LRELU_SLOPE, BlockDown, BlockUp, MinibatchStdDev, PreActBlock, ResidualBlock, Reshape,
+                    conv3x3, lrelu)
+
 INITS = ("authors", "pytorch")
-
-
-def _act() -> nn.LeakyReLU:
-    return nn.LeakyReLU(LRELU_SLOPE)  # never in-place: the skip paths need the input
-
-
-def _conv3(in_c: int, out_c: int) -> nn.Conv2d:
-    return nn.Conv2d(in_c, out_c, 3, padding=1)
-
-
-def _skip(in_c: int, out_c: int) -> nn.Module:
-    return nn.Conv2d(in_c, out_c, 1) if in_c != out_c else nn.Identity()  # 1×1 only if the channels change
 
 
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class PIADConfig:
-    """Architecture and training hyper-parameters of one supplement table (Tables 1-4)."""
+    """The networks and optimisers of one supplement table (Tables 1-4). The training schedule
+    (iterations, supplement §1) is the dataset's (``data.DATASETS``); batch size and γ period are
+    the run's (``config.TrainConfig``)."""
 
     name: str
     image_size: int
@@ -66,8 +48,6 @@ class PIADConfig:
     dx_head_channels: int               # D_X: filters of the 4×4 convolution
     dz_hidden: int                      # D_Z: units of the two hidden dense layers
     n_dis: int = 2                      # critic steps per G/E step (3 for LSUN and CelebA)
-    iterations: int = 100_000           # the table's schedule; per dataset: data.DATASETS (supplement §1)
-    batch_size: int = 32
     lr_critic: float = 5e-4
     lr_gen: float = 1e-4                # G and E. paper: 2e-4; authors' code: 1e-4 (default)
     betas: tuple[float, float] = (0.5, 0.99)
@@ -75,9 +55,16 @@ class PIADConfig:
     gp_weight: float = 10.0             # λ of eq. (5)
     drift: float = 1e-3                 # weight of the drift term, supplement §1
     drift_fake: bool = True             # paper: E[D(x)^2] on real only; authors' code: real + fake (default)
-    n_weight: int = 100                 # γ update period, supplement §1.2
     mbstd_group: int = 0                # paper/ProGAN: groups of 4; authors' code: 0 = whole batch (default)
-    init: str = "authors"               # "authors" (Kaiming/Xavier, default) | "pytorch" (paper: not stated)
+    init: str = "authors"               # paper: not stated, "pytorch" keeps PyTorch's; authors' code:
+                                        # "authors" (default, see init_authors_)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "PIADConfig":
+        """The preset a checkpoint recorded; fields it has that this version dropped (``iterations``,
+        ``batch_size``, ``n_weight`` of piad <= 0.1, never read by training) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
 
     def __post_init__(self):
         for f in ("latent_shape", "gen_channels", "enc_channels", "dx_channels", "betas"):
@@ -110,21 +97,20 @@ _PRESETS = {
     # (dx_channels=(32,) * 5); authors' code: three BlockDowns (default).
     "mnist": PIADConfig(name="mnist", image_size=32, latent_shape=(32, 1, 1),
                         gen_channels=(32,) * 4, enc_channels=(32,) * 4, dx_channels=(32,) * 4,
-                        dx_head_channels=32, dz_hidden=128, n_dis=2, iterations=50_000),
-    # Table 2. Its D_Z header says input 32×1×1, but G and E use 256: we follow G (256).
+                        dx_head_channels=32, dz_hidden=128, n_dis=2),
+    # Table 2 (its D_Z input: see LatentCritic).
     "cifar10": PIADConfig(name="cifar10", image_size=32, latent_shape=(256, 1, 1),
                           gen_channels=(256, 256, 128, 64), enc_channels=(64, 64, 128, 256),
                           dx_channels=(32, 32, 64, 128), dx_head_channels=128, dz_hidden=1024,
-                          n_dis=2, iterations=100_000),
+                          n_dis=2),
     # Table 3: a 32×4×4 latent; D_Z input 512 = 32·4·4.
-    # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
     "lsun": PIADConfig(name="lsun", image_size=64, latent_shape=(32, 4, 4),
                        gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
-                       dx_head_channels=64, dz_hidden=2048, n_dis=3, iterations=300_000),
-    # Table 4. Its D_Z header says input 32×1×1, but G and E use 64: we follow G (64).
+                       dx_head_channels=64, dz_hidden=2048, n_dis=3),
+    # Table 4 (its D_Z input: see LatentCritic).
     "celeba": PIADConfig(name="celeba", image_size=64, latent_shape=(64, 1, 1),
                          gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
-                         dx_head_channels=64, dz_hidden=256, n_dis=3, iterations=200_000),
+                         dx_head_channels=64, dz_hidden=256, n_dis=3),
 }
 
 
@@ -134,108 +120,6 @@ def preset(name: str) -> PIADConfig:
         return _PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}") from None
-
-
-# --------------------------------------------------------------------------- building blocks
-class PreActBlock(nn.Module):
-    """Supplement Fig. 1a: ``x + conv(lrelu(conv(lrelu(x))))``, 3×3 convs, no normalisation."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.act1, self.conv1 = _act(), _conv3(channels, channels)
-        self.act2, self.conv2 = _act(), _conv3(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
-
-
-class ResidualBlock(nn.Module):
-    """Table 3's generator stem: ``skip(x) + conv(lrelu(conv(x)))`` (conv-act-conv, no pre-act)."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv1, self.act = _conv3(in_channels, out_channels), _act()
-        self.conv2, self.skip = _conv3(out_channels, out_channels), _skip(in_channels, out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
-        return self.skip(x) + self.conv2(self.act(self.conv1(x)))
-
-
-class BlockUp(nn.Module):
-    """Supplement Fig. 1b. Main: lrelu -> nearest ×2 -> conv3×3 -> lrelu -> conv3×3.
-
-    Skip: nearest ×2, then a 1×1 conv only if the channel count changes (a 1×1 conv commutes
-    exactly with nearest upsampling, so its position on the skip path is immaterial).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.act1, self.up = _act(), nn.Upsample(scale_factor=2, mode="nearest")
-        self.conv1, self.act2 = _conv3(in_channels, out_channels), _act()
-        self.conv2, self.skip = _conv3(out_channels, out_channels), _skip(in_channels, out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, 2H, 2W)
-        h = self.conv2(self.act2(self.conv1(self.up(self.act1(x)))))
-        return self.skip(self.up(x)) + h
-
-
-class BlockDown(nn.Module):
-    """Supplement Fig. 1c. Main: lrelu -> conv3×3 -> lrelu -> conv3×3 -> 2×2 average pool.
-
-    Skip: 2×2 average pool, then a 1×1 conv only if the channel count changes (pooling and a
-    1×1 conv commute exactly; pooling first is cheaper). ``downsample=False`` drops both
-    poolings (Table 1's fourth D_X "BlockDown", whose output stays 4×4).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, *, downsample: bool = True):
-        super().__init__()
-        self.act1, self.conv1 = _act(), _conv3(in_channels, out_channels)
-        self.act2, self.conv2 = _act(), _conv3(out_channels, out_channels)
-        self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
-        self.skip = _skip(in_channels, out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H/2, W/2)
-        h = self.pool(self.conv2(self.act2(self.conv1(self.act1(x)))))
-        return self.skip(self.pool(x)) + h
-
-
-class MinibatchStdDev(nn.Module):
-    """Minibatch standard deviation: appends one channel, (B, C, H, W) -> (B, C+1, H, W).
-
-    ``group_size=0`` (authors' code, default): the std over the whole batch of every feature,
-    averaged to one scalar. ``group_size=g`` (paper/ProGAN, g = 4): samples split into groups
-    of ``min(g, B)`` (sample ``i`` in group ``i mod B/g``), one scalar per group; if ``B`` is not
-    divisible by the group size the whole batch is one group. Population std, eps inside sqrt.
-    """
-
-    def __init__(self, group_size: int = 0, eps: float = 1e-8):
-        super().__init__()
-        self.group_size, self.eps = group_size, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        g = min(self.group_size, b) if self.group_size > 0 else b
-        if b % g:
-            g = b
-        y = x.reshape(g, b // g, c, h, w)                                  # (G, M, C, H, W)
-        y = y - y.mean(dim=0, keepdim=True)
-        std = (y.square().mean(dim=0) + self.eps).sqrt().mean(dim=(1, 2, 3))  # (M,)
-        std = std.reshape(1, b // g, 1, 1, 1).expand(g, b // g, 1, h, w).reshape(b, 1, h, w)
-        return torch.cat([x, std.to(x.dtype)], dim=1)                     # (B, C+1, H, W)
-
-
-class Reshape(nn.Module):
-    """Per-sample reshape: (B, ...) -> (B, *shape); ``Reshape()`` gives (B,)."""
-
-    def __init__(self, *shape: int):
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], *self.shape)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}"
 
 
 # --------------------------------------------------------------------------- networks
@@ -257,7 +141,7 @@ class Generator(nn.Sequential):
         for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]), 1):
             rows[f"up{i}"] = BlockUp(a, b)                     # (B, b, 4·2^i, 4·2^i)
         rows["block"] = PreActBlock(ch[-1])
-        rows["act"] = _act()
+        rows["act"] = lrelu()
         rows["conv_out"] = nn.Conv2d(ch[-1], channels, 1)      # (B, channels, S, S)
         super().__init__(rows)
         self.latent_shape = tuple(config.latent_shape)
@@ -272,17 +156,17 @@ class Encoder(nn.Sequential):
     def __init__(self, *, config: PIADConfig, channels: int):
         zc, zs, _ = config.latent_shape
         ch = config.enc_channels
-        rows = OrderedDict(conv_in=_conv3(channels, ch[0]))    # (B, e0, S, S)
+        rows = OrderedDict(conv_in=conv3x3(channels, ch[0]))    # (B, e0, S, S)
         for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]), 1):
             rows[f"down{i}"] = BlockDown(a, b)                 # (B, b, S/2^i, S/2^i)
         if zs == 1:   # (B, ek, 4, 4) -> (B, Cz, 1, 1)
-            rows["act1"] = _act()
+            rows["act1"] = lrelu()
             rows["conv_head"] = nn.Conv2d(ch[-1], zc, 4)
-            rows["act2"] = _act()
+            rows["act2"] = lrelu()
             rows["conv_out"] = nn.Conv2d(zc, zc, 1)
         else:         # Table 3: (B, ek, 4, 4) -> (B, Cz, 4, 4)
             rows["block"] = PreActBlock(ch[-1])
-            rows["act"] = _act()
+            rows["act"] = lrelu()
             rows["conv_out"] = nn.Conv2d(ch[-1], zc, 1)
         super().__init__(rows)
 
@@ -292,14 +176,14 @@ class ImageCritic(nn.Sequential):
 
     def __init__(self, *, config: PIADConfig, channels: int):
         ch = config.dx_channels
-        rows = OrderedDict(conv_in=_conv3(channels, ch[0]))    # (B, d0, S, S)
+        rows = OrderedDict(conv_in=conv3x3(channels, ch[0]))    # (B, d0, S, S)
         for i, (a, b) in enumerate(zip(ch[:-1], ch[1:]), 1):
             # Table 1 lists a 4th BlockDown that stays at 4×4: blocks past n_resample don't pool.
             rows[f"down{i}"] = BlockDown(a, b, downsample=i <= config.n_resample)
         rows["mbstd"] = MinibatchStdDev(config.mbstd_group)   # (B, dk + 1, 4, 4)
-        rows["act1"] = _act()
+        rows["act1"] = lrelu()
         rows["conv_head"] = nn.Conv2d(ch[-1] + 1, config.dx_head_channels, 4)  # (B, h, 1, 1)
-        rows["act2"] = _act()
+        rows["act2"] = lrelu()
         rows["conv_out"] = nn.Conv2d(config.dx_head_channels, 1, 1)            # (B, 1, 1, 1)
         rows["reshape"] = Reshape()                                             # (B,)
         super().__init__(rows)
@@ -312,8 +196,8 @@ class LatentCritic(nn.Sequential):
         d, h = config.latent_dim, config.dz_hidden  # D from G's latent, not the 32 of Tables 2/4
         super().__init__(OrderedDict(
             reshape=Reshape(d),                                  # (B, D)
-            fc1=nn.Linear(d, h), act1=_act(),                    # (B, H)
-            fc2=nn.Linear(h, h), act2=_act(),                    # (B, H)
+            fc1=nn.Linear(d, h), act1=lrelu(),                    # (B, H)
+            fc2=nn.Linear(h, h), act2=lrelu(),                    # (B, H)
             fc3=nn.Linear(h, 1),                                 # (B, 1)
             squeeze=Reshape(),                                   # (B,)  (not a table row)
         ))
@@ -385,23 +269,22 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
 def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
                 fake: torch.Tensor, *, gp_weight: float = 10.0, drift: float = 1e-3,
                 drift_fake: bool = True, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. (5) plus the drift term of supplement §1; returns ``(loss, floats for logging)``.
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. (5) plus the drift term of supplement §1; returns ``(loss, parts)``.
 
     ``E[D(fake)] - E[D(real)] + λ·GP + drift·(E[D(real)^2] + E[D(fake)^2])``. Drift term,
     paper: on real samples only (``drift_fake=False``); authors' code: real and fake (default).
     Both inputs are detached, so only the critic receives gradients. For D_Z, ``real`` is
-    z ~ p_Z and ``fake`` is E(x).
+    z ~ p_Z and ``fake`` is E(x). ``parts`` are the terms as detached 0-d tensors: no host sync
+    here (a GPU would wait for each one); convert them where they are logged.
     """
     real, fake = real.detach(), fake.detach()
     d_real, d_fake = critic(real), critic(fake)                    # (B,), (B,)
     gp = gradient_penalty(critic, real, fake, generator=generator)
     drift_term = d_real.square().mean() + (d_fake.square().mean() if drift_fake else 0.0)
     loss = d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term  # eq. (5)
-    stats = {"loss": loss.item(), "wasserstein": (d_real.mean() - d_fake.mean()).item(),
-             "gp": gp.item(), "drift": drift_term.item(),
-             "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
-    return loss, stats
+    parts = {"gp": gp, "drift": drift_term, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
+    return loss, {k: torch.as_tensor(v).detach() for k, v in parts.items()}
 
 
 def adversarial_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor | None,

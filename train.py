@@ -21,31 +21,28 @@ fused op of ``csrc/`` when built.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import math
 import random
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
+import assemble
 import checkpoint
 import data as data_mod
 import errors
 import evaluate
 import in_the_wild
+import loop
 import piad
 import weights_policy
-from checkpoint import CHECKPOINT, CRASHED, DIVERGED
+from checkpoint import CHECKPOINT
 from config import TrainConfig, parse_args
 from errors import Diverged, Interrupted, UserError
 
-LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e")
 
 
 class Sampler:
@@ -197,28 +194,6 @@ def _reseed(cfg: TrainConfig, sampler, it: int) -> None:
     sampler.gen.manual_seed(seed + 1)
 
 
-def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD:
-    return checkpoint.new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
-
-
-# --- the run -----------------------------------------------------------------------------------
-
-def _first_nonfinite(bad_at, values: dict, it: int):
-    """Device-side record of the first iteration whose losses were not all finite (-1: none yet);
-    no host sync, so it costs nothing on a GPU until it is read."""
-    flags = [torch.isfinite(v.detach()).all() for v in values.values() if torch.is_tensor(v)]
-    ok = torch.stack(flags).all() if flags else torch.tensor(True)
-    if not all(math.isfinite(v) for v in values.values() if isinstance(v, float)):
-        ok = ok & False
-    if bad_at is None:
-        bad_at = torch.full((), -1, dtype=torch.long, device=ok.device)
-    return torch.where((bad_at < 0) & ~ok, it, bad_at)
-
-
-def _params_finite(model) -> bool:
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
 def train(config: TrainConfig | None = None, **overrides) -> dict:
     """Algorithm 1 end to end; returns the metrics written to ``metrics.json``.
 
@@ -228,40 +203,75 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     saves ``diverged.pt`` and raises :class:`Diverged`; any other exception in the loop leaves
     ``checkpoint.pt`` as it was and saves the state at the failure as ``crashed.pt``."""
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
-    run = cfg.run_dir()
-    ckpt_path = run / CHECKPOINT
-    state = None
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out "
-                            "(a run's checkpoint is never overwritten)")
-        state = checkpoint.load_checkpoint(ckpt_path, fix="train without --resume into another --out")
-        saved = TrainConfig.from_saved(state["config"])
-        diff = cfg.resume_conflicts(saved)
-        if diff:
-            raise UserError(f"--resume with settings that differ from the checkpoint {ckpt_path}: {', '.join(diff)}; "
-                            "resume with the run's own settings, or train into another --out")
-        if cfg.iterations is not None and state["iteration"] > cfg.iterations:
-            raise UserError(f"--iterations {cfg.iterations} is fewer than the {state['iteration']} the checkpoint "
-                            f"{ckpt_path} has already done")
-    device = checkpoint.resolve_device(cfg.device)
+    cfg, ds, extra = _load_data(cfg)
+    state = _resume_state(cfg)
+    run = build_run(cfg, ds, state)
+    run.extra.update(extra)
+    loop.loop(run)
+    if not cfg.evaluate:
+        return {"iterations": run.iterations, "train_time_s": run.train_time()}
+    return evaluate.evaluate_run(run.dir, model=run.model, data=ds, rec_loss=run.rec_loss, config=cfg,
+                                 extra={"iterations": run.iterations, "train_time_s": round(run.train_time(), 1),
+                                        "device": str(run.device), "contamination": ds.contamination,
+                                        **run.extra})
+
+
+def _load(cfg: TrainConfig) -> data_mod.AnomalyData:
+    """The dataset the settings name, with every random generator seeded first."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
-        ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                                   contamination=cfg.contamination, protocol=cfg.protocol,
-                                   download=cfg.download, image_size=cfg.image_size)
-    model = build_model(cfg, ds, device)
-    iterations = cfg.iterations or data_mod.iterations(cfg.dataset) or model.config.iterations  # supplement §1
+        return data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
+                                     contamination=cfg.contamination, protocol=cfg.protocol,
+                                     download=cfg.download, image_size=cfg.image_size)
+
+
+def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, data_mod.AnomalyData, dict]:
+    """:func:`_load`; when the dataset cannot be had here (not on disk, no download) and
+    ``--fallback`` names another, that one instead, said in one line and recorded in metrics.json."""
+    try:
+        return cfg, _load(cfg), {}
+    except UserError as exc:
+        if not cfg.fallback or not isinstance(exc.__cause__, data_mod.DatasetUnavailable):
+            raise
+        print(f"note: {cfg.dataset} cannot be had here; training on {cfg.fallback} instead (--fallback)",
+              file=sys.stderr, flush=True)
+        alt = dataclasses.replace(cfg, dataset=cfg.fallback, fallback=None, protocol=None).validate()
+        return alt, _load(alt), {"fallback_from": cfg.dataset}
+
+
+def _resume_state(cfg: TrainConfig) -> dict | None:
+    """The checkpoint to continue (``--resume``), after checking it fits the settings; None for a new run."""
+    path = cfg.run_dir() / CHECKPOINT
+    if not path.exists():
+        return None
+    if not cfg.resume:
+        raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out "
+                        "(a run's checkpoint is never overwritten)")
+    state = checkpoint.load_checkpoint(path, fix="train without --resume into another --out")
+    diff = cfg.resume_conflicts(TrainConfig.from_saved(state["config"]))
+    if diff:
+        raise UserError(f"--resume with settings that differ from the checkpoint {path}: {', '.join(diff)}; "
+                        "resume with the run's own settings, or train into another --out")
+    if cfg.iterations is not None and state["iteration"] > cfg.iterations:
+        raise UserError(f"--iterations {cfg.iterations} is fewer than the {state['iteration']} the checkpoint "
+                        f"{path} has already done")
+    return state
+
+
+def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) -> loop.Run:
+    """The networks, loss, trainer and sampler of a run, restored from ``state`` when resuming."""
+    device = assemble.resolve_device(cfg.device)
+    model = assemble.new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
+    iterations = cfg.iterations or data_mod.iterations(cfg.dataset, ds.preset)  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
-        rec_loss, stats = checkpoint.build_reconstruction_loss(
+        rec_loss, stats = assemble.build_reconstruction_loss(
             cfg, data_mod.image_batches(ds.train, device), device, stats_state=state["stats"] if state else None)
     if cfg.channels_last:  # same maths, NHWC layout
         model.to(memory_format=torch.channels_last)
         rec_loss.to(memory_format=torch.channels_last)
     trainer = make_trainer(model, rec_loss, cfg)
-
     features = None
     wants_cache = (cfg.method == "piad" and rec_loss.features is not None
                    and isinstance(ds.train, data_mod.TensorImages)
@@ -271,135 +281,20 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
         features = torch.cat([rec_loss.real_features(x).cpu() for x in data_mod.image_batches(ds.train, device)])
     sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
                       channels_last=cfg.channels_last)
-
-    start, elapsed = 0, 0.0
+    run = loop.Run(cfg, cfg.run_dir(), ds, device, model, rec_loss, trainer, sampler, iterations,
+              dataclasses.asdict(stats) if stats is not None else None)
     if state:
         model.load_state_dict(state["model"])
         trainer.load_state_dict(state["trainer"])
         sampler.gen.set_state(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
-        start, elapsed = state["iteration"], state["elapsed_s"]
-    if cfg.reseed != (saved.reseed if state else 0):  # draws not yet made under this --reseed
-        _reseed(cfg, sampler, start)
-    run.mkdir(parents=True, exist_ok=True)
-    log_path = run / "log.csv"
-    _truncate_log(log_path, start)
-    stats_state = dataclasses.asdict(stats) if stats is not None else None
-
-    def save(path: Path, it: int, **extra) -> None:
-        checkpoint.save_checkpoint(path, {
-            "format": checkpoint.CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "iteration": it,
-            "iterations": iterations, "elapsed_s": elapsed + time.time() - t0,
-            "preset": dataclasses.asdict(model.config), "channels": ds.channels, "image_size": ds.image_size,
-            "model": model.state_dict(), "trainer": trainer.state_dict(), "sampler": sampler.gen.get_state(),
-            "rng": checkpoint.rng_state(), "stats": stats_state, "vgg_weights": rec_loss.weights_id, **extra})
-
-    good = start if state else None  # the iteration checkpoint.pt holds (None: not written yet)
-    bad_at, values, values_it = None, {}, None
-
-    def diverge(done: int, at: int | None) -> None:
-        """Saves the diverged state beside checkpoint.pt (kept as the last good one) and raises."""
-        if at is None:
-            what = f"a weight became non-finite by iteration {done}"
-        else:
-            what = f"a loss became non-finite at iteration {at}"
-            if values_it == at:
-                row = {k: float(v) for k, v in values.items()}
-                what += " (" + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if not math.isfinite(v)) + ")"
-        save(run / DIVERGED, done, status="diverged")
-        raise Diverged(what, good, ckpt_path, run / DIVERGED, cfg.reseed + 1, cfg.checkpoint_minutes)
-
-    def save_good(done: int) -> None:
-        """checkpoint.pt is only ever written with finite losses and weights."""
-        nonlocal good
-        at = int(bad_at) if bad_at is not None else -1
-        if at >= 0 or not _params_finite(model):
-            diverge(done, at if at >= 0 else None)
-        save(ckpt_path, done)
-        good = done
-
-    t0 = time.time()
-    last_ckpt = t0
-    bar = _progress(cfg, start, iterations)
-    stop = errors.StopOnSignal()
-    it = start
-    try:
-        with stop, open(log_path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            if start == 0:
-                writer.writeheader()
-            model.train()
-            for it in range(start, iterations):
-                log = it % cfg.log_every == 0 or it == iterations - 1
-                values, values_it = trainer.step(it, sampler, log=log), it
-                bad_at = _first_nonfinite(bad_at, values, it)
-                if log:
-                    row = {k: float(v) for k, v in values.items()}
-                    if int(bad_at) >= 0:
-                        diverge(it + 1, int(bad_at))
-                    writer.writerow({"iteration": it, "time_s": round(elapsed + time.time() - t0, 3), **row})
-                    fh.flush()
-                    if bar is not None:
-                        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("rec", "cycle", "gamma_g", "gamma_e")
-                                         if k in row})
-                if bar is not None:
-                    bar.update(1)
-                if stop.signum is not None or time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
-                    save_good(it + 1)
-                    last_ckpt = time.time()
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, it + 1, iterations, ckpt_path)
-            it = iterations
-            if good != iterations:
-                save_good(iterations)
-        if stop.signum is not None:  # arrived while the last checkpoint was written
-            raise Interrupted(stop.signum, iterations, iterations, ckpt_path)
-    except (Interrupted, Diverged):
-        raise
-    except BaseException as exc:  # an exception in the middle of training: checkpoint.pt stays as it was
-        kept = (f"{ckpt_path} keeps the last good state (iteration {good})" if good is not None
-                else "no checkpoint had been written yet")
-        saved_note = ""
-        if isinstance(exc, Exception):  # not for a second Ctrl-C: stopping at once was asked for
-            try:
-                save(run / CRASHED, it, status="crashed")
-                saved_note = f"; the state at the failure (iteration {it}, possibly half-updated) is in {run / CRASHED}"
-            except Exception as save_exc:  # noqa: BLE001 - e.g. the disk is full: keep the first error
-                saved_note = f"; saving the state at the failure failed too ({save_exc})"
-        exc.add_note(f"piad: training stopped at iteration {it}: {kept}{saved_note}. "
-                     "Resume with the same command plus --resume.")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    train_time = elapsed + time.time() - t0
-    if not cfg.evaluate:
-        return {"iterations": iterations, "train_time_s": train_time}
-    return evaluate.evaluate_run(run, model=model, data=ds, rec_loss=rec_loss, config=cfg,
-                                 extra={"iterations": iterations, "train_time_s": round(train_time, 1),
-                                        "device": str(device), "contamination": ds.contamination})
-
-
-def _truncate_log(path: Path, start: int) -> None:
-    """On resume, drop log rows written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    if start == 0:
-        path.unlink()
-        return
-    with open(path) as fh:
-        rows = list(csv.reader(fh))
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(keep)
-
-
-def _progress(cfg: TrainConfig, start: int, total: int):
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, desc=f"{cfg.method} {cfg.dataset}:{cfg.normal}")
+        run.start = run.good = state["iteration"]
+        run.elapsed = state["elapsed_s"]
+    if cfg.reseed != (state["config"].get("reseed", 0) if state else 0):  # draws not yet made under this --reseed
+        _reseed(cfg, sampler, run.start)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    loop.truncate_log(run.dir / "log.csv", run.start)
+    return run
 
 
 def _main(argv) -> None:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 NORMS = ("std", "l2")
+POLICIES = ("gradnorm", "fixed")  # Algorithms 2-3 (§3.3), or γ_G, γ_E held fixed
 REDUCES = ("pooled-median", "mean", "median")
 DEFAULT_SMOOTHING = 0.95  # authors' code: EWMA with α = 0.05 (the paper gives no value)
 DEFAULT_LAST_N = 200      # authors' code (the paper gives no value)

@@ -117,7 +117,7 @@ BAD_INPUTS = {  # id: (program, argv with {w} for the world folder, words the er
     "finished run without --resume": (train, FAST + ["--iterations", "2", "--out", FIN], "pass --resume"),
     "resume with other settings": (train, FAST + ["--seed", "5", "--resume", "--out", FIN], "--seed 5 (checkpoint: 0)"),
     "fewer iterations than done": (train, FAST + ["--iterations", "1", "--resume", "--out", FIN], "already done"),
-    "missing statistics file": (train, FAST[:-3] + ["--stats", "{w}/stats.pt", "--out", FIN], "losses.py stats"),
+    "missing statistics file": (train, FAST[:-3] + ["--stats", "{w}/stats.pt", "--out", FIN], "features.py stats"),
     "malicious statistics": (train, FAST[:-5] + ["--loss", "rel-perc-l1", "--vgg-weights", "random", "--stats",
                                                  "{w}/evil-stats.pt", "--out", "{w}/new-run"], "refusing to load"),
     "evaluate: missing checkpoint": (evaluate, ["--checkpoint", "{w}/nothing.pt"], "not found"),

@@ -201,8 +201,8 @@ def test_fashion_mnist_split_and_names():
     assert d.test.labels.sum() == 9000 and d.test_ids[:2] == ["test:0", "test:1"]
     names = data.class_names("fashion-mnist")
     for alias in ("Ankle boot", "ankle-boot", "ANKLE_BOOT", "9", 9):
-        assert names[data._resolve_class("fashion-mnist", alias, names)] == "ankle-boot"
-    assert names[data._resolve_class("fashion-mnist", "T-shirt/top", names)] == "t-shirt-top"
+        assert names[data.resolve_class("fashion-mnist", alias, names)] == "ankle-boot"
+    assert names[data.resolve_class("fashion-mnist", "T-shirt/top", names)] == "t-shirt-top"
 
 
 @needs_fmnist
@@ -457,12 +457,14 @@ DEFAULTS = {"mnist": ("split", "mnist", 1, 32, 50_000), "fashion-mnist": ("gpnd"
 def test_dataset_table():
     assert list(data.DATASETS) == list(DEFAULTS)   # argparse's choices and the error messages list them so
     for name, info in data.DATASETS.items():
-        assert (info.protocols[0], info.preset, info.channels, info.image_sizes[0], data.iterations(name)) \
+        assert (info.protocols[0], info.preset, info.channels, info.image_sizes[0], info.iterations) \
             == DEFAULTS[name], name
         assert info.preset is None or piad.preset(info.preset).image_size == info.image_sizes[0]
     assert data.DATASETS["folder"].image_sizes == (32, 64) and data.iterations("Fashion-MNIST") == 50_000
-    # folder trains for the iterations of its preset (train.py: data.iterations(name) or the preset's)
-    assert [piad.preset(p).iterations for p in ("mnist", "cifar10", "celeba")] == [50_000, 100_000, 200_000]
+    # folder trains for the iterations of the paper's dataset of its preset
+    assert [data.iterations("folder", p) for p in ("mnist", "cifar10", "celeba")] == [50_000, 100_000, 200_000]
+    with pytest.raises(ValueError, match="preset"):
+        data.iterations("folder")
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         data.iterations("imagenet")
 

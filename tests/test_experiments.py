@@ -169,7 +169,7 @@ def test_contamination_plot_is_written_for_several_levels(tmp_path):
 def test_contamination_curves_are_means_and_sample_stds_over_classes_and_seeds(tmp_path):
     grid = _grid(contaminations=(0.0, 0.1))  # classes 0, 8; seeds 0, 1
     ex.run_grid(grid, tmp_path, train_fn=FakeTrain(), log=lambda s: None)
-    curves = figures.contamination_curves(grid, ex.collect(grid, tmp_path))
+    curves = figures.contamination_curves(ex.collect(grid, tmp_path))
     assert set(curves) == {V_PIAD.label, V_LN.label}
     for v in grid.variants:
         ps, mean, std = curves[v.label]
@@ -179,7 +179,7 @@ def test_contamination_curves_are_means_and_sample_stds_over_classes_and_seeds(t
                     for k in grid.classes for s in grid.seeds]
             assert m == pytest.approx(np.mean(vals)) and sd == pytest.approx(np.std(vals, ddof=1))
     one = _grid(classes=("0",), seeds=(0,), contaminations=(0.0, 0.1))
-    assert all(std == [0.0, 0.0] for _, _, std in figures.contamination_curves(one, ex.collect(one, tmp_path)).values())
+    assert all(std == [0.0, 0.0] for _, _, std in figures.contamination_curves(ex.collect(one, tmp_path)).values())
 
 
 def test_presets_and_cli_overrides(tmp_path, monkeypatch):

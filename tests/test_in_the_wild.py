@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import in_the_wild
+import loop
 import piad
+import assemble
 import checkpoint
 import train
 
@@ -30,7 +32,7 @@ def _one_thread():
 
 def _tiny(seed=0, method="latent-norm"):
     torch.manual_seed(seed)
-    return checkpoint.new_model(method, TINY, 1)
+    return assemble.new_model(method, TINY, 1)
 
 
 def _sampler(batch=8, size=8, seed=1):
@@ -171,11 +173,11 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
 
 def test_step_on_mnist_preset_is_finite():
     torch.manual_seed(0)
-    m = checkpoint.new_model("latent-norm", piad.preset("mnist"), 1)
+    m = assemble.new_model("latent-norm", piad.preset("mnist"), 1)
     t = in_the_wild.LatentNormTrainer(m)
     out = t.step(0, _sampler(batch=4, size=32))
     assert set(out) == {"loss_dx", "adv_g", "cycle"}
-    assert set(out) <= set(train.LOG_FIELDS)
+    assert set(out) <= set(loop.LOG_FIELDS)
     assert all(math.isfinite(float(v)) for v in out.values())
     assert all(q.requires_grad for q in m.DX.parameters())  # the critic is unfrozen again
 

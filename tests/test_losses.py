@@ -136,7 +136,7 @@ def test_stats_save_load_and_mixing_refused(random_vgg, caffe_vgg, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(RuntimeError, match="could not read"):
         features.FeatureStats.load(tmp_path / "bad.pt")
-    with pytest.raises(FileNotFoundError, match="losses.py stats"):
+    with pytest.raises(FileNotFoundError, match="features.py stats"):
         features.FeatureStats.load(tmp_path / "none.pt")
 
 
@@ -149,13 +149,19 @@ def test_stats_command(tmp_path, monkeypatch):
     out = tmp_path / "stats.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        losses.main(["stats", "--images", str(tmp_path), "--out", str(out), "--weights", "random",
-                     "--image-size", "16"])
+        features.main(["stats", "--images", str(tmp_path), "--out", str(out), "--weights", "random",
+                       "--image-size", "16"])
     s = features.FeatureStats.load(out)
     assert s.mean.shape == (512,) and s.count == 3 * 2 * 2 and s.weights == "random:seed0"
+    Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(tmp_path / "grey.png")  # read by readers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        features.main(["stats", "--images", str(tmp_path), "--out", str(out), "--weights", "random"])
+    s = features.FeatureStats.load(out)
+    assert s.count == 4 * 2 * 3   # each image as it is: 20×24 -> relu4_2 at 2×3
     (tmp_path / "empty").mkdir()
     with pytest.raises(errors.UserError, match="no images"):  # a user error: `error: ...`, exit 2 from main()
-        losses._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
+        features._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
 
 
 def test_select_stats_auto_reads_the_authors_file_once(monkeypatch):
@@ -182,7 +188,7 @@ def test_select_stats_train_needs_batches_and_a_path_is_a_file(random_vgg, tmp_p
     s.save(tmp_path / "s.pt")
     t = features.select_stats(str(tmp_path / "s.pt"), random_vgg)
     assert torch.equal(t.std, s.std) and t.weights == random_vgg.weights_id
-    with pytest.raises(FileNotFoundError, match="losses.py stats"):
+    with pytest.raises(FileNotFoundError, match="features.py stats"):
         features.select_stats(str(tmp_path / "none.pt"), random_vgg)
 
 

@@ -15,11 +15,11 @@ import fused_op
 from losses import rel_perc_l1_torch  # the pure-PyTorch reference
 
 pytestmark = pytest.mark.skipif(
-    not fused_op.load(), reason="extension piad_C not built: pip install --no-build-isolation -e .")
+    not fused_op.is_built(), reason="extension piad_C not built: pip install --no-build-isolation -e .")
 CUDA = pytest.mark.skipif(
     not (torch.cuda.is_available() and fused_op.available("cuda")),
     reason="CUDA not available" if not torch.cuda.is_available() else "piad_C built without CUDA kernels")
-op, op_bw = (torch.ops.piad.rel_perc_l1, torch.ops.piad.rel_perc_l1_backward) if fused_op.load() else (None, None)
+op, op_bw = (torch.ops.piad.rel_perc_l1, torch.ops.piad.rel_perc_l1_backward) if fused_op.is_built() else (None, None)
 EPS = 1e-6
 TOL = {torch.float64: dict(rtol=1e-10, atol=0.0), torch.float32: dict(rtol=1e-5, atol=0.0)}
 
@@ -313,7 +313,7 @@ def test_more_errors():
 
 
 def test_available():
-    assert fused_op.load() is True and fused_op.load() is True  # cached
+    assert fused_op.is_built() is True and fused_op.is_built() is True  # cached
     assert fused_op.available("cpu") and fused_op.available(torch.device("cpu"))
     assert not fused_op.available("meta")
     if fused_op.available("cuda"):

@@ -156,7 +156,8 @@ def test_presets_are_the_authors_configs(dataset):
     cfg, channels = piad.preset(info.preset), info.channels
     assert (cfg.image_size, info.image_sizes, channels, cfg.latent_shape) == \
         (c["image_res"], (c["image_res"],), c["image_dim"], (c["latent_dim"], c["latent_res"], c["latent_res"]))
-    assert (data.iterations(dataset), cfg.n_dis, cfg.batch_size, cfg.n_weight) == \
+    run = train.TrainConfig()   # batch size and γ period are the run's settings
+    assert (data.iterations(dataset), cfg.n_dis, run.batch_size, run.n_weight) == \
         (c["iters"], c["n_dis"], c["batch_size"], c["update_grad_norm_iter"])
     assert (cfg.gp_weight, cfg.drift) == (c["wasserstein_loss_kwargs"]["gradient_penalty"],
                                           c["wasserstein_loss_kwargs"]["norm_penalty"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate
+import assemble
 import checkpoint
 import train
 
@@ -154,7 +155,7 @@ def test_one_pass_generator_step_equals_algorithm_1_literally():
     ds = data.load_dataset("digits", "3")
     cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0)
     model = piad.PIAD(config=piad.preset("mnist"), channels=1).double()
-    rec = checkpoint.build_reconstruction_loss(cfg, None, "cpu")[0]
+    rec = assemble.build_reconstruction_loss(cfg, None, "cpu")[0]
     results = []
     default = torch.get_default_dtype()
     try:
@@ -187,7 +188,7 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
     assert [len(b) for b in batches] == [50] * (n // 50) + [n % 50] and torch.equal(torch.cat(batches), ds.train.images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss, stats = checkpoint.build_reconstruction_loss(
+        loss, stats = assemble.build_reconstruction_loss(
             train.TrainConfig(stats="train", vgg_weights="random"), data.image_batches(lazy, "cpu"), "cpu")
         want = features.feature_stats(loss.features, [ds.train.images])
     assert stats.source == "training images" and stats.count == want.count
@@ -207,6 +208,6 @@ def test_stats_auto_uses_the_authors_statistics_only_for_their_weights(monkeypat
         cfg = train.TrainConfig(vgg_weights="random", stats="auto")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, stats = checkpoint.build_reconstruction_loss(cfg, None, "cpu")
+            _, stats = assemble.build_reconstruction_loss(cfg, None, "cpu")
         assert (stats.source == "authors") == expect_authors
         assert stats.weights == "random:seed0"   # never statistics of other weights
