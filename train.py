@@ -155,7 +155,8 @@ class PIADTrainer:
         (adv_g + adv_e).backward()                                 # line 17
 
     def gamma_due(self, it: int) -> bool:
-        """Alg. 1 line 9. paper: ``it % n_weight == 0``; authors' code: ``(it + 1) % n_weight == 0``."""
+        """Alg. 1 line 9: γ is due every ``n_weight`` iterations, from iteration 0 or from
+        ``n_weight - 1`` (``TrainConfig.policy_at_start`` chooses)."""
         return (it + (0 if self.cfg.policy_at_start else 1)) % self.cfg.n_weight == 0
 
     def _update_gammas(self, adv_g, adv_e, rec) -> None:

@@ -16,11 +16,9 @@ Where the paper's text and the authors' code disagree, the default follows the c
 * Reduction: paper (Alg. 3): mean of ratios per layer, then mean over layers
   (``reduce="mean"``); authors' code: the median of all (layer × time) ratios pooled
   (``reduce="pooled-median"``, default). ``"median"`` (median over per-layer means) is offered too.
-* Smoothing and N (the paper gives no values): authors' code: ``s_0 = v_0``,
-  ``s_t = 0.95·s_{t-1} + 0.05·v_t`` (their EWMA with α = 0.05), N = 200 (defaults).
-* History: paper: "all previously calculated values are kept"; authors' code: the last 200
-  records per layer (``max_history=200``, default; ``None`` keeps all), and the smoothing
-  starts again from the oldest record kept.
+* Smoothing, N and history: see :data:`DEFAULT_SMOOTHING`, :data:`DEFAULT_LAST_N` and
+  :data:`DEFAULT_HISTORY` (smoothing ``s_0 = v_0``, ``s_t = s·s_{t-1} + (1 - s)·v_t``; with a
+  bounded history it starts again from the oldest record kept; ``max_history=None`` keeps all).
 With n_weight = 100 (supplement §1.2), 200 records span 20,000 iterations.
 
 Layers a loss does not reach (``grad`` is None or exactly zero) are recorded as NaN
@@ -43,7 +41,7 @@ from torch import nn
 
 NORMS = ("std", "l2")
 POLICIES = ("gradnorm", "fixed")  # Algorithms 2-3 (§3.3), or γ_G, γ_E held fixed
-REDUCES = ("pooled-median", "mean", "median")
+REDUCES = ("pooled-median", "mean", "median")  # the default first
 DEFAULT_SMOOTHING = 0.95  # authors' code: EWMA with α = 0.05 (the paper gives no value)
 DEFAULT_LAST_N = 200      # authors' code (the paper gives no value)
 DEFAULT_HISTORY = 200     # authors' code keeps the last 200 records; paper: all
@@ -152,11 +150,10 @@ class GradientHistory:
         return {layer: statistics.fmean(r) for layer, r in ratios.items()}
 
     def weight(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
-               smoothing: float = DEFAULT_SMOOTHING, reduce: str = "pooled-median") -> float:
+               smoothing: float = DEFAULT_SMOOTHING, reduce: str = REDUCES[0]) -> float:
         """Algorithm 3: γ with ``||∂l_num|| ≈ γ·||∂l_den||`` (eq. 12), for ``l_num + γ·l_den``.
 
-        reduce: ``"pooled-median"`` (authors' code, default), ``"mean"`` (paper, line 7) or
-        ``"median"`` over the per-layer means."""
+        reduce: one of :data:`REDUCES` (see the module docstring)."""
         if reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
         kw = dict(last_n=last_n, smoothing=smoothing)

@@ -24,7 +24,7 @@ import evaluate
 import experiments
 import errors
 import features
-import losses
+import piad
 import checkpoint
 import train
 
@@ -136,11 +136,11 @@ BAD_INPUTS = {  # id: (program, argv with {w} for the world folder, words the er
                                                 "--root", "{w}/grid"], "--iterations must be"),
     "experiments: contamination 1": (experiments, ["custom", "--dataset", "digits", "--contaminations", "0", "1",
                                                    "--root", "{w}/grid"], "0 <= P < 1"),
-    "stats: no images": (losses, ["stats", "--images", "{w}/no-images", "--out", "{w}/s.pt"], "no images"),
-    "stats: missing folder": (losses, ["stats", "--images", "{w}/nope", "--out", "{w}/s.pt"], "no such folder"),
-    "stats: missing VGG file": (losses, ["stats", "--images", "{w}/images", "--weights", "{w}/vgg19.pth",
+    "stats: no images": (features, ["stats", "--images", "{w}/no-images", "--out", "{w}/s.pt"], "no images"),
+    "stats: missing folder": (features, ["stats", "--images", "{w}/nope", "--out", "{w}/s.pt"], "does not exist"),
+    "stats: missing VGG file": (features, ["stats", "--images", "{w}/images", "--weights", "{w}/vgg19.pth",
                                          "--out", "{w}/s.pt"], "--weights"),
-    "stats: image size 4": (losses, ["stats", "--images", "{w}/images", "--image-size", "4", "--out", "{w}/s.pt"],
+    "stats: image size 4": (features, ["stats", "--images", "{w}/images", "--image-size", "4", "--out", "{w}/s.pt"],
                             "--image-size must be at least 16"),
 }
 
@@ -211,10 +211,13 @@ def test_old_checkpoints_with_numpy_rng_states_still_resume(world, tmp_path):
     np.random.seed(3)
     state["rng"]["numpy"] = np.random.get_state()  # piad <= 0.1 stored numpy's tuple and an ndarray
     state["rng"]["python"] = tuple(state["rng"]["python"][:1]) + (tuple(state["rng"]["python"][1]), None)
+    state["preset"].update(iterations=50_000, batch_size=32, n_weight=100)  # PIADConfig fields of piad <= 0.1
     torch.save(state, run / "checkpoint.pt")
     with pytest.raises(Exception):
         torch.load(run / "checkpoint.pt", weights_only=True)  # numpy arrays are not allowed by default
     assert checkpoint.load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+    _, _, model, _ = evaluate.load_run(run / "checkpoint.pt", device="cpu")  # the old preset rebuilds
+    assert model.config == piad.preset("mnist")
     _quiet_train(train.parse_args(FAST + ["--iterations", "3", "--resume", "--no-evaluate", "--out", str(run)]))
     assert checkpoint.load_checkpoint(run / "checkpoint.pt")["iteration"] == 3
 
