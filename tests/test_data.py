@@ -257,9 +257,10 @@ def test_mnist_split_protocol(fake_mnist):
 
 def test_missing_mnist_message(tmp_path):
     for name in ("mnist", "cifar10"):
-        with pytest.raises(FileNotFoundError) as e:
+        with pytest.raises(data.DatasetUnavailable) as e:  # a FileNotFoundError
             data.load_dataset(name, 0, root=str(tmp_path / "nowhere"))
-        assert "nowhere" in str(e.value) and "--data-root" in str(e.value) and "download=True" in str(e.value)
+        assert "nowhere" in str(e.value) and "--data-root" in str(e.value) and "--no-download" in str(e.value)
+        assert ("--dataset mnist-5k" in str(e.value)) == (name == "mnist")  # the offline stand-in for MNIST
 
 
 # ---------------------------------------------------------------------------------------------
