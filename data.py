@@ -36,9 +36,8 @@ import torch
 from torch.utils.data import Dataset
 
 import readers
-from readers import DatasetUnavailable, ImageFiles, TensorImages, default_data_root  # data.ImageFiles, ... for the callers
-
-load_image_folder = readers.load_image_folder  # new images to score, as data.load_image_folder
+from readers import (DatasetUnavailable, ImageFiles, TensorImages, default_data_root,  # data.X for the callers
+                     load_image_folder)
 
 _DIGITS = tuple(str(i) for i in range(10))
 _FASHION = ("t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -227,11 +226,9 @@ def iterations(name: str, preset: str | None = None) -> int:
     ``folder`` (no schedule of its own) those of the first dataset of the paper with its images'
     network ``preset`` (mnist: 50k, cifar10: 100k, celeba: 200k)."""
     own = DATASETS[_check_name(name)].iterations
-    if own is not None:
-        return own
-    if preset is None:
+    if own is None and preset is None:
         raise ValueError(f"dataset {name!r} has no schedule of its own: give its network preset")
-    return next(d.iterations for d in DATASETS.values() if d.preset == preset and d.iterations)
+    return own or next(d.iterations for d in DATASETS.values() if d.preset == preset and d.iterations)
 
 
 # ----------------------------------------------------------------------------------------------
