@@ -38,7 +38,7 @@ import losses
 import piad
 from config import DEVICES, TrainConfig
 
-SCORES = ("rel-perc-l1", "perc-l1", "perc", "l1", "mse", "mse-imagenet", "critic", "latent-norm")
+SCORES = (*losses.KINDS, "critic", "latent-norm")  # every distance of eq. (1), −D_X(x), ‖E(x)‖
 
 
 @torch.no_grad()

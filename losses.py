@@ -5,9 +5,8 @@ features ``f`` are taken at ``relu4_2`` of an ImageNet-pretrained VGG-19, normal
 channel by precomputed statistics (eq. 3), and compared with an L1 distance that is divided
 by the L1 norm of the first image's normalised features (eq. 4). Eq. (2) (the classic
 perceptual loss) and the intermediate steps of Table 3 (right) are offered behind one
-interface, :class:`ReconstructionLoss`, with ``kind`` in ``mse | l1 | mse-imagenet | perc |
-perc-l1 | rel-perc-l1`` (``mse-imagenet``: the authors' pixel L2 of Table 3 right, on
-ImageNet-normalised pixels). The file follows the section: eq. (2)-(4) on features, then the
+interface, :class:`ReconstructionLoss`, with ``kind`` one of :data:`KINDS` (``mse-imagenet``: the
+authors' pixel L2 of Table 3 right, on ImageNet-normalised pixels). The file follows the section: eq. (2)-(4) on features, then the
 losses. The features themselves (the VGG-19 and the statistics μ, σ of eq. 3, and the command
 that computes them) are ``features.py``; the contrast curves of Fig. 1 are drawn by ``figures.py``.
 
@@ -32,8 +31,8 @@ except ImportError:
 
 log = logging.getLogger("piad.losses")
 
-KINDS = ("mse", "l1", "mse-imagenet", "perc", "perc-l1", "rel-perc-l1")
 PIXEL_KINDS = ("mse", "l1", "mse-imagenet")
+KINDS = (*PIXEL_KINDS, "perc", "perc-l1", "rel-perc-l1")
 REDUCTIONS = ("none", "mean", "sum")
 IMPLS = ("auto", "ext", "torch")  # fused op when built, the fused op, PyTorch
 DEFAULT_EPS = 1e-6
