@@ -8,10 +8,10 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
 * Fig. 4, §4: images x above their reconstructions G(E(x)), normal then anomalous
   (:func:`plot_reconstructions`, ``reconstructions.png``).
 * Fig. 5, §4: the least and the most anomalous test images by a score (:func:`plot_extremes`,
-  ``extremes.png``).
+  ``extremes.png``), with the anomaly maps of the most anomalous ones (an extension).
 * ROC curves of every score with their ROC AUC (:func:`plot_roc`, ``roc.png``).
 
-Our extensions, not in the paper: histograms of Berg et al.'s latent norms ‖E(x)‖
+Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overlay`); histograms of Berg et al.'s latent norms ‖E(x)‖
 (:func:`plot_latent_norms`, ``latent_norms.png``) and ROC AUC against the fraction of anomalies
 in the training set (:func:`plot_contamination`, ``auroc_vs_contamination.png``).
 
@@ -123,16 +123,67 @@ def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
     _save(fig, path)
 
 
-def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
-    """Fig. 5: the ``n`` least (top row) and most (bottom row) anomalous images by ``score``."""
+def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=None,
+                  map_kind: str = "rel-perc-l1") -> None:
+    """Fig. 5: the ``n`` least (top row) and most (middle row) anomalous images by ``score``;
+    with ``map_fn`` (images -> (n, h, w) anomaly maps, ``piad.anomaly_map``) the maps of the most
+    anomalous ones below them, upsampled to the images (bilinear), on one colour scale."""
     order = np.argsort(score, kind="stable")
     n = min(n, len(order) // 2)
     rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
-    fig, ax = _pyplot().subplots(figsize=(n, 2.4))
-    ax.imshow(_grid(rows))
-    ax.set_axis_off()
-    ax.set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
+    plt = _pyplot()
+    fig, axes = plt.subplots(2 if map_fn else 1, 1, figsize=(n, 3.6 if map_fn else 2.4), squeeze=False)
+    axes[0, 0].imshow(_grid(rows))
+    axes[0, 0].set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
+    if map_fn is not None:
+        maps = upsample_maps(map_fn(rows[1]).cpu(), rows[1].shape[-1])     # (n, S, S)
+        im = axes[1, 0].imshow(torch.cat(list(maps), dim=1).numpy(), cmap="inferno", vmin=0)
+        fig.colorbar(im, ax=axes[1, 0], orientation="horizontal", fraction=0.08, pad=0.05)
+        axes[1, 0].set_title(f"their anomaly maps: each position's share of A(x) with {map_kind}", fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
     _save(fig, path)
+
+
+def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) anomaly maps -> (N, *size), bilinear (for display: the sum is not kept)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear",
+                                           align_corners=False)[:, 0]
+
+
+def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: str = "A(x)",
+                 min_side: int = 128) -> tuple[int, int]:
+    """One image file with its anomaly map ``amap`` (h, w) over it, a colour bar and the score.
+
+    The map covers the centre square that was scored (``readers.prepare``: shorter side resized,
+    centre crop), upsampled to it (bilinear). The PNG has the image's size in pixels, times the
+    smallest whole factor that makes its shorter side at least ``min_side`` (so that the colour bar
+    and the score can be read on small images); returns its (width, height)."""
+    from PIL import Image
+
+    with Image.open(image_file) as im:
+        img = np.asarray(im.convert("RGB"))
+    h, w = img.shape[:2]
+    k = -(-min_side // min(h, w))  # ceil
+    side = min(h, w)
+    top, left = int(round((h - side) / 2)), int(round((w - side) / 2))
+    heat = np.full((h * k, w * k), np.nan)
+    heat[top * k:(top + side) * k, left * k:(left + side) * k] = upsample_maps(amap[None].cpu(), side * k)[0].numpy()
+    plt = _pyplot()
+    fig = plt.figure(figsize=(w * k / 100, h * k / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.imshow(img, extent=(0, w * k, h * k, 0), interpolation="nearest")
+    shown = ax.imshow(heat, extent=(0, w * k, h * k, 0), cmap="inferno", alpha=0.55, vmin=0)
+    cax = ax.inset_axes((0.88, 0.2, 0.04, 0.6))
+    fig.colorbar(shown, cax=cax)
+    cax.tick_params(labelsize=6, colors="white")
+    ax.text(0.02, 0.98, f"{label} = {score:.4g}", transform=ax.transAxes, va="top", fontsize=8,
+            color="white", bbox=dict(facecolor="black", alpha=0.6, pad=2, lw=0))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return w * k, h * k
 
 
 def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,
