@@ -40,6 +40,7 @@ import errors
 import evaluate
 import in_the_wild
 import piad
+import tblog
 import weights_policy
 from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from config import TrainConfig, parse_args
@@ -321,6 +322,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     t0 = time.time()
     last_ckpt = t0
     bar = _progress(cfg, start, iterations)
+    tb = (tblog.TensorBoardLog(run / "tb", ds.train, every=cfg.tensorboard_images, start=start)
+          if cfg.tensorboard else None)  # RUN/tb/: an optional extra, log.csv is always written
     stop = errors.StopOnSignal()
     it = start
     try:
@@ -339,6 +342,10 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                         diverge(it + 1, int(bad_at))
                     writer.writerow({"iteration": it, "time_s": round(elapsed + time.time() - t0, 3), **row})
                     fh.flush()
+                    if tb is not None:
+                        tb.log(it, row)
+                if tb is not None and tb.reconstructions_due(it, iterations - 1):
+                    tb.reconstructions(it, model)
                     if bar is not None:
                         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("rec", "cycle", "gamma_g", "gamma_e")
                                          if k in row})
@@ -372,6 +379,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     finally:
         if bar is not None:
             bar.close()
+        if tb is not None:
+            tb.close()
     train_time = elapsed + time.time() - t0
     if not cfg.evaluate:
         return {"iterations": iterations, "train_time_s": train_time}
