@@ -132,16 +132,18 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=N
     n = min(n, len(order) // 2)
     rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
     plt = _pyplot()
-    fig, axes = plt.subplots(2 if map_fn else 1, 1, figsize=(n, 3.6 if map_fn else 2.4), squeeze=False)
-    axes[0, 0].imshow(_grid(rows))
-    axes[0, 0].set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
-    if map_fn is not None:
-        maps = upsample_maps(map_fn(rows[1]).cpu(), rows[1].shape[-1])     # (n, S, S)
-        im = axes[1, 0].imshow(torch.cat(list(maps), dim=1).numpy(), cmap="inferno", vmin=0)
-        fig.colorbar(im, ax=axes[1, 0], orientation="horizontal", fraction=0.08, pad=0.05)
-        axes[1, 0].set_title(f"their anomaly maps: each position's share of A(x) with {map_kind}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, ax = plt.subplots(figsize=(n, 3.6 if map_fn else 2.4))
+    grid, what = _grid(rows), "least (top) and most (bottom) anomalous"
+    if map_fn is not None:  # a third row: the maps, coloured on one scale
+        maps = torch.cat(list(upsample_maps(map_fn(rows[1]).cpu(), rows[1].shape[-1])), dim=1).numpy()  # (S, n·S)
+        norm = plt.Normalize(0, max(float(maps.max()), 1e-12))
+        grid = np.concatenate([grid, plt.get_cmap("inferno")(norm(maps))[..., :3]], axis=0)
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="inferno"), ax=ax, orientation="horizontal",
+                     fraction=0.05, pad=0.03, label=f"share of A(x) ({map_kind}) per position")
+        what = "least (top) and most (middle) anomalous, maps of the latter (bottom)"
+    ax.imshow(grid)
+    ax.set_axis_off()
+    ax.set_title(f"{what} — {title}", fontsize=9)
     _save(fig, path)
 
 

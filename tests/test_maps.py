@@ -176,3 +176,32 @@ def test_the_exported_scorer_equals_evaluate_and_loads_with_torch_only(run, tmp_
     scorer = torch.export.load(tmp_path / "scorer.pt2").module()  # any batch size
     one, _ = scorer(x01[1:2])
     np.testing.assert_allclose(one.numpy(), scores["rel-perc-l1"][1:2], rtol=1e-5, atol=0)
+
+
+# --- the localisation study (docs/anomaly_maps_study.py) -----------------------------------------
+
+def _study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "anomaly_maps_study.py"
+    spec = importlib.util.spec_from_file_location("anomaly_maps_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_study_pastes_a_patch_with_its_mask_and_scores_maps_against_it():
+    study = _study()
+    g = torch.Generator().manual_seed(0)
+    target, source = -torch.ones(1, 32, 32), torch.ones(1, 32, 32)
+    out, mask = study.paste(target, source, 8, g)
+    assert mask.sum() == 64 and (out[0][mask] == 1).all() and (out[0][~mask] == -1).all()
+    rows, cols = mask.nonzero(as_tuple=True)
+    assert rows.min() >= study.MARGIN and rows.max() < 32 - study.MARGIN and cols.max() - cols.min() == 7
+    assert study.paste(target, target.clone(), 8, g) is None  # nothing pasted: the pair is left out
+    masks = np.stack([mask.numpy()] * 3)
+    perfect = study.localisation(masks.astype(float) + 0.01 * np.random.default_rng(0).random(masks.shape), masks)
+    assert perfect == {"pixel_auroc": 1.0, "per_image_auroc": 1.0, "max_in_patch": 1.0}
+    inverted = study.localisation(1.0 - masks, masks)
+    assert inverted["pixel_auroc"] == 0.0 and inverted["max_in_patch"] == 0.0

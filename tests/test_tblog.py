@@ -52,3 +52,15 @@ def test_tensorboard_flag_is_resumable_and_validated():
     assert {"tensorboard", "tensorboard_images"} <= config.TrainConfig.RESUMABLE
     with pytest.raises(Exception, match="tensorboard-images"):
         config.TrainConfig(tensorboard_images=0).validate()
+
+
+def test_tensorboard_without_the_package_is_one_error_before_any_work(monkeypatch):
+    import importlib.util
+
+    import errors
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(errors.UserError, match=r"pip install \.\[tensorboard\]"):
+        config.TrainConfig(tensorboard=True).validate()
+    config.TrainConfig(tensorboard=False).validate()
