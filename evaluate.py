@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -75,15 +76,15 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
                 kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss), reduction="none",
                 impl=rec_loss.impl, check_range=False).to(device)
     pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in losses.PIXEL_KINDS}
+    amap = map_loss(rec_loss) if maps else None
 
     def distances(x, xr) -> dict:  # every L(x, G(E(x))) of eq. (1), VGG features computed once
         out = {k: L(x, xr) for k, L in pixel.items()}
         if feature_losses:
             fx, fy = rec_loss.features(x), rec_loss.features(xr)
             out.update({k: L(x, xr, fx=fx, fy=fy) for k, L in feature_losses.items()})
-        if maps:  # the same reconstruction and features, position by position
-            out["map"] = (feature_losses["rel-perc-l1"].map(x, xr, fx=fx, fy=fy) if feature_losses
-                          else pixel["l1"].map(x, xr))
+        if amap is not None:  # the same reconstruction and features, position by position
+            out["map"] = amap.map(x, xr, fx=fx, fy=fy) if feature_losses else amap.map(x, xr)
         return out
 
     out: dict[str, list] = {}
@@ -161,7 +162,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     figures.plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
     amap = map_loss(feature_loss)
     figures.plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
-                          map_fn=lambda x: piad.anomaly_map(model, x, amap.map), map_kind=amap.kind)
+                          map_fn=lambda idx, x: piad.anomaly_map(model, x, amap.map), map_kind=amap.kind)
     if config.method == "latent-norm":
         figures.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
                                   title=f"{config.dataset}, normal {data.normal}")
@@ -186,15 +187,12 @@ def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, score
     np.savez(out / f"maps_{name}.npz", **{ident: m for ident, m in zip(ids, maps)})
     overlays = out / f"overlays_{name}"
     for ident, m, s in zip(ids, maps, scores[kind]):
-        target = (overlays / Path(ident).resolve().relative_to(Path(folder).resolve())).with_suffix(".png")
+        target = (overlays / os.path.relpath(ident, Path(folder).expanduser())).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         figures.plot_overlay(target, ident, torch.from_numpy(m), float(s), label=kind)
     if len(ids) >= 2:
-        lookup = {i: torch.from_numpy(m) for i, m in enumerate(maps)}  # the maps already computed
-        order = np.argsort(scores[kind], kind="stable")[::-1]
         figures.plot_extremes(out / f"extremes_{name}.png", ds, scores[kind], f"{name}, {kind}",
-                              map_fn=lambda x: torch.stack([lookup[int(i)] for i in order[:len(x)]]),
-                              map_kind=kind)
+                              map_fn=lambda idx, x: torch.from_numpy(maps[idx]), map_kind=kind)  # already computed
 
 
 def load_run(path, *, device="auto", data_root=None):

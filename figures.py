@@ -126,8 +126,9 @@ def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
 def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=None,
                   map_kind: str = "rel-perc-l1") -> None:
     """Fig. 5: the ``n`` least (top row) and most (middle row) anomalous images by ``score``;
-    with ``map_fn`` (images -> (n, h, w) anomaly maps, ``piad.anomaly_map``) the maps of the most
-    anomalous ones below them, upsampled to the images (bilinear), on one colour scale."""
+    with ``map_fn`` ((indices in ``ds``, images) -> (n, h, w) anomaly maps, e.g. by
+    ``piad.anomaly_map``) the maps of the most anomalous ones below them, upsampled to the images
+    (bilinear), on one colour scale."""
     order = np.argsort(score, kind="stable")
     n = min(n, len(order) // 2)
     rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
@@ -135,7 +136,8 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=N
     fig, ax = plt.subplots(figsize=(n, 3.6 if map_fn else 2.4))
     grid, what = _grid(rows), "least (top) and most (bottom) anomalous"
     if map_fn is not None:  # a third row: the maps, coloured on one scale
-        maps = torch.cat(list(upsample_maps(map_fn(rows[1]).cpu(), rows[1].shape[-1])), dim=1).numpy()  # (S, n·S)
+        maps = map_fn(order[::-1][:n], rows[1]).cpu()
+        maps = torch.cat(list(upsample_maps(maps, rows[1].shape[-1])), dim=1).numpy()  # (S, n·S)
         norm = plt.Normalize(0, max(float(maps.max()), 1e-12))
         grid = np.concatenate([grid, plt.get_cmap("inferno")(norm(maps))[..., :3]], axis=0)
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="inferno"), ax=ax, orientation="horizontal",

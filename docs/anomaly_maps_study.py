@@ -6,7 +6,9 @@ is scored by a trained run. Two maps are compared against the mask:
 
 * ``eq. (4)``: ``piad.anomaly_map`` with relative-perceptual-L1 (the map of
   ``evaluate.py --images``), (S/8, S/8), upsampled to the image (bilinear) as for display;
-* ``|x - G(E(x))|``: the pixel map of the same reconstruction (``ReconstructionLoss("l1").map``).
+* ``|x - G(E(x))|``: the pixel map of the same reconstruction (``ReconstructionLoss("l1").map``);
+* ``centre prior``: no model, minus the distance to the image's centre: what knowing only that
+  patches lie inside the central pixels is worth.
 
 Measured per map: pixel-level ROC AUC against the mask over all pixels of all pasted images
 (pooled, as anomalib's pixel AUROC), the mean of the per-image pixel ROC AUCs, and how often the
@@ -18,8 +20,8 @@ background) is drawn again, as no anomaly was pasted.
 
     python docs/anomaly_maps_study.py --checkpoint RUN/checkpoint.pt [--n 500] [--sizes 8 12 16] [--seed 0]
 
-prints a Markdown table and writes ``anomaly_maps_study.json`` and ``anomaly_maps_examples.png``
-beside the checkpoint (or in ``--out``).
+prints a Markdown table and writes ``anomaly_maps_study.json``, ``anomaly_maps_examples.png`` and
+the first pasted images as PNG files (``pasted_examples/``) beside the checkpoint (or in ``--out``).
 """
 import argparse
 import json
@@ -68,6 +70,12 @@ def localisation(maps: np.ndarray, masks: np.ndarray) -> dict:
             "max_in_patch": float(hits.mean())}
 
 
+def centre_prior(n: int, s: int) -> np.ndarray:
+    """A map that knows nothing but where patches tend to be: minus the distance to the centre."""
+    r = np.arange(s) - (s - 1) / 2
+    return np.broadcast_to(-np.hypot(r[:, None], r[None, :]), (n, s, s))
+
+
 def study(checkpoint: str, *, n: int, sizes, seed: int, out: Path) -> list[dict]:
     state, cfg, model, rec_loss = evaluate.load_run(checkpoint, device="cpu")
     ds = data.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed, protocol=cfg.protocol,
@@ -77,38 +85,50 @@ def study(checkpoint: str, *, n: int, sizes, seed: int, out: Path) -> list[dict]
     eq4 = evaluate.map_loss(rec_loss)
     pixel = losses.ReconstructionLoss(kind="l1", reduction="none", check_range=False)
     gen = torch.Generator().manual_seed(seed)
+    targets = normal[torch.randperm(len(normal), generator=gen)[:n].numpy()]  # the same images in every row
+    clean = torch.stack([ds.test[int(i)][0] for i in targets])
+    clean_scores = dict(zip(targets.tolist(), piad.anomaly_score(model, clean, eq4, batch_size=128).tolist()))
     rows, examples = [], []
     for source_name, pool in (("anomalous class", anomalous), ("normal class (control)", normal)):
         for size in sizes:
-            idx = normal[torch.randperm(len(normal), generator=gen)[:n].numpy()]
-            src = pool[torch.randint(len(pool), (len(idx),), generator=gen).numpy()]
-            done = [(i, paste(ds.test[int(i)][0], ds.test[int(j)][0], size, gen)) for i, j in zip(idx, src) if i != j]
-            idx = [i for i, p in done if p is not None]
+            src = pool[torch.randint(len(pool), (len(targets),), generator=gen).numpy()]
+            done = [(i, paste(ds.test[int(i)][0], ds.test[int(j)][0], size, gen)) for i, j in zip(targets, src) if i != j]
+            idx = [int(i) for i, p in done if p is not None]
             x = torch.stack([p[0] for _, p in done if p is not None])
             masks = torch.stack([p[1] for _, p in done if p is not None]).numpy()
-            clean = torch.stack([ds.test[int(i)][0] for i in idx])
             both = lambda a, b: {"eq4": eq4.map(a, b), "pixel": pixel.map(a, b), "score": eq4(a, b)}  # noqa: E731
             got = piad.anomaly_score(model, x, both, batch_size=128)
-            clean_scores = piad.anomaly_score(model, clean, eq4, batch_size=128)
             s = x.shape[-1]
             maps = {"eq. (4), upsampled": figures.upsample_maps(got["eq4"], s).numpy(),
-                    "|x - G(E(x))|": got["pixel"].numpy()}
+                    "|x - G(E(x))|": got["pixel"].numpy(), "centre prior (no model)": centre_prior(len(idx), s)}
             image_auc = roc_auc_score(np.r_[np.zeros(len(idx)), np.ones(len(idx))],
-                                      np.r_[clean_scores.numpy(), got["score"].numpy()])
+                                      np.r_[[clean_scores[i] for i in idx], got["score"].numpy()])
             for name, m in maps.items():
                 rows.append({"source": source_name, "patch": size, "map": name, "n": len(idx),
                              "chance_max_in_patch": size * size / s / s, **localisation(m, masks),
                              "image_auroc_pasted_vs_clean": float(image_auc)})
                 print(rows[-1], flush=True)
             if source_name == "anomalous class" and size == sorted(sizes)[len(sizes) // 2]:
-                examples = (clean[:6], x[:6], masks[:6], maps["eq. (4), upsampled"][:6], maps["|x - G(E(x))|"][:6])
-    meta = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "dataset": cfg.dataset,
+                examples = (torch.stack([ds.test[i][0] for i in idx[:6]]), x[:6], masks[:6],
+                            maps["eq. (4), upsampled"][:6], maps["|x - G(E(x))|"][:6])
+    meta = {"checkpoint": str(checkpoint), "n": n, "sizes": list(sizes), "iteration": state["iteration"], "dataset": cfg.dataset,
             "normal": cfg.normal, "seed": seed, "train_seed": cfg.seed, "vgg_weights": rec_loss.weights_id,
             "device": "cpu", "rows": rows}
     (out / "anomaly_maps_study.json").write_text(json.dumps(meta, indent=2))
     if examples:
         plot_examples(out / "anomaly_maps_examples.png", *examples)
+        save_pngs(out / "pasted_examples", examples[1])
     return meta
+
+
+def save_pngs(folder: Path, images: torch.Tensor) -> None:
+    """The first pasted images as PNG files (input for ``evaluate.py --images``; README's overlay)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(images):
+        a = img.add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(-1).numpy()
+        Image.fromarray(a).save(folder / f"pasted_{k}.png")
 
 
 def plot_examples(path, clean, pasted, masks, eq4, pixel) -> None:
@@ -129,11 +149,12 @@ def plot_examples(path, clean, pasted, masks, eq4, pixel) -> None:
 
 
 def table(meta: dict) -> str:
-    lines = ["| patch from | P | map | pixel ROC AUC (pooled) | mean per-image pixel ROC AUC | max in patch | chance |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| patch from | P | map | pixel ROC AUC (pooled) | mean per-image pixel ROC AUC | max in patch "
+             "(chance) | image ROC AUC, pasted vs clean |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in meta["rows"]:
-        lines.append(f"| {r['source']} | {r['patch']} | {r['map'].replace('|', chr(92) + '|')} | {r['pixel_auroc']:.3f} | "
-                     f"{r['per_image_auroc']:.3f} | {r['max_in_patch']:.1%} | {r['chance_max_in_patch']:.1%} |")
+        name = r["map"].replace("|", "\\|")
+        lines.append(f"| {r['source']} | {r['patch']} | {name} | {r['pixel_auroc']:.3f} | {r['per_image_auroc']:.3f} | "
+                     f"{r['max_in_patch']:.1%} ({r['chance_max_in_patch']:.1%}) | {r['image_auroc_pasted_vs_clean']:.3f} |")
     return "\n".join(lines)
 
 
