@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class TrainConfig:
     channels_last: bool = knob(True, "NHWC tensors for every conv net (same maths, faster kernels)")
     checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)")
     log_every: int = knob(10, "iterations between rows of log.csv")
+    tensorboard: bool = knob(False, "also write the logged losses and γ, and reconstruction grids, to RUN/tb/ "
+                                    "(needs: pip install .[tensorboard])")
+    tensorboard_images: int = knob(500, "iterations between reconstruction grids with --tensorboard")
     progress: bool = knob(True, "show a progress bar")
     evaluate: bool = knob(True, "evaluate after training (--no-evaluate: later, with evaluate.py)")
     reseed: int = knob(0, "with --resume: new random draws from the checkpoint on (e.g. after a divergence)")
@@ -105,7 +109,7 @@ class TrainConfig:
                     bad.append(f"--normal: {exc}")
         need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
-        for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every"):
+        for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
         for name in ("seed", "reseed"):
             need(is_int(getattr(self, name)) and 0 <= getattr(self, name) < 2 ** 32, name,
@@ -118,6 +122,8 @@ class TrainConfig:
             need(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
         need(is_real(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
              "must be a number >= 0 (0: after every iteration)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            bad.append("--tensorboard needs the package tensorboard: pip install .[tensorboard]")
         if self.device == "cuda" and not torch.cuda.is_available():
             bad.append("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
         if self.vgg_weights not in features.WEIGHTS and not Path(self.vgg_weights).is_file():
@@ -147,7 +153,8 @@ class TrainConfig:
     # Settings a resumed run may change: they change speed, where files are, or (reseed) the
     # random draws from the checkpoint on; the checkpoint's own statistics are used on resume.
     RESUMABLE = frozenset({"resume", "fallback", "progress", "device", "checkpoint_minutes", "evaluate", "iterations",
-                           "data_root", "impl", "cache_features", "channels_last", "reseed", "out", "stats"})
+                           "data_root", "impl", "cache_features", "channels_last", "reseed", "out", "stats",
+                           "tensorboard", "tensorboard_images"})
 
     def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
         """The settings that differ from the checkpoint's and would change the maths of the run."""

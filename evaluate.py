@@ -9,17 +9,20 @@ is the training loss for PIAD and ``latent-norm`` for ``--method latent-norm``.
 
 Writes to the run folder: ``metrics.json`` (ROC AUC of every score and the run's settings),
 ``scores.csv`` (one row per test image), ``roc.png``, ``reconstructions.png`` (x above G(E(x)),
-normal then anomalous, as Fig. 4), ``extremes.png`` (least and most anomalous test images,
+normal then anomalous, as Fig. 4), ``extremes.png`` (least and most anomalous test images and the maps of the latter,
 as Fig. 5) and, for latent-norm runs, ``latent_norms.png`` (histogram of ‖E(x)‖₂).
 
 ``python evaluate.py --checkpoint RUN/checkpoint.pt [--images DIR]`` re-evaluates a saved run,
-or scores a folder of new, unlabelled images.
+or scores a folder of new, unlabelled images and writes their anomaly maps (``piad.anomaly_map``:
+eq. (4) position by position, summing to A(x)) as ``maps_NAME.npz`` and overlays;
+``--export scorer.pt2`` writes the scorer as one ``torch.export`` program (module ``export``).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import assemble
 import checkpoint
 import data as data_mod
 import errors
+import export
 import features
 import figures
 import in_the_wild
@@ -41,10 +45,21 @@ from config import DEVICES, TrainConfig
 SCORES = (*losses.KINDS, "critic", "latent-norm")  # every distance of eq. (1), −D_X(x), ‖E(x)‖
 
 
+def map_loss(rec_loss) -> losses.ReconstructionLoss:
+    """The distance of the anomaly maps: eq. (4) (``rel-perc-l1``) with the run's VGG features and
+    statistics, whatever the training loss; pixel ``l1`` if the run has no VGG features."""
+    if rec_loss is None or rec_loss.features is None or not hasattr(rec_loss, "mean"):
+        return losses.ReconstructionLoss(kind="l1", reduction="none", check_range=False)
+    return losses.ReconstructionLoss(kind="rel-perc-l1", features=rec_loss.features, stats=_stats_of(rec_loss),
+                                     reduction="none", impl=rec_loss.impl, check_range=False).to(rec_loss.mean.device)
+
+
 @torch.no_grad()
 def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
-                   centre: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
+                   centre: torch.Tensor | None = None, maps: bool = False) -> tuple[dict, np.ndarray]:
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
+    With ``maps``, ``scores["map"]`` holds the anomaly map of every image, (N, h, w), which sums to
+    its score ``map_loss(rec_loss).kind`` (``piad.anomaly_map``).
 
     Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
     ``centre``, ‖E(x) - centre‖: ``in_the_wild.code_norms``) and -D_X(x). Items are scored
@@ -62,12 +77,15 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
                 kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss), reduction="none",
                 impl=rec_loss.impl, check_range=False).to(device)
     pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in losses.PIXEL_KINDS}
+    amap = map_loss(rec_loss) if maps else None
 
     def distances(x, xr) -> dict:  # every L(x, G(E(x))) of eq. (1), VGG features computed once
         out = {k: L(x, xr) for k, L in pixel.items()}
         if feature_losses:
             fx, fy = rec_loss.features(x), rec_loss.features(xr)
             out.update({k: L(x, xr, fx=fx, fy=fy) for k, L in feature_losses.items()})
+        if amap is not None:  # the same reconstruction and features, position by position
+            out["map"] = amap.map(x, xr, fx=fx, fy=fy) if feature_losses else amap.map(x, xr)
         return out
 
     out: dict[str, list] = {}
@@ -127,7 +145,8 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     prior = in_the_wild.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
-    scores, labels = compute_scores(model, data.test, _feature_loss(rec_loss, config, data, model),
+    feature_loss = _feature_loss(rec_loss, config, data, model)
+    scores, labels = compute_scores(model, data.test, feature_loss,
                                     centre=None if prior is None else prior[1].mean(0))  # E's image of 0
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
@@ -142,7 +161,9 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     write_scores_csv(run / "scores.csv", data.test_ids, scores, labels)
     figures.plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
     figures.plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
-    figures.plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}")
+    amap = map_loss(feature_loss)
+    figures.plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
+                          map_fn=lambda idx, x: piad.anomaly_map(model, x, amap.map), map_kind=amap.kind)
     if config.method == "latent-norm":
         figures.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
                                   title=f"{config.dataset}, normal {data.normal}")
@@ -157,6 +178,22 @@ def write_scores_csv(path, ids, scores: dict, labels=None) -> None:
         for i, ident in enumerate(ids):
             w.writerow([ident] + ([int(labels[i])] if labels is not None else [])
                        + [f"{scores[k][i]:.6g}" for k in names])
+
+
+def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, scores: dict, kind: str,
+               folder) -> None:
+    """Beside ``scores_NAME.csv``: ``maps_NAME.npz`` (each image's (h, w) map under its id in the CSV),
+    ``overlays_NAME/`` (one PNG per image, at the image file's relative path, the map over the image)
+    and ``extremes_NAME.png`` (the most anomalous images by ``kind`` with their maps below)."""
+    np.savez(out / f"maps_{name}.npz", **{ident: m for ident, m in zip(ids, maps)})
+    overlays = out / f"overlays_{name}"
+    for ident, m, s in zip(ids, maps, scores[kind]):
+        target = (overlays / os.path.relpath(ident, Path(folder).expanduser())).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figures.plot_overlay(target, ident, torch.from_numpy(m), float(s), label=kind)
+    if len(ids) >= 2:
+        figures.plot_extremes(out / f"extremes_{name}.png", ds, scores[kind], f"{name}, {kind}",
+                              map_fn=lambda idx, x: torch.from_numpy(maps[idx]), map_kind=kind)  # already computed
 
 
 def load_run(path, *, device="auto", data_root=None):
@@ -181,7 +218,10 @@ def _main(argv) -> None:
     p = argparse.ArgumentParser(prog="evaluate.py",
                                 description="Evaluate a trained PIAD checkpoint, or score new images.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", default=None, help="folder of images to score (no labels needed)")
+    p.add_argument("--images", default=None, help="folder of images to score (no labels needed); writes "
+                   "scores_NAME.csv, maps_NAME.npz, overlays_NAME/ and extremes_NAME.png")
+    p.add_argument("--export", default=None, metavar="FILE.pt2",
+                   help="write the scorer (preprocessing, E, G, VGG, eq. (4)) as one torch.export program")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -191,18 +231,30 @@ def _main(argv) -> None:
     if out.exists() and not out.is_dir():
         raise errors.UserError(f"--out {out} is a file, not a folder")
     state, cfg, model, rec_loss = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
+    if a.export:
+        with errors.user_errors(OSError, prefix=f"--export {a.export}: "):
+            meta = export.export_scorer(model, map_loss(rec_loss), a.export, image_size=state["image_size"],
+                                        channels=state["channels"], extra={"checkpoint": str(a.checkpoint),
+                                                                           "iteration": state["iteration"]})
+        print(f"wrote {a.export}: scores and {meta['distance']} maps of {meta['channels']}×{meta['image_size']}×"
+              f"{meta['image_size']} images in [0, 1]; load it with torch.export.load(path).module()")
+        return
     if a.images:
         with errors.user_errors(ValueError, OSError, prefix="--images: "):
             ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],
                                                    channels=state["channels"])
-        scores, _ = compute_scores(model, ds, rec_loss)
+        scores, _ = compute_scores(model, ds, rec_loss, maps=True)
+        maps = scores.pop("map")
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"scores_{Path(a.images).resolve().name}.csv"
+        name = Path(a.images).resolve().name
+        path = out / f"scores_{name}.csv"
         write_scores_csv(path, paths, scores)
+        write_maps(out, name, paths, maps, ds, scores, map_loss(rec_loss).kind, a.images)
         main_score = scores[primary_score(cfg)]
         print(f"scored {len(paths)} images with {primary_score(cfg)} "
               f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}) "
-              f"-> {path}")
+              f"-> {path}; anomaly maps ({map_loss(rec_loss).kind}) -> {out / f'maps_{name}.npz'}, "
+              f"{out / f'overlays_{name}'}/, {out / f'extremes_{name}.png'}")
         return
     with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,

@@ -8,10 +8,10 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
 * Fig. 4, §4: images x above their reconstructions G(E(x)), normal then anomalous
   (:func:`plot_reconstructions`, ``reconstructions.png``).
 * Fig. 5, §4: the least and the most anomalous test images by a score (:func:`plot_extremes`,
-  ``extremes.png``).
+  ``extremes.png``), with the anomaly maps of the most anomalous ones (an extension).
 * ROC curves of every score with their ROC AUC (:func:`plot_roc`, ``roc.png``).
 
-Our extensions, not in the paper: histograms of Berg et al.'s latent norms ‖E(x)‖
+Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overlay`); histograms of Berg et al.'s latent norms ‖E(x)‖
 (:func:`plot_latent_norms`, ``latent_norms.png``) and ROC AUC against the fraction of anomalies
 in the training set (:func:`plot_contamination`, ``auroc_vs_contamination.png``).
 
@@ -123,16 +123,71 @@ def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
     _save(fig, path)
 
 
-def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10) -> None:
-    """Fig. 5: the ``n`` least (top row) and most (bottom row) anomalous images by ``score``."""
+def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=None,
+                  map_kind: str = "rel-perc-l1") -> None:
+    """Fig. 5: the ``n`` least (top row) and most (middle row) anomalous images by ``score``;
+    with ``map_fn`` ((indices in ``ds``, images) -> (n, h, w) anomaly maps, e.g. by
+    ``piad.anomaly_map``) the maps of the most anomalous ones below them, upsampled to the images
+    (bilinear), on one colour scale."""
     order = np.argsort(score, kind="stable")
     n = min(n, len(order) // 2)
     rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
-    fig, ax = _pyplot().subplots(figsize=(n, 2.4))
-    ax.imshow(_grid(rows))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(n, 3.6 if map_fn else 2.4))
+    grid, what = _grid(rows), "least (top) and most (bottom) anomalous"
+    if map_fn is not None:  # a third row: the maps, coloured on one scale
+        maps = map_fn(order[::-1][:n], rows[1]).cpu()
+        maps = torch.cat(list(upsample_maps(maps, rows[1].shape[-1])), dim=1).numpy()  # (S, n·S)
+        norm = plt.Normalize(0, max(float(maps.max()), 1e-12))
+        grid = np.concatenate([grid, plt.get_cmap("inferno")(norm(maps))[..., :3]], axis=0)
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="inferno"), ax=ax, orientation="horizontal",
+                     fraction=0.05, pad=0.03, label=f"share of A(x) ({map_kind}) per position")
+        what = "least (top) and most (middle) anomalous, maps of the latter (bottom)"
+    ax.imshow(grid)
     ax.set_axis_off()
-    ax.set_title(f"least (top) and most (bottom) anomalous — {title}", fontsize=9)
+    ax.set_title(f"{what} — {title}", fontsize=9)
     _save(fig, path)
+
+
+def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) anomaly maps -> (N, *size), bilinear (for display: the sum is not kept)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear",
+                                           align_corners=False)[:, 0]
+
+
+def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: str = "A(x)",
+                 min_side: int = 128) -> tuple[int, int]:
+    """One image file with its anomaly map ``amap`` (h, w) over it, a colour bar and the score.
+
+    The map covers the centre square that was scored (``readers.prepare``: shorter side resized,
+    centre crop), upsampled to it (bilinear). The PNG has the image's size in pixels, times the
+    smallest whole factor that makes its shorter side at least ``min_side`` (so that the colour bar
+    and the score can be read on small images); returns its (width, height)."""
+    from PIL import Image
+
+    with Image.open(image_file) as im:
+        img = np.asarray(im.convert("RGB"))
+    h, w = img.shape[:2]
+    k = -(-min_side // min(h, w))  # ceil
+    side = min(h, w)
+    top, left = int(round((h - side) / 2)), int(round((w - side) / 2))
+    heat = np.full((h * k, w * k), np.nan)
+    heat[top * k:(top + side) * k, left * k:(left + side) * k] = upsample_maps(amap[None].cpu(), side * k)[0].numpy()
+    plt = _pyplot()
+    fig = plt.figure(figsize=(w * k / 100, h * k / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.imshow(img, extent=(0, w * k, h * k, 0), interpolation="nearest")
+    shown = ax.imshow(heat, extent=(0, w * k, h * k, 0), cmap="inferno", alpha=0.55, vmin=0)
+    cax = ax.inset_axes((0.88, 0.2, 0.04, 0.6))
+    fig.colorbar(shown, cax=cax)
+    cax.tick_params(labelsize=6, colors="white")
+    ax.text(0.02, 0.98, f"{label} = {score:.4g}", transform=ax.transAxes, va="top", fontsize=8,
+            color="white", bbox=dict(facecolor="black", alpha=0.6, pad=2, lw=0))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return w * k, h * k
 
 
 def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,

@@ -23,6 +23,7 @@ import checkpoint
 import data as data_mod
 import errors
 import piad
+import tblog
 from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from config import TrainConfig
 from errors import Diverged, Interrupted
@@ -128,6 +129,8 @@ def loop(run: Run) -> None:
     """Algorithm 1's iterations from ``run.start``, with log.csv, checkpoints and the stop rules."""
     cfg, it = run.cfg, run.start
     bar = progress(cfg, run.start, run.iterations)
+    tb = (tblog.TensorBoardLog(run.dir / "tb", run.ds.train, every=cfg.tensorboard_images, start=run.start)
+          if cfg.tensorboard else None)  # RUN/tb/: an optional extra; log.csv is always written
     stop = errors.StopOnSignal()
     run.t0 = last_ckpt = time.time()
     try:
@@ -141,7 +144,11 @@ def loop(run: Run) -> None:
                 run.values, run.values_it = run.trainer.step(it, run.sampler, log=log), it
                 run.bad_at = _first_nonfinite(run.bad_at, run.values, it)
                 if log:
-                    _log_row(run, it, writer, fh, bar)
+                    row = _log_row(run, it, writer, fh, bar)
+                    if tb is not None:
+                        tb.log(it, row)
+                if tb is not None and tb.reconstructions_due(it, run.iterations - 1):
+                    tb.reconstructions(it, run.model)
                 if bar is not None:
                     bar.update(1)
                 if stop.signum is not None or time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
@@ -162,9 +169,11 @@ def loop(run: Run) -> None:
     finally:
         if bar is not None:
             bar.close()
+        if tb is not None:
+            tb.close()
 
 
-def _log_row(run: Run, it: int, writer, fh, bar) -> None:
+def _log_row(run: Run, it: int, writer, fh, bar) -> dict:
     """A row of log.csv (the only place a step's losses are brought to the host)."""
     row = {k: float(v) for k, v in run.values.items()}
     if int(run.bad_at) >= 0:
@@ -173,6 +182,7 @@ def _log_row(run: Run, it: int, writer, fh, bar) -> None:
     fh.flush()
     if bar is not None:
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("rec", "cycle", "gamma_g", "gamma_e") if k in row})
+    return row
 
 
 def truncate_log(path: Path, start: int) -> None:

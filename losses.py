@@ -52,13 +52,28 @@ def normalise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (f - mean.to(f.dtype).view(shape)) / std.to(f.dtype).view(shape)  # eq. (3)
 
 
-def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS):
-    """Reference implementation of eq. (3)-(4); one value per sample, shape (N,)."""
+def _rel_perc_l1_parts(fx, fy, mean, std):
+    """Eq. (3)-(4) before the division: the numerator's terms per feature position, channels
+    summed, shape (N, *spatial), and the denominator ``sum |n(f(x))|``, shape (N,)."""
     nx, ny = normalise(fx, mean, std), normalise(fy, mean, std)
     # The denominator comes from the first (real) image and is a constant in the backward
     # pass, as in the authors' code.
     den = nx.detach().abs().flatten(1).sum(1)
-    return (nx - ny).abs().flatten(1).sum(1) / (den + eps)  # eq. (4)
+    return (nx - ny).abs().sum(1), den
+
+
+def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS):
+    """Reference implementation of eq. (3)-(4); one value per sample, shape (N,)."""
+    num, den = _rel_perc_l1_parts(fx, fy, mean, std)
+    return num.reshape(num.shape[0], -1).sum(1) / (den + eps)  # eq. (4)
+
+
+def rel_perc_l1_map(fx, fy, mean, std, eps=DEFAULT_EPS):
+    """Eq. (4) position by position: ``sum_c |n(f(x)) - n(f(y))|`` at each feature position
+    divided by the image's denominator, shape (N, *spatial); summed over the positions it is
+    :func:`rel_perc_l1_torch`, the anomaly score A(x) of eq. (1)."""
+    num, den = _rel_perc_l1_parts(fx, fy, mean, std)
+    return num / (den + eps).view((-1,) + (1,) * (num.dim() - 1))  # eq. (4), per position
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -153,6 +168,14 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"images must be scaled to [-1, 1]; got values in [{lo.item():.3g}, {hi.item():.3g}]")
         self.check_range = False  # the first batch shows how the caller scales its images
 
+    def _pixel_difference(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        d = x - y
+        if self.kind == "mse-imagenet":  # the authors' pixel L2: [-1, 1] -> ImageNet-normalised
+            std = torch.tensor(IMAGENET_STD, dtype=d.dtype, device=d.device).view(1, 3, 1, 1)
+            d = d.expand(-1, 3, -1, -1) * (0.5 / std)  # a difference of [0, 1] pixels is d / 2
+        return d
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
                 fy: torch.Tensor | None = None, reduction: str | None = None) -> torch.Tensor:
         """Per-sample losses between real ``x`` and ``y``; ``fx``/``fy`` skip their VGG forward."""
@@ -160,11 +183,7 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
         reduction = reduction or self.reduction
         if self.kind in PIXEL_KINDS:
-            self._check(x)
-            d = x - y                                                     # (B, C, H, W)
-            if self.kind == "mse-imagenet":  # the authors' pixel L2: [-1, 1] -> ImageNet-normalised
-                std = torch.tensor(IMAGENET_STD, dtype=d.dtype, device=d.device).view(1, 3, 1, 1)
-                d = d.expand(-1, 3, -1, -1) * (0.5 / std)  # a difference of [0, 1] pixels is d / 2
+            d = self._pixel_difference(x, y)                              # (B, C, H, W)
             values = d.flatten(1).pow(2).mean(1) if self.kind != "l1" else d.flatten(1).abs().mean(1)
             return _reduce(values, reduction)
         fx = self.real_features(x) if fx is None else fx
@@ -178,3 +197,22 @@ class ReconstructionLoss(nn.Module):
             values = relative_perceptual_l1(fx, fy, self.mean, self.std, reduction="none",
                                             eps=self.eps, impl=self.impl)  # eq. (3)-(4)
         return _reduce(values, reduction)
+
+    def map(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
+            fy: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-sample loss position by position, (N, h, w): pixels for the pixel kinds, feature
+        positions (h = H/8 at relu4_2) for the others; its sum over positions is ``forward``'s
+        ``reduction="none"`` value. For ``rel-perc-l1`` it is :func:`rel_perc_l1_map` (eq. 4), always
+        in PyTorch: the fused op returns only the sums, and a map is not on any training path."""
+        if self.kind in PIXEL_KINDS:
+            d = self._pixel_difference(x, y)
+            terms = d.abs() if self.kind == "l1" else d.pow(2)
+            return terms.sum(1) / d[0].numel()  # the mean over (C, H, W), kept per position
+        fx = self.real_features(x) if fx is None else fx
+        fy = self.features(y) if fy is None else fy
+        if self.kind == "perc":
+            return (fx - fy).pow(2).sum(1) / fx[0].numel()  # eq. (2) per position
+        if self.kind == "perc-l1":
+            nx, ny = normalise(fx, self.mean, self.std), normalise(fy, self.mean, self.std)
+            return (nx - ny).abs().sum(1) / fx[0].numel()
+        return rel_perc_l1_map(fx, fy, self.mean, self.std, eps=self.eps)  # eq. (3)-(4)

@@ -308,12 +308,30 @@ def anomaly_score(model: PIAD, x: torch.Tensor, score_fn: Callable[[torch.Tensor
     """Eq. (1): ``A(x) = score_fn(x, G(E(x)))``, one score per sample, (N, C, S, S) -> (N,).
 
     ``score_fn`` gives per-sample values (e.g. ``losses.ReconstructionLoss(..., reduction="none")``)
-    or a dict of them (several distances of one reconstruction; a dict is returned). Runs in
+    or a dict of them (several distances of one reconstruction; a dict is returned); an entry of
+    the dict may also be a map, one (h, w) array per sample (see :func:`anomaly_map`). Runs in
     batches of ``batch_size`` under ``no_grad`` with every submodule of ``model`` in eval mode,
     restoring each one's mode afterwards. Batches are moved to the model's device; the scores are
     returned on ``x``'s device. An empty ``x`` gives an empty tensor (``score_fn`` is never called,
     so a dict's keys are unknown).
     """
+    return _per_sample(model, x, score_fn, batch_size, lambda name, v: v.dim() == 1 or (name and v.dim() == 3),
+                       "one value per sample: use a per-sample reduction")
+
+
+def anomaly_map(model: PIAD, x: torch.Tensor, map_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                *, batch_size: int = 256) -> torch.Tensor:
+    """Eq. (1) position by position: ``map_fn(x, G(E(x)))``, (N, C, S, S) -> (N, h, w), in batches as
+    :func:`anomaly_score`. With ``map_fn = ReconstructionLoss(kind=k).map`` the map of an image
+    sums to its A(x) with the distance ``k``; for ``rel-perc-l1`` it is the per-position term of
+    eq. (4), ``sum_c |n(f(x)) - n(f(G(E(x))))|`` over the image's denominator, at the feature
+    resolution (S/8 at relu4_2; upsample it to see it over the image)."""
+    return _per_sample(model, x, map_fn, batch_size, lambda name, v: v.dim() == 3, "one (h, w) map per sample")
+
+
+def _per_sample(model: PIAD, x: torch.Tensor, fn, batch_size: int, ok: Callable, what: str):
+    """``fn(xb, G(E(xb)))`` over batches ``xb`` of ``x``, concatenated: a tensor or a dict of them,
+    each with ``ok(key or None, value)``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     modes = [(m, m.training) for m in model.modules()]
@@ -324,11 +342,11 @@ def anomaly_score(model: PIAD, x: torch.Tensor, score_fn: Callable[[torch.Tensor
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start:start + batch_size].to(device)     # (b, C, S, S)
-                s = score_fn(xb, model.reconstruct(xb))         # eq. (1)
+                s = fn(xb, model.reconstruct(xb))               # eq. (1)
                 for name, v in (s.items() if isinstance(s, dict) else [(None, s)]):
-                    if v.shape != (xb.shape[0],):
-                        raise ValueError(f"score_fn must return shape ({xb.shape[0]},), got "
-                                         f"{tuple(v.shape)}; use a per-sample reduction")
+                    if v.shape[:1] != xb.shape[:1] or not ok(name, v):
+                        raise ValueError(f"{getattr(fn, '__name__', 'the function')} must return {what} "
+                                         f"({xb.shape[0]} samples), got shape {tuple(v.shape)}")
                     scores.setdefault(name, []).append(v.to(x.device))
     finally:
         for m, mode in modes:
