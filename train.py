@@ -245,6 +245,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
             raise UserError(f"--iterations {cfg.iterations} is fewer than the {state['iteration']} the checkpoint "
                             f"{ckpt_path} has already done")
     device = checkpoint.resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -377,7 +379,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
         return {"iterations": iterations, "train_time_s": train_time}
     return evaluate.evaluate_run(run, model=model, data=ds, rec_loss=rec_loss, config=cfg,
                                  extra={"iterations": iterations, "train_time_s": round(train_time, 1),
-                                        "device": str(device), "contamination": ds.contamination})
+                                        "device": str(device), "contamination": ds.contamination,
+                                        "threads": torch.get_num_threads()})
 
 
 def _truncate_log(path: Path, start: int) -> None:
