@@ -123,8 +123,8 @@ def _worker(cfg: TrainConfig, conn, train_fn) -> None:
     try:
         metrics = (train_fn or train_mod.train)(cfg)
         conn.send(("done", metrics.get("roc_auc", float("nan"))))
-    except KeyboardInterrupt as exc:  # errors.Interrupted: saved; a bare one: stopped before training
-        conn.send(("stopped", str(exc) or "stopped before its first iteration"))
+    except KeyboardInterrupt as exc:  # errors.Interrupted: saved; a bare one: a second Ctrl-C, or before training
+        conn.send(("stopped", str(exc) or "stopped at once; its last periodic checkpoint, if any, is kept"))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, the grid goes on
         conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
@@ -184,6 +184,7 @@ def run_processes(cells: list[tuple[str, TrainConfig]], *, jobs: int, threads: i
             if gpu is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             proc.start()
+            running[proc.pid] = (proc, parent_conn, tag, cfg, gpu)  # before a pending signal is handled
         finally:
             for k, v in saved_env.items():
                 if v is None:
@@ -192,7 +193,6 @@ def run_processes(cells: list[tuple[str, TrainConfig]], *, jobs: int, threads: i
                     os.environ[k] = v
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_conn.close()
-        running[proc.pid] = (proc, parent_conn, tag, cfg, gpu)
         log(f"{tag}: {'resuming' if cfg.resume else 'training'} (process {proc.pid}, {threads} thread(s)"
             + (f", GPU {gpu})" if gpu is not None else ")"))
         return True

@@ -180,3 +180,11 @@ def test_bad_parallel_flags_are_one_error_line(flag, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip() == f"error: {flag} must be a whole number >= 1, got 0"
     assert not any(tmp_path.iterdir())
+
+
+def test_status_flag_prints_the_lines_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ex.train_mod, "train", lambda cfg: pytest.fail("--status must not train"))
+    ex.main(TINY + ["--classes", "3", "8", "--iterations", "50", "--root", str(tmp_path), "--status"])
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[1/2] digits/piad-mse-c0/normal3-s0: pending", "[2/2] digits/piad-mse-c0/normal8-s0: pending"]
+    assert not (tmp_path / "table.md").exists()
