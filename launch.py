@@ -308,7 +308,8 @@ def run_submitit(cells: list[tuple[str, TrainConfig]], *, launcher: str, folder:
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if here not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([here] + paths)
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=launcher)
+    with errors.user_errors(RuntimeError, prefix=f"--launcher {launcher}: "):  # e.g. no srun: not a cluster
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=launcher)
     params = dict(timeout_min=time_min, cpus_per_task=threads, tasks_per_node=1, name="piad-grid")
     if launcher == "slurm":
         params.update(gpus_per_node=gpus_per_task, slurm_array_parallelism=parallel or len(cells))

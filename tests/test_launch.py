@@ -188,3 +188,33 @@ def test_status_flag_prints_the_lines_and_trains_nothing(tmp_path, capsys, monke
     out = capsys.readouterr().out.splitlines()
     assert out == ["[1/2] digits/piad-mse-c0/normal3-s0: pending", "[2/2] digits/piad-mse-c0/normal8-s0: pending"]
     assert not (tmp_path / "table.md").exists()
+
+
+def test_slurm_launcher_submits_one_array_task_per_cell(tmp_path, capsys, monkeypatch):
+    """No Slurm here: a fake `sbatch` keeps the submission file; nothing trains in this process."""
+    pytest.importorskip("submitit")
+    import pickle
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/job.sh\necho Submitted batch job 4242\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(ex.train_mod, "train", lambda cfg: pytest.fail("cells must run in the Slurm tasks"))
+    grid = tmp_path / "grid"
+    ex.main(TINY + ["--classes", "3", "8", "--iterations", "50", "--root", str(grid), "--launcher", "slurm",
+                    "--partition", "gpu", "--time", "30", "--gpus-per-task", "1", "--threads-per-cell", "2",
+                    "--jobs", "1"])
+    assert "submitted" in capsys.readouterr().out and not (grid / "table.md").exists()
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --time=30",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=2", "#SBATCH --signal=USR2@"):
+        assert line in script, script
+    tasks = []
+    for path in sorted((grid / "submitit").glob("*_submitted.pkl")):
+        with open(path, "rb") as fh:
+            tasks.append(pickle.load(fh).function)
+    assert [Path(t.cfg.out).name for t in tasks] == ["normal3-s0", "normal8-s0"]
+    assert all(isinstance(t, launch.CellTask) and t.cfg.threads == 2 and t.cfg.iterations == 50 for t in tasks)
