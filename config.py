@@ -68,6 +68,7 @@ class TrainConfig:
     policy_at_start: bool = knob(False, "γ from iteration 0 (paper, Alg. 1 line 9) instead of γ = 1 until "
                                         "iteration n_weight - 1 (authors' code, default)")
     device: str = knob("auto", "where to train", DEVICES)
+    threads: int | None = knob(None, "CPU threads of the run (default: torch's); a run's floats depend on it")
     resume: bool = knob(False, "continue the run in --out from its checkpoint")
     cache_features: str = knob("auto", "compute the training images' VGG features once (auto: when each "
                                        "is seen more than twice)", ("auto", "on", "off"))
@@ -111,6 +112,8 @@ class TrainConfig:
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
         for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
+        need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads",
+             "must be a whole number >= 1 (or left out for torch's default)")
         for name in ("seed", "reseed"):
             need(is_int(getattr(self, name)) and 0 <= getattr(self, name) < 2 ** 32, name,
                  "must be a whole number in 0..2**32-1")
@@ -154,7 +157,7 @@ class TrainConfig:
     # random draws from the checkpoint on; the checkpoint's own statistics are used on resume.
     RESUMABLE = frozenset({"resume", "fallback", "progress", "device", "checkpoint_minutes", "evaluate", "iterations",
                            "data_root", "impl", "cache_features", "channels_last", "reseed", "out", "stats",
-                           "tensorboard", "tensorboard_images"})
+                           "tensorboard", "tensorboard_images", "threads"})
 
     def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
         """The settings that differ from the checkpoint's and would change the maths of the run."""

