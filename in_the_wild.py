@@ -142,7 +142,9 @@ class LatentNormTrainer:
         """Cycle loss on G(z), z from the 0.1 prior (loss.py ``E_wgangp_acgan``); E's gradients only."""
         params = list(self.model.E.parameters())
         loss = cycle_loss(self.model, sample_prior(self.model, n))
-        grads = torch.autograd.grad(loss, params)  # G's and D_X's .grad are left untouched
+        # G's and D_X's .grad are left untouched; a layer the level of detail leaves out (pgan.py,
+        # progressive growing) gets no gradient and no Adam step (theirs: a zero one, a no-op at β1 = 0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         self.opt_e.zero_grad(set_to_none=True)
         for q, g in zip(params, grads):
             q.grad = g

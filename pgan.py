@@ -31,6 +31,7 @@ Deviations from their code, one per line:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -250,3 +251,50 @@ def networks(preset: str, *, fmap_base: int = FMAP_BASE, fmap_max: int = FMAP_MA
     c, r = channels or c, resolution or r
     w = dict(fmap_base=fmap_base, fmap_max=fmap_max)
     return Generator(c, r, **w), Discriminator(c, r, **w), Encoder(c, r, **w)
+
+
+@dataclasses.dataclass
+class PGANConfig:
+    """What rebuilds a :class:`PGAN` (a checkpoint's ``preset``): image shape, widths, loss weights."""
+
+    channels: int
+    resolution: int
+    fmap_base: int = FMAP_BASE
+    fmap_max: int = FMAP_MAX
+    gp_weight: float = 10.0  # loss.py D_wgangp_acgan wgan_lambda
+    drift: float = 1e-3  # loss.py wgan_epsilon (on real scores only)
+
+
+class PGAN(nn.Module):
+    """G, D (``DX``, as PIAD's image critic is named, so ``in_the_wild``'s losses apply) and E of
+    their code, sharing one level of detail (:meth:`set_lod`, their ``lod_assign_ops``)."""
+
+    def __init__(self, config: PGANConfig):
+        super().__init__()
+        self.config, self.channels = config, config.channels
+        w = dict(fmap_base=config.fmap_base, fmap_max=config.fmap_max)
+        self.G = Generator(config.channels, config.resolution, **w)
+        self.DX = Discriminator(config.channels, config.resolution, **w)
+        self.E = Encoder(config.channels, config.resolution, **w)
+        self.latent_shape = (self.G.latent_size,)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def lod(self) -> float:
+        return float(self.G.lod)
+
+    def set_lod(self, lod: float) -> None:
+        for net in (self.G, self.DX, self.E):
+            net.lod.fill_(lod)
+
+    def sample_latent(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of z ~ N(0, I), (n, 512), on the model's device (their ``random_latents``)."""
+        dev = generator.device if generator is not None else self.device
+        return torch.randn((n, *self.latent_shape), generator=generator, device=dev).to(self.device)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """G(E(x)) at the working resolution of ``lod``."""
+        return self.G(self.E(x))

