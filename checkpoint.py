@@ -19,6 +19,7 @@ import errors
 import features
 import in_the_wild
 import losses
+import pgan
 import piad
 from config import TrainConfig
 
@@ -86,6 +87,10 @@ def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
 def saved_model(state: dict, device) -> piad.PIAD:
     """The trained networks of a checkpoint, on ``device``."""
     method = state["config"].get("method", "piad")
+    if method == "latent-norm" and state["config"].get("networks") == "pgan":  # pgan.py; records lod
+        model = pgan.PGAN(pgan.PGANConfig(**state["preset"])).to(device)
+        model.load_state_dict(state["model"])
+        return model
     model = new_model(method, piad.PIADConfig(**state["preset"]), state["channels"]).to(device)
     model.load_state_dict(state["model"])
     return model

@@ -296,5 +296,5 @@ class PGAN(nn.Module):
         return torch.randn((n, *self.latent_shape), generator=generator, device=dev).to(self.device)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """G(E(x)) at the working resolution of ``lod``."""
-        return self.G(self.E(x))
+        """G(E(x)), upscaled to the input's size as their G's output is (B, C, S, S)."""
+        return self.G.full(self.E(x))

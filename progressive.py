@@ -140,11 +140,12 @@ class ProgressiveTrainer(in_the_wild.LatentNormTrainer):
         p = self.phase
         x, _ = sample(p.minibatch)
         x = process_reals(x, p.lod)
+        n = x.shape[0]  # p.minibatch, as sample gives
         loss_dx = self.critic_step(x)
         self.update_gs()
-        self.cur_nimg += p.minibatch
-        adv_g = self.generator_step(p.minibatch, real=x if log else None)
-        cycle = self.encoder_step(p.minibatch)
+        self.cur_nimg += n
+        adv_g = self.generator_step(n, real=x if log else None)
+        cycle = self.encoder_step(n)
         self.repeat = (self.repeat + 1) % self.sched.minibatch_repeats
         return {"loss_dx": loss_dx, "adv_g": adv_g, "cycle": cycle, "lod": p.lod, "kimg": self.cur_nimg / 1000}
 
@@ -158,3 +159,17 @@ class ProgressiveTrainer(in_the_wild.LatentNormTrainer):
         self.Gs.load_state_dict(s["Gs"])
         self.cur_nimg, self.prev_lod, self.repeat = s["cur_nimg"], s["prev_lod"], s["repeat"]
         self.phase = Phase(**s["phase"]) if s["phase"] else None
+
+
+# Images/s of one full-width step (critic + Gs, G, E) at each working resolution, CIFAR-10 preset,
+# measured by bench/bench_pgan.py (batch 8, 1 thread, the project's 2-core CPU; docs/berg.md).
+CPU_IMAGES_PER_S = {4: 10.4, 8: 2.79, 16: 0.56}
+
+
+def cpu_note(fmap_max: int, fmap_base: int) -> str:
+    """The line train.py prints once when a pgan run starts on a CPU."""
+    rates = ", ".join(f"{r}×{r}: {v:g}" for r, v in CPU_IMAGES_PER_S.items())
+    width = ("full width" if (fmap_max, fmap_base) == (pgan.FMAP_MAX, pgan.FMAP_BASE)
+             else f"this run is narrower (fmap_max {fmap_max}, fmap_base {fmap_base}) and faster")
+    return (f"note: pGAN on a CPU. Full-width training steps measured {rates} images/s (1 thread; "
+            f"their schedule shows 12M images; docs/berg.md); {width}.")

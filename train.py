@@ -39,13 +39,16 @@ import data as data_mod
 import errors
 import evaluate
 import in_the_wild
+import pgan
 import piad
+import progressive
 import weights_policy
 from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from config import TrainConfig, parse_args
 from errors import Diverged, Interrupted, UserError
 
-LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e")
+LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e",
+              "lod", "kimg")
 
 
 class Sampler:
@@ -57,8 +60,8 @@ class Sampler:
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = None if isinstance(ds, data_mod.TensorImages) else ThreadPoolExecutor(4)
 
-    def __call__(self):
-        idx = torch.randint(len(self.ds), (self.batch_size,), generator=self.gen)
+    def __call__(self, n: int | None = None):  # n: a minibatch of another size (progressive growing)
+        idx = torch.randint(len(self.ds), (n or self.batch_size,), generator=self.gen)
         if self.pool is None:
             x = self.ds.images[idx]
         else:  # lazy datasets (LSUN, CelebA): decode in threads
@@ -185,6 +188,8 @@ class PIADTrainer:
 
 
 def make_trainer(model, rec_loss, cfg: TrainConfig):
+    if cfg.pgan:
+        return progressive.ProgressiveTrainer(model, pgan_schedule(cfg))
     return PIADTrainer(model, rec_loss, cfg) if cfg.method == "piad" else in_the_wild.LatentNormTrainer(model)
 
 
@@ -197,7 +202,15 @@ def _reseed(cfg: TrainConfig, sampler, it: int) -> None:
     sampler.gen.manual_seed(seed + 1)
 
 
+def pgan_schedule(cfg: TrainConfig) -> progressive.Schedule:
+    return progressive.Schedule(lod_training_kimg=cfg.lod_kimg, lod_transition_kimg=cfg.lod_kimg,
+                                total_kimg=cfg.total_kimg)
+
+
 def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD:
+    if cfg.pgan:
+        return pgan.PGAN(pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base,
+                                         fmap_max=cfg.fmap_max)).to(device)
     return checkpoint.new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
 
 
@@ -253,7 +266,12 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    download=cfg.download, image_size=cfg.image_size)
     model = build_model(cfg, ds, device)
-    iterations = cfg.iterations or data_mod.iterations(cfg.dataset) or model.config.iterations  # supplement §1
+    if cfg.pgan:  # minibatches their loop runs for total_kimg
+        iterations = cfg.iterations or progressive.minibatches(pgan_schedule(cfg), ds.image_size)
+        if device.type == "cpu":
+            print(progressive.cpu_note(cfg.fmap_max, cfg.fmap_base), file=sys.stderr)
+    else:
+        iterations = cfg.iterations or data_mod.iterations(cfg.dataset) or model.config.iterations  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
         rec_loss, stats = checkpoint.build_reconstruction_loss(
             cfg, data_mod.image_batches(ds.train, device), device, stats_state=state["stats"] if state else None)

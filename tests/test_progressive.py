@@ -109,3 +109,60 @@ def test_exact_resume_in_the_middle_of_a_fade_in():
         assert torch.equal(a, b)
     assert out_a["lod"] == out_b["lod"] and torch.equal(out_a["cycle"], out_b["cycle"])
     assert tr.cur_nimg == tr2.cur_nimg
+
+
+# --- through train.py: --method latent-norm trains pGAN networks by default ----------------------------
+
+def _cfg(tmp_path, name, **kw):
+    import train
+
+    # narrow pGAN (fmap_max 8) grown 4×4 -> 32×32: 1,024 images per stabilise / fade-in phase (the
+    # schedule is re-evaluated every 4 minibatches of 128: lod 3, 3, 3, 2.5, 2, 2, 2, 1.5, ...)
+    base = dict(dataset="digits", normal="3", method="latent-norm", loss="mse", vgg_weights="random",
+                fmap_max=8, lod_kimg=1.024, total_kimg=7.168, out=str(tmp_path / name), progress=False)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def test_train_grows_to_full_resolution_and_evaluate_rebuilds_it(tmp_path):
+    import csv
+
+    import checkpoint
+    import evaluate
+    import train
+
+    cfg = _cfg(tmp_path, "r")
+    metrics = train.train(cfg)
+    assert metrics["seed"] == 1000  # the method's default seed (their config.py)
+    assert math.isfinite(metrics["roc_auc"]) and metrics["score"] == "latent-norm"
+    with open(tmp_path / "r" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    lods = [float(r["lod"]) for r in rows]
+    assert lods[0] == 3.0 and lods[-1] == 0.0 and lods == sorted(lods, reverse=True)
+    state = checkpoint.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert state["config"]["networks"] == "pgan"  # the method's default networks
+    assert state["iteration"] == progressive.minibatches(train.pgan_schedule(cfg), 32)
+    assert float(state["model"]["G.lod"]) == 0.0 and state["trainer"]["cur_nimg"] >= 7168
+    _, _, model, _ = evaluate.load_run(tmp_path / "r" / "checkpoint.pt", device="cpu")
+    assert isinstance(model, pgan.PGAN) and model.lod == 0.0 and model.config.fmap_max == 8
+
+
+def test_kill_and_resume_through_train_mid_fade_in_is_exact(tmp_path, kill_at):
+    import checkpoint
+    import train
+
+    # 16 minibatches: lod 3 (4×4) for 12, then the 8×8 fade-in (lod 2.5 at minibatches 12-15)
+    kw = dict(iterations=16, evaluate=False)
+    train.train(_cfg(tmp_path, "full", **kw))
+    disarm = kill_at(progressive.ProgressiveTrainer, 14)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_cfg(tmp_path, "part", checkpoint_minutes=0.0, **kw))
+    disarm()
+    mid = checkpoint.load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert mid["iteration"] == 14 and mid["trainer"]["repeat"] == 2 and 2.0 < float(mid["model"]["G.lod"]) < 3.0  # in the middle of a fade-in
+    train.train(_cfg(tmp_path, "part", checkpoint_minutes=0.0, **kw), resume=True)
+    a, b = (checkpoint.load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["trainer"]["Gs"][k], b["trainer"]["Gs"][k]) for k in a["trainer"]["Gs"])
+    for opt in ("opt_d", "opt_g", "opt_e"):
+        sa, sb = a["trainer"][opt]["state"], b["trainer"][opt]["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
