@@ -277,6 +277,9 @@ class PGAN(nn.Module):
         self.DX = Discriminator(config.channels, config.resolution, **w)
         self.E = Encoder(config.channels, config.resolution, **w)
         self.latent_shape = (self.G.latent_size,)
+        # scoring without the minibatch-stddev leak (:meth:`encode`): fixed training images
+        self.register_buffer("reference", torch.zeros(MBSTD_GROUP - 1, config.channels, config.resolution,
+                                                      config.resolution))
 
     @property
     def device(self) -> torch.device:
@@ -295,6 +298,18 @@ class PGAN(nn.Module):
         dev = generator.device if generator is not None else self.device
         return torch.randn((n, *self.latent_shape), generator=generator, device=dev).to(self.device)
 
+    def set_reference(self, images: torch.Tensor) -> None:
+        """The ``MBSTD_GROUP - 1`` training images (C, S, S) that share each scored image's group."""
+        self.reference.copy_(images.reshape(self.reference.shape))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """E(x) of each image in a minibatch-stddev group with the fixed :attr:`reference` images
+        only, (B, C, S, S) -> (B, 512): a score that does not depend on the other test images (their
+        label-pure batches of 64 let the batch statistics carry the label). Costs 4 E passes."""
+        b = x.shape[0]
+        ref = self.reference.to(x.dtype).repeat_interleave(b, dim=0)  # (3B, ...): group m = {x_m, ref_0..2}
+        return self.E(torch.cat([x, ref]))[:b]
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """G(E(x)), upscaled to the input's size as their G's output is (B, C, S, S)."""
-        return self.G.full(self.E(x))
+        """G(E(x)) (E as :meth:`encode`), upscaled to the input's size as their G's output is."""
+        return self.G.full(self.encode(x))

@@ -347,3 +347,17 @@ def test_fade_in(cls):
         # a full-size input reads as its average-pooled working-resolution image (their downscale2d)
         net.lod = torch.tensor(1.0)
         torch.testing.assert_close(net(inp), net(torch.nn.functional.avg_pool2d(inp, 2)))
+
+
+def test_encode_does_not_depend_on_the_other_images_of_the_batch():
+    torch.manual_seed(0)
+    m = pgan.PGAN(pgan.PGANConfig(channels=1, resolution=8, fmap_base=32, fmap_max=8))
+    m.set_reference(torch.rand(3, 1, 8, 8) * 2 - 1)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    alone = torch.cat([m.encode(x[i:i + 1]) for i in range(8)])
+    torch.testing.assert_close(m.encode(x), alone)  # batch-independent
+    torch.testing.assert_close(m.encode(x.flip(0)).flip(0), alone)
+    # plain E: the minibatch-stddev feature makes E(x_i) depend on the images grouped with it
+    assert not torch.allclose(m.E(x)[:4], m.E(torch.cat([x[:4], x[:4].flip(0) * 0.1]))[:4])
+    # encode(x) is E on a group of x and the three reference images
+    torch.testing.assert_close(m.encode(x[:1]), m.E(torch.cat([x[:1], m.reference]))[:1])
