@@ -123,7 +123,7 @@ def _cfg(tmp_path, name, **kw):
     return train.TrainConfig(**{**base, **kw})
 
 
-def test_train_grows_to_full_resolution_and_evaluate_rebuilds_it(tmp_path):
+def test_train_grows_to_full_resolution_and_evaluate_rebuilds_it(tmp_path, capsys):
     import csv
 
     import checkpoint
@@ -133,6 +133,7 @@ def test_train_grows_to_full_resolution_and_evaluate_rebuilds_it(tmp_path):
     cfg = _cfg(tmp_path, "r")
     metrics = train.train(cfg)
     assert metrics["seed"] == 1000  # the method's default seed (their config.py)
+    assert capsys.readouterr().err.count("note: pGAN on a CPU") == 1  # the measured step times, once
     assert math.isfinite(metrics["roc_auc"]) and metrics["score"] == "latent-norm"
     with open(tmp_path / "r" / "log.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -166,3 +167,19 @@ def test_kill_and_resume_through_train_mid_fade_in_is_exact(tmp_path, kill_at):
     for opt in ("opt_d", "opt_g", "opt_e"):
         sa, sb = a["trainer"][opt]["state"], b["trainer"][opt]["state"]
         assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def test_networks_and_seed_defaults_of_the_method():
+    import errors
+    from config import TrainConfig
+
+    ln = TrainConfig(method="latent-norm").validate()
+    assert (ln.networks, ln.seed, ln.pgan) == ("pgan", 1000, True)
+    assert TrainConfig(method="latent-norm", seed=0).validate().seed == 0
+    ours = TrainConfig(method="latent-norm", networks="piad").validate()
+    assert (ours.seed, ours.pgan) == (0, False)
+    assert (TrainConfig().validate().networks, TrainConfig().validate().seed) == ("piad", 0)
+    with pytest.raises(errors.UserError, match="--networks pgan"):
+        TrainConfig(networks="pgan").validate()
+    # a checkpoint written before --networks existed trained PIAD's networks
+    assert TrainConfig.from_saved({"method": "latent-norm", "seed": 0}).networks == "piad"
