@@ -70,3 +70,16 @@ def split(train_labels, test_labels, normal: tuple[int, ...], *, seed: int, cont
 def pad_mnist(images: np.ndarray) -> np.ndarray:
     """(N, 28, 28) -> (N, 32, 32), zero border of 2 (their ``np.pad``)."""
     return np.pad(images, [(0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)])
+
+
+def apply(dataset: str, k: int, pools: dict, *, seed: int, contamination: float):
+    """The protocol on the official pools ``{"train": (images, labels), "test": ...}`` of
+    ``dataset`` with class ``k`` named normal: ``(normal set's name, split(...)'s indices,
+    train images, test images)``, MNIST-sized images padded to 32×32."""
+    name, normal = normal_classes(dataset, k)
+    (trx, try_), (tex, tey) = pools["train"], pools["test"]
+    per_side = CIFAR10_TEST_PER_SIDE if dataset == "cifar10" else None
+    idx = split(try_, tey, normal, seed=seed, contamination=contamination, test_per_side=per_side)
+    if trx.ndim == 3 and trx.shape[-1] == 28:
+        trx, tex = pad_mnist(trx), pad_mnist(tex)
+    return name, idx, trx, tex

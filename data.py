@@ -255,12 +255,8 @@ def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> Anomaly
     """Apply the protocol to in-memory pools {split: (images, labels)} and build the datasets."""
     seed, P, size = ctx["seed"], ctx["contamination"], ctx["image_size"]
     if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg_protocol.py)
-        ctx["normal"], normal = berg_protocol.normal_classes(ctx["name"], k)
-        (trx, try_), (tex, tey) = pools["train"], pools["test"]
-        per_side = berg_protocol.CIFAR10_TEST_PER_SIDE if ctx["name"] == "cifar10" else None
-        sp = Split(*berg_protocol.split(try_, tey, normal, seed=seed, contamination=P, test_per_side=per_side))
-        if trx.ndim == 3 and trx.shape[-1] == 28:
-            trx, tex = berg_protocol.pad_mnist(trx), berg_protocol.pad_mnist(tex)
+        ctx["normal"], idx, trx, tex = berg_protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
+        sp = Split(*idx)
         train_ids, test_ids = [f"train:{i}" for i in sp.train], [f"test:{i}" for i in sp.test]
     elif ctx["protocol"] == "split":
         (trx, try_), (tex, tey) = pools["train"], pools["test"]

@@ -15,7 +15,9 @@ What is implemented (``python train.py --method latent-norm``), following the au
   ``latent-norm-centred`` = ``||E(x) - c||``, c = mean E(G(z)) (:func:`encode_prior`), and the
   histograms ``latent_norms.png`` (``figures.plot_latent_norms``); README says why they differ.
 
-Deviations from the original, one per line:
+Networks: ``--networks pgan`` (the default) trains their own networks grown progressively with
+these losses and steps (``pgan.py``, ``progressive.py``; docs/berg.md). The deviations below are
+those of ``--networks piad`` (ours), one per line:
 
 * Networks: ``piad.py``'s G, E and D_X of the dataset's preset (D_Z is built but unused), not pGAN;
   no progressive growing: the resolution is fixed at the preset's image size.

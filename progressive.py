@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 import in_the_wild
@@ -58,6 +59,15 @@ class Phase:
     resolution: int
     minibatch: int
     lrate: float
+
+
+def new_model(config: pgan.PGANConfig, train_set, *, seed: int) -> pgan.PGAN:
+    """A :class:`pgan.PGAN` (global RNG: the initial weights) whose scoring reference
+    (:meth:`pgan.PGAN.encode`) is ``MBSTD_GROUP - 1`` images of ``train_set`` drawn with ``seed``."""
+    model = pgan.PGAN(config)
+    ref = np.random.default_rng(seed).choice(len(train_set), pgan.MBSTD_GROUP - 1, replace=False)
+    model.set_reference(torch.stack([train_set[int(i)][0] for i in ref]))
+    return model
 
 
 def phase(sched: Schedule, cur_nimg: int, resolution: int) -> Phase:

@@ -209,11 +209,8 @@ def pgan_schedule(cfg: TrainConfig) -> progressive.Schedule:
 
 def build_model(cfg: TrainConfig, ds: data_mod.AnomalyData, device) -> piad.PIAD:
     if cfg.pgan:
-        model = pgan.PGAN(pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base,
-                                          fmap_max=cfg.fmap_max))
-        ref = np.random.default_rng(cfg.seed).choice(len(ds.train), pgan.MBSTD_GROUP - 1, replace=False)
-        model.set_reference(torch.stack([ds.train[int(i)][0] for i in ref]))  # for leak-free scoring
-        return model.to(device)
+        config = pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
+        return progressive.new_model(config, ds.train, seed=cfg.seed).to(device)
     return checkpoint.new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
 
 
