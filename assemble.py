@@ -14,7 +14,9 @@ import errors
 import features
 import in_the_wild
 import losses
+import pgan
 import piad
+import progressive
 from config import DEVICES, TrainConfig
 
 
@@ -35,9 +37,23 @@ def new_model(method: str, config: piad.PIADConfig, channels: int) -> piad.PIAD:
     return in_the_wild.use_pixel_norm(model) if method == "latent-norm" else model
 
 
-def saved_model(state: dict, device) -> piad.PIAD:
+def new_run_model(cfg: TrainConfig, ds) -> piad.PIAD | pgan.PGAN:
+    """The networks of a new run of ``cfg`` on the dataset ``ds`` (``data.AnomalyData``): Berg et
+    al.'s pGAN for latent-norm with ``--networks pgan`` (with its scoring reference images), else
+    those of :func:`new_model` for the dataset's preset."""
+    if cfg.pgan:
+        config = pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
+        return progressive.new_model(config, ds.train, seed=cfg.seed)
+    return new_model(cfg.method, piad.preset(ds.preset), ds.channels)
+
+
+def saved_model(state: dict, device) -> piad.PIAD | pgan.PGAN:
     """The trained networks of a checkpoint's ``state`` (``checkpoint.load_checkpoint``), on ``device``."""
     method = state["config"].get("method", "piad")
+    if method == "latent-norm" and state["config"].get("networks") == "pgan":  # pgan.py; records lod
+        model = pgan.PGAN(pgan.PGANConfig(**state["preset"])).to(device)
+        model.load_state_dict(state["model"])
+        return model
     model = new_model(method, piad.PIADConfig.from_saved(state["preset"]), state["channels"]).to(device)
     model.load_state_dict(state["model"])
     return model

@@ -26,6 +26,8 @@ from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, P
 
 METHODS = ("piad", "latent-norm")
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
+NETWORKS = ("pgan", "piad")  # of --method latent-norm
+PGAN_SEED = 1000  # Berg et al.'s config.py random_seed (supplement §2): the seed of pgan runs unless given
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
@@ -43,7 +45,8 @@ class TrainConfig:
     normal: str = knob("8", "normal class: index or name (attribute for celeba)")
     iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)")
     batch_size: int = knob(32, "minibatch size")
-    seed: int = knob(0, "random seed (data split, initialisation, minibatches)")
+    seed: int | None = knob(None, "random seed (data split, initialisation, minibatches); default 0, "
+                                  f"{PGAN_SEED} for latent-norm with pgan networks (theirs)")
     out: str | None = knob(None, "run folder (default runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>)")
     data_root: str | None = knob(None, "folder with the dataset files")
     download: bool = knob(True, "download MNIST/CIFAR-10 when missing (--no-download: files must be "
@@ -81,10 +84,23 @@ class TrainConfig:
     progress: bool = knob(True, "show a progress bar")
     evaluate: bool = knob(True, "evaluate after training (--no-evaluate: later, with evaluate.py)")
     reseed: int = knob(0, "with --resume: new random draws from the checkpoint on (e.g. after a divergence)")
+    # --method latent-norm only (docs/berg.md): Berg et al.'s pGAN networks grown progressively
+    # (pgan.py, progressive.py; default), or PIAD's networks at a fixed resolution (ours).
+    networks: str | None = knob(None, "latent-norm networks: pgan (Berg et al.'s, default) or piad (PIAD's, ours)",
+                                NETWORKS)
+    fmap_max: int = knob(512, "pgan: most feature maps of any layer (512: the supplement's tables)")
+    fmap_base: int = knob(8192, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max)")
+    lod_kimg: float = knob(600.0, "pgan: thousands of real images to stabilise each resolution, and again to "
+                                  "fade the next one in (their train.py: 600 and 600)")
+    total_kimg: float = knob(12000.0, "pgan: training length in thousands of real images (their config.py)")
 
     def validate(self) -> "TrainConfig":
         """Raises :class:`errors.UserError` naming every setting that cannot work (before any work starts)."""
         bad = []
+        if self.networks is None:  # the method's own networks
+            self.networks = "pgan" if self.method == "latent-norm" else "piad"
+        if self.seed is None:
+            self.seed = PGAN_SEED if self.pgan else 0
 
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
@@ -137,20 +153,33 @@ class TrainConfig:
                        "file written by `python features.py stats`")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             bad.append(f"--out {self.out!r} is a file, not a run folder")
+        if self.method == "piad" and self.networks != "piad":
+            bad.append(f"--networks {self.networks}: only --method latent-norm trains pGAN networks")
+        if self.pgan:
+            for name in ("fmap_max", "fmap_base"):
+                need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
+            for name in ("lod_kimg", "total_kimg"):
+                need(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
         if bad:
             raise errors.UserError("; ".join(bad))
         return self
 
+    @property
+    def pgan(self) -> bool:
+        """Berg et al.'s pGAN networks, grown progressively (``--method latent-norm --networks pgan``)."""
+        return self.method == "latent-norm" and self.networks in (None, "pgan")
+
     def run_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{self.seed}"
+        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{PGAN_SEED if self.seed is None and self.pgan else self.seed or 0}"
         return Path("runs") / name.replace("/", "_")
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainConfig":
         """The config a checkpoint recorded (fields added since then take their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        saved = {"networks": "piad", **saved}  # checkpoints from before --networks: PIAD's networks
         return cls(**{k: v for k, v in saved.items() if k in names})
 
     # Settings a resumed run may change: they change speed, where files are, or (reseed) the

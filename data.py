@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import berg_protocol
 import readers
 from readers import (DatasetUnavailable, ImageFiles, TensorImages, default_data_root,  # data.X for the callers
                      load_image_folder)
@@ -67,9 +68,9 @@ class DatasetInfo:
 # Supplement §1 (and §4): preset = the supplement table of the networks (Table 1 serves MNIST,
 # Fashion-MNIST and COIL-100), image size, channels and training iterations of each dataset.
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(("split", "gpnd"), _DIGITS, "mnist", 1, (32,), iterations=50_000),
-    "fashion-mnist": DatasetInfo(("gpnd", "split"), _FASHION, "mnist", 1, (32,), iterations=50_000),
-    "cifar10": DatasetInfo(("split", "gpnd"), _CIFAR10, "cifar10", 3, (32,), iterations=100_000),
+    "mnist": DatasetInfo(("split", "gpnd", "berg"), _DIGITS, "mnist", 1, (32,), iterations=50_000),
+    "fashion-mnist": DatasetInfo(("gpnd", "split", "berg"), _FASHION, "mnist", 1, (32,), iterations=50_000),
+    "cifar10": DatasetInfo(("split", "gpnd", "berg"), _CIFAR10, "cifar10", 3, (32,), iterations=100_000),
     "coil100": DatasetInfo(("gpnd",), _COIL100, "mnist", 3, (32,), iterations=20_000),
     # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
     "lsun": DatasetInfo(("split",), ("bedroom", "conference_room"), "lsun", 3, (64,), iterations=300_000),
@@ -93,7 +94,7 @@ class AnomalyData:
     name: str                 # dataset name as given
     normal: str               # canonical normal-class name
     preset: str               # network preset: "mnist" | "cifar10" | "lsun" | "celeba"
-    protocol: str             # "split" | "gpnd" | "folder" | "attribute"
+    protocol: str             # "split" | "gpnd" | "folder" | "attribute" | "berg"
     channels: int             # 1 or 3
     image_size: int           # 32 or 64
     train: Dataset            # (image (C, H, W) in [-1, 1], label: 0 normal, 1 contamination)
@@ -237,7 +238,11 @@ def iterations(name: str, preset: str | None = None) -> int:
 def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> AnomalyData:
     """Apply the protocol to in-memory pools {split: (images, labels)} and build the datasets."""
     seed, P, size = ctx["seed"], ctx["contamination"], ctx["image_size"]
-    if ctx["protocol"] == "split":
+    if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg_protocol.py)
+        ctx["normal"], idx, trx, tex = berg_protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
+        sp = Split(*idx)
+        train_ids, test_ids = [f"train:{i}" for i in sp.train], [f"test:{i}" for i in sp.test]
+    elif ctx["protocol"] == "split":
         (trx, try_), (tex, tey) = pools["train"], pools["test"]
         sp = official_split(try_ == k, tey == k, seed=seed, contamination=P)
         train_ids = [f"train:{i}" for i in sp.train]

@@ -95,7 +95,9 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
         x = x.to(device)
         batch = piad.anomaly_score(model, x, distances, batch_size=len(x))  # eq. (1)
         batch["critic"] = -model.DX(x).flatten()
-        z = model.E(x)  # (b, *latent_shape): one E pass for both norms
+        # (b, *latent_shape): one E pass for both norms; pgan: each image grouped with fixed
+        # training images only (pgan.PGAN.encode), so no test image's code depends on another's
+        z = model.encode(x) if hasattr(model, "encode") else model.E(x)
         batch["latent-norm"] = in_the_wild.code_norms(z)
         if centre is not None:
             batch["latent-norm-centred"] = in_the_wild.code_norms(z, centre)

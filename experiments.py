@@ -69,6 +69,7 @@ class Variant:
     weights_policy: str = "gradnorm"
     gamma_g: float = 1.0  # with weights_policy "fixed"
     gamma_e: float = 1.0
+    networks: str = "piad"  # latent-norm: the studies of README ran on PIAD's networks (docs/berg.md: pgan)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def cell_config(grid: Grid, cell: Cell, root, **overrides) -> config.TrainConfig
     v = cell.variant
     return config.TrainConfig(
         dataset=cell.dataset, normal=cell.normal, seed=cell.seed, method=v.method, loss=v.loss,
-        weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e,
+        weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e, networks=v.networks,
         contamination=cell.contamination, protocol=grid.protocol,
         out=str(out), resume=(out / checkpoint.CHECKPOINT).is_file(), **overrides)
 

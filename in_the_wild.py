@@ -15,7 +15,9 @@ What is implemented (``python train.py --method latent-norm``), following the au
   ``latent-norm-centred`` = ``||E(x) - c||``, c = mean E(G(z)) (:func:`encode_prior`), and the
   histograms ``latent_norms.png`` (``figures.plot_latent_norms``); README says why they differ.
 
-Deviations from the original, one per line:
+Networks: ``--networks pgan`` (the default) trains their own networks grown progressively with
+these losses and steps (``pgan.py``, ``progressive.py``; docs/berg.md). The deviations below are
+those of ``--networks piad`` (ours), one per line:
 
 * Networks: ``piad.py``'s G, E and D_X of the dataset's preset (D_Z is built but unused), not pGAN;
   no progressive growing: the resolution is fixed at the preset's image size.
@@ -142,7 +144,9 @@ class LatentNormTrainer:
         """Cycle loss on G(z), z from the 0.1 prior (loss.py ``E_wgangp_acgan``); E's gradients only."""
         params = list(self.model.E.parameters())
         loss = cycle_loss(self.model, sample_prior(self.model, n))
-        grads = torch.autograd.grad(loss, params)  # G's and D_X's .grad are left untouched
+        # G's and D_X's .grad are left untouched; a layer the level of detail leaves out (pgan.py,
+        # progressive growing) gets no gradient and no Adam step (theirs: a zero one, a no-op at β1 = 0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         self.opt_e.zero_grad(set_to_none=True)
         for q, g in zip(params, grads):
             q.grad = g

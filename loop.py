@@ -28,7 +28,8 @@ from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from config import TrainConfig
 from errors import Diverged, Interrupted
 
-LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e")
+LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e",
+              "lod", "kimg")  # lod, kimg: progressive growing (--networks pgan)
 
 
 def _first_nonfinite(bad_at, values: dict, it: int):

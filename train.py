@@ -38,6 +38,7 @@ import evaluate
 import in_the_wild
 import loop
 import piad
+import progressive
 import weights_policy
 from checkpoint import CHECKPOINT
 from config import TrainConfig, parse_args
@@ -54,8 +55,8 @@ class Sampler:
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = None if isinstance(ds, data_mod.TensorImages) else ThreadPoolExecutor(4)
 
-    def __call__(self):
-        idx = torch.randint(len(self.ds), (self.batch_size,), generator=self.gen)
+    def __call__(self, n: int | None = None):  # n: a minibatch of another size (progressive growing)
+        idx = torch.randint(len(self.ds), (n or self.batch_size,), generator=self.gen)
         if self.pool is None:
             x = self.ds.images[idx]
         else:  # lazy datasets (LSUN, CelebA): decode in threads
@@ -183,6 +184,8 @@ class PIADTrainer:
 
 
 def make_trainer(model, rec_loss, cfg: TrainConfig):
+    if cfg.pgan:
+        return progressive.ProgressiveTrainer(model, pgan_schedule(cfg))
     return PIADTrainer(model, rec_loss, cfg) if cfg.method == "piad" else in_the_wild.LatentNormTrainer(model)
 
 
@@ -193,6 +196,11 @@ def _reseed(cfg: TrainConfig, sampler, it: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device
     sampler.gen.manual_seed(seed + 1)
+
+
+def pgan_schedule(cfg: TrainConfig) -> progressive.Schedule:
+    return progressive.Schedule(lod_training_kimg=cfg.lod_kimg, lod_transition_kimg=cfg.lod_kimg,
+                                total_kimg=cfg.total_kimg)
 
 
 def train(config: TrainConfig | None = None, **overrides) -> dict:
@@ -266,8 +274,13 @@ def _resume_state(cfg: TrainConfig) -> dict | None:
 def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) -> loop.Run:
     """The networks, loss, trainer and sampler of a run, restored from ``state`` when resuming."""
     device = assemble.resolve_device(cfg.device)
-    model = assemble.new_model(cfg.method, piad.preset(ds.preset), ds.channels).to(device)
-    iterations = cfg.iterations or data_mod.iterations(cfg.dataset, ds.preset)  # supplement §1
+    model = assemble.new_run_model(cfg, ds).to(device)
+    if cfg.pgan:  # minibatches their loop runs for total_kimg
+        iterations = cfg.iterations or progressive.minibatches(pgan_schedule(cfg), ds.image_size)
+        if device.type == "cpu":
+            print(progressive.cpu_note(cfg.fmap_max, cfg.fmap_base), file=sys.stderr)
+    else:
+        iterations = cfg.iterations or data_mod.iterations(cfg.dataset, ds.preset)  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
         rec_loss, stats = assemble.build_reconstruction_loss(
             cfg, data_mod.image_batches(ds.train, device), device, stats_state=state["stats"] if state else None)

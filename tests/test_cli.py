@@ -198,10 +198,12 @@ def test_validate_is_one_function_on_the_config():
 def test_checkpoints_hold_only_plain_data(world, tmp_path):
     """Loadable with weights_only=True and no allow-listed types (piad and latent-norm runs)."""
     torch.load(world / "finished" / "checkpoint.pt", weights_only=True)
-    _quiet_train(train.parse_args(FAST + ["--method", "latent-norm", "--iterations", "1", "--no-evaluate",
-                                          "--out", str(tmp_path / "ln")]))
-    state = torch.load(tmp_path / "ln" / "checkpoint.pt", weights_only=True)
-    assert state["config"]["method"] == "latent-norm"
+    for networks in ("piad", "pgan"):  # pgan: narrow (--fmap-max 8), lod, Gs and the schedule in the state
+        _quiet_train(train.parse_args(FAST + ["--method", "latent-norm", "--iterations", "1", "--no-evaluate",
+                                              "--networks", networks, "--fmap-max", "8",
+                                              "--out", str(tmp_path / networks)]))
+        state = torch.load(tmp_path / networks / "checkpoint.pt", weights_only=True)
+        assert state["config"]["method"] == "latent-norm" and state["config"]["networks"] == networks
 
 
 def test_old_checkpoints_with_numpy_rng_states_still_resume(world, tmp_path):

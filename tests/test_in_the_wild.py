@@ -197,7 +197,7 @@ def test_step_without_logging_gives_the_same_update():
 
 def test_make_trainer_dispatches():
     m = _tiny()
-    t = train.make_trainer(m, None, train.TrainConfig(method="latent-norm"))
+    t = train.make_trainer(m, None, train.TrainConfig(method="latent-norm", networks="piad"))
     assert isinstance(t, in_the_wild.LatentNormTrainer)
 
 
@@ -284,7 +284,7 @@ def test_latent_norm_score_orientation():
 def test_end_to_end_latent_norm_on_digits(tmp_path):
     # loss="mse": the latent-norm method needs no VGG, and a pixel loss keeps this fast
     cfg = train.TrainConfig(dataset="digits", normal="3", iterations=6, batch_size=8, method="latent-norm",
-                            loss="mse", out=str(tmp_path / "r"), progress=False)
+                            networks="piad", loss="mse", out=str(tmp_path / "r"), progress=False)
     metrics = train.train(cfg)
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["score"] == "latent-norm" and metrics["score"] == "latent-norm"
@@ -300,7 +300,7 @@ def test_end_to_end_latent_norm_on_digits(tmp_path):
 def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
     def cfg(name, **kw):
         return train.TrainConfig(dataset="digits", normal="3", iterations=5, batch_size=4, method="latent-norm",
-                                 loss="mse", out=str(tmp_path / name), progress=False, evaluate=False, **kw)
+                                 networks="piad", loss="mse", out=str(tmp_path / name), progress=False, evaluate=False, **kw)
 
     train.train(cfg("full"))
     disarm = kill_at(in_the_wild.LatentNormTrainer, 3)
