@@ -65,8 +65,7 @@ class DatasetInfo:
     iterations: int | None        # training iterations; None: those of the paper's dataset of its preset
 
 
-# Supplement §1 (and §4): preset = the supplement table of the networks (Table 1 serves MNIST,
-# Fashion-MNIST and COIL-100), image size, channels and training iterations of each dataset.
+# Supplement §1, §4: network preset (Table 1 serves MNIST, fMNIST, COIL-100), size, channels, iterations.
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(("split", "gpnd", "berg"), _DIGITS, "mnist", 1, (32,), iterations=50_000),
     "fashion-mnist": DatasetInfo(("gpnd", "split", "berg"), _FASHION, "mnist", 1, (32,), iterations=50_000),
@@ -75,10 +74,8 @@ DATASETS: dict[str, DatasetInfo] = {
     # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
     "lsun": DatasetInfo(("split",), ("bedroom", "conference_room"), "lsun", 3, (64,), iterations=300_000),
     "celeba": DatasetInfo(("attribute",), _CELEBA, "celeba", 3, (64,), iterations=200_000),
-    # Not in the paper. folder: the preset of the paper's images of that size and channels
-    # (mnist, cifar10; celeba at 64×64) and its iterations (50k, 100k, 200k).
+    # Not in the paper: the preset (and iterations) of the paper's images of that size and channels.
     "folder": DatasetInfo(("folder",), ("normal",), None, None, (32, 64), iterations=None),
-    # Offline stand-ins for MNIST: the MNIST preset and its 50k iterations.
     "digits": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
     "mnist-5k": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
 }
@@ -238,20 +235,19 @@ def iterations(name: str, preset: str | None = None) -> int:
 def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> AnomalyData:
     """Apply the protocol to in-memory pools {split: (images, labels)} and build the datasets."""
     seed, P, size = ctx["seed"], ctx["contamination"], ctx["image_size"]
-    if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg_protocol.py)
-        ctx["normal"], idx, trx, tex = berg_protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
-        sp = Split(*idx)
-        train_ids, test_ids = [f"train:{i}" for i in sp.train], [f"test:{i}" for i in sp.test]
-    elif ctx["protocol"] == "split":
-        (trx, try_), (tex, tey) = pools["train"], pools["test"]
-        sp = official_split(try_ == k, tey == k, seed=seed, contamination=P)
-        train_ids = [f"train:{i}" for i in sp.train]
-        test_ids = [f"test:{i}" for i in sp.test]
-    else:
+    if ctx["protocol"] == "gpnd":
         trx = tex = np.concatenate([x for x, _ in pools.values()])
         ids = [f"{split}:{i}" for split, (_, y) in pools.items() for i in range(len(y))]
         sp = gpnd_split(np.concatenate([y for _, y in pools.values()]) == k, seed=seed, contamination=P)
         train_ids, test_ids = [ids[i] for i in sp.train], [ids[i] for i in sp.test]
+    else:
+        if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg_protocol.py)
+            ctx["normal"], idx, trx, tex = berg_protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
+            sp = Split(*idx)
+        else:  # split
+            (trx, try_), (tex, tey) = pools["train"], pools["test"]
+            sp = official_split(try_ == k, tey == k, seed=seed, contamination=P)
+        train_ids, test_ids = [f"train:{i}" for i in sp.train], [f"test:{i}" for i in sp.test]
     train = TensorImages(readers.array_images(trx[sp.train], size, scale), sp.train_labels)
     test = TensorImages(readers.array_images(tex[sp.test], size, scale), sp.test_labels)
     return _result(ctx, train, test, sp, train_ids, test_ids)
