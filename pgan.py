@@ -20,6 +20,10 @@ one to the other). ``pgan.networks(preset)`` gives ``(G, D, E)`` at the table's 
   ``2**(log2(resolution) - k)``; for f > 0 the ``Grow_lod{k}`` row blends the new block's output
   with the lower resolution's one, weight f on the lower (their ``lerp_clip``).
 
+* :class:`PGAN` holds the three networks as ``G``, ``DX`` and ``E`` (so ``in_the_wild``'s losses
+  apply) and :meth:`PGAN.encode`, E without the minibatch-stddev leak between scored images (each
+  grouped with three fixed training images, ``reference``; docs/berg.md measures the leak).
+
 Deviations from their code, one per line:
 
 * Resolution: G returns, and D/E read, images at the working resolution of ``lod``; their

@@ -173,7 +173,7 @@ class ProgressiveTrainer(in_the_wild.LatentNormTrainer):
 
 # Images/s of one full-width step (critic + Gs, G, E) at each working resolution, CIFAR-10 preset,
 # measured by bench/bench_pgan.py (batch 8, 1 thread, the project's 2-core CPU; docs/berg.md).
-CPU_IMAGES_PER_S = {4: 10.4, 8: 2.79, 16: 0.56}
+CPU_IMAGES_PER_S = {4: 10.4, 8: 2.79, 16: 0.56, 32: 0.036}
 
 
 def cpu_note(fmap_max: int, fmap_base: int) -> str:
