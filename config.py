@@ -47,6 +47,8 @@ class TrainConfig:
                                 "under --data-root)")
     protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)", PROTOCOLS)
     image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes)
+    preprocess: str = knob("authors", "image resampling: the authors' code's (PIL / scikit-image on 8-bit images, "
+                                      "uint8 rounding) or antialiased bilinear on floats", data_mod.readers.PREPROCESS)
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
     method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (in_the_wild.py)", METHODS)
     vgg_weights: str = knob("auto", "VGG-19 weights: auto|torchvision|caffe|random|PATH")

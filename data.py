@@ -23,7 +23,8 @@ Protocols:
 
 Deviations and choices the paper leaves open:
 
-* Interpolation is bilinear with antialiasing (the paper does not name one).
+* Resampling and rounding (the paper names none): the authors' pipelines by default, or
+  antialiased bilinear on floats (``preprocess="float"``); see readers.py.
 * The gpnd split uses our own seeded draw (``numpy.random.default_rng(seed)``), so individual
   splits differ from GPND's and the authors' code; 80% is ``int(0.8 * n)`` as in the authors'
   code (COIL-100: 57 of 72 views train, 15 test). The fMNIST pool is train + test (70,000
@@ -263,8 +264,9 @@ def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> Anomaly
         ids = [f"{split}:{i}" for split, (_, y) in pools.items() for i in range(len(y))]
         sp = gpnd_split(np.concatenate([y for _, y in pools.values()]) == k, seed=seed, contamination=P)
         train_ids, test_ids = [ids[i] for i in sp.train], [ids[i] for i in sp.test]
-    train = TensorImages(readers.array_images(trx[sp.train], size, scale), sp.train_labels)
-    test = TensorImages(readers.array_images(tex[sp.test], size, scale), sp.test_labels)
+    kw = dict(preprocess=ctx["preprocess"])
+    train = TensorImages(readers.array_images(trx[sp.train], size, scale, **kw), sp.train_labels)
+    test = TensorImages(readers.array_images(tex[sp.test], size, scale, **kw), sp.test_labels)
     return _result(ctx, train, test, sp, train_ids, test_ids)
 
 
@@ -284,9 +286,9 @@ def _coil100(ctx: dict, k: int, base: Path) -> AnomalyData:
     labels, paths = readers.coil100_files(base)
     sp = gpnd_split(labels == k + 1, seed=ctx["seed"], contamination=ctx["contamination"])
     train_paths, test_paths = [paths[i] for i in sp.train], [paths[i] for i in sp.test]
-    size, channels = ctx["image_size"], ctx["channels"]
-    train = TensorImages(readers.load_files(train_paths, size, channels), sp.train_labels)
-    test = TensorImages(readers.load_files(test_paths, size, channels), sp.test_labels)
+    size, kw = ctx["image_size"], dict(preprocess=ctx["preprocess"])
+    train = TensorImages(readers.load_coil100(train_paths, size, **kw), sp.train_labels)
+    test = TensorImages(readers.load_coil100(test_paths, size, **kw), sp.test_labels)
     return _result(ctx, train, test, sp, train_paths, test_paths)
 
 
@@ -311,9 +313,9 @@ def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
         train_paths = test_paths = normal + anomalous
         how = "seeded 80% of the normal class trains; the rest and all other images (minus contaminants) test"
     train_paths, test_paths = [train_paths[i] for i in sp.train], [test_paths[i] for i in sp.test]
-    size = ctx["image_size"]
-    return _result(ctx, ImageFiles(train_paths, sp.train_labels, image_size=size),
-                   ImageFiles(test_paths, sp.test_labels, image_size=size), sp, train_paths, test_paths,
+    kw = dict(image_size=ctx["image_size"], crop="square", preprocess=ctx["preprocess"])  # crop, then resize
+    return _result(ctx, ImageFiles(train_paths, sp.train_labels, **kw),
+                   ImageFiles(test_paths, sp.test_labels, **kw), sp, train_paths, test_paths,
                    split_source=how)
 
 
@@ -326,9 +328,9 @@ def _celeba(ctx: dict, attribute: str, root) -> AnomalyData:
     sp = official_split(~has[tr], ~has[te], seed=ctx["seed"], contamination=ctx["contamination"])
     train_paths = [str(img_dir / files[i]) for i in tr[sp.train]]
     test_paths = [str(img_dir / files[i]) for i in te[sp.test]]
-    size = ctx["image_size"]
-    return _result(ctx, ImageFiles(train_paths, sp.train_labels, image_size=size, crop=140),
-                   ImageFiles(test_paths, sp.test_labels, image_size=size, crop=140), sp, train_paths,
+    kw = dict(image_size=ctx["image_size"], crop=140, preprocess=ctx["preprocess"])
+    return _result(ctx, ImageFiles(train_paths, sp.train_labels, **kw),
+                   ImageFiles(test_paths, sp.test_labels, **kw), sp, train_paths,
                    test_paths, attribute=attribute)
 
 
@@ -344,7 +346,8 @@ def _folder(ctx: dict, root) -> AnomalyData:
     size, channels = ctx["image_size"], 1 if all(a.ndim == 2 for g in raw for a in g) else 3
     # the preset of the paper's images of that size and channels (MNIST, CIFAR-10; CelebA at 64×64)
     ctx.update(channels=channels, preset="celeba" if size == 64 else "mnist" if channels == 1 else "cifar10")
-    train_x, test_n, test_a = (torch.stack([readers.prepare(a, size, channels) for a in g]) for g in raw)
+    train_x, test_n, test_a = (torch.stack([readers.prepare(a, size, channels, preprocess=ctx["preprocess"])
+                                            for a in g]) for g in raw)
     sp = Split(np.arange(len(train_x)), np.zeros(len(train_x), np.int64), np.arange(len(test_n) + len(test_a)),
                np.r_[np.zeros(len(test_n), np.int64), np.ones(len(test_a), np.int64)])
     test = TensorImages(torch.cat([test_n, test_a]), sp.test_labels)
@@ -353,13 +356,15 @@ def _folder(ctx: dict, root) -> AnomalyData:
 
 def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed: int = 0,
                  contamination: float = 0.0, protocol: str | None = None, download: bool = False,
-                 image_size: int | None = None) -> AnomalyData:
+                 image_size: int | None = None, preprocess: str = "authors") -> AnomalyData:
     """Load dataset ``name`` with class ``normal`` as the normal class (see the module docstring).
 
     ``root`` is the data folder (default ``$PIAD_DATA`` or ``~/.cache/piad/data``); for
     ``folder`` it is required and ``normal`` is just a label for the run. ``protocol`` defaults
     to the paper's protocol for the dataset, ``image_size`` to its size; both must be in its row of
-    :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64)."""
+    :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64).
+    ``preprocess``: the authors' resampling and uint8 rounding (default) or ``"float"`` (readers.py)."""
+    readers._check_preprocess(preprocess)
     name = _check_name(name)
     info = DATASETS[name]
     protocol = protocol or info.protocols[0]
@@ -373,7 +378,8 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
     if len(sizes) == 1 and image_size not in (None, *sizes):
         raise ValueError(f"image_size is fixed at {sizes[0]} for {name} (paper §4), got {image_size}")
     ctx = dict(name=name, protocol=protocol, seed=seed, contamination=contamination, source=None,
-               image_size=image_size or sizes[0], preset=info.preset, channels=info.channels)
+               image_size=image_size or sizes[0], preset=info.preset, channels=info.channels,
+               preprocess=preprocess)
     if name == "folder":
         ctx.update(normal=str(normal), source=str(root))
         return _folder(ctx, root)

@@ -251,7 +251,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                    contamination=cfg.contamination, protocol=cfg.protocol,
-                                   download=cfg.download, image_size=cfg.image_size)
+                                   download=cfg.download, image_size=cfg.image_size,
+                                   preprocess=cfg.preprocess)
     model = build_model(cfg, ds, device)
     iterations = cfg.iterations or data_mod.iterations(cfg.dataset) or model.config.iterations  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
