@@ -142,14 +142,14 @@ def test_lsun(authors, tmp_path):
     assert not torch.equal(flt.train[0][0], ds.train[0][0])
 
 
-def _celeba_files(root, rng, n: int = 30) -> list[str]:
+def _celeba_files(root, rng, n: int = 30, extra: str = "Smiling") -> list[str]:
     d = root / "celeba"
     (d / "img_align_celeba").mkdir(parents=True)
     names = list(data._CELEBA)
     files = [f"{i:06d}.jpg" for i in range(1, n + 1)]
     attrs = -np.ones((n, len(names)), np.int64)
     for i in range(n):  # a few faces with one, two or none of the paper's attributes
-        for a in (("Bald",), ("Bangs",), ("Bald", "Mustache"), (), ("Smiling",))[i % 5]:
+        for a in (("Bald",), ("Bangs",), ("Bald", "Mustache"), (), (extra,))[i % 5]:
             attrs[i, names.index(a)] = 1
     for f in files:
         Image.fromarray(_images(rng, 1, 218, 178, 3)[0]).save(d / "img_align_celeba" / f, quality=95)
@@ -187,3 +187,20 @@ def test_celeba(authors, tmp_path, monkeypatch):
         for theirs, label in ((test_normal, 0), (test_anomal, 1)):
             for j, i in enumerate(np.flatnonzero(labels == label)):
                 _equal(ds.test[int(i)][0], theirs[j], f"CelebA {attribute} test {i}")
+
+
+def test_celeba_extended(authors, tmp_path, monkeypatch):
+    """Their celeba_extended config: nine attributes left out of the normal faces."""
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.CelebA, "_check_integrity", lambda self: True)
+    _celeba_files(tmp_path, np.random.default_rng(6), extra="Goatee")
+    d = authors["datasets"]
+    ds = data.load_dataset("celeba", "Bald", root=str(tmp_path), protocol="attribute-extended")
+    normal = d.CelebA(str(tmp_path), "train", 0, normal=True, extended_attribute_list=True)
+    anomal = d.CelebA(str(tmp_path), "test", 0, normal=False, abnormal_class="Bald", extended_attribute_list=True)
+    assert [p.rsplit("/", 1)[1] for p in ds.info["train_ids"]] == \
+        [normal.data.filename[i] for i in normal.active_indexes]
+    assert [p.rsplit("/", 1)[1] for p, y in zip(ds.test_ids, ds.test.labels) if y == 1] == \
+        [anomal.data.filename[i] for i in anomal.active_indexes] != []
+    assert len(data.load_dataset("celeba", "Bald", root=str(tmp_path)).train) > len(ds.train)
