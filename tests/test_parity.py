@@ -22,7 +22,7 @@ The training comparison runs through ``TrainConfig()``'s own defaults. To fit K 
 CPU, one override is applied identically to both implementations (:func:`_scaled`): batch size
 /4 (32 -> 8), γ period /50 (100 -> 2), history /100 (200 -> 2 records) and last-N /200
 (200 -> 1 ratio), so that γ is updated at iterations 1, 3, 5 and last-N and history both
-bind (K = 6; LSUN: K = 2); every channel width of the four networks /8 and a VGG-19 of 1/8 the width (random
+bind (Fashion-MNIST: K = 6; CIFAR-10: K = 4; LSUN: K = 2); every channel width of the four networks /8 and a VGG-19 of 1/8 the width (random
 weights, random statistics) as the feature map of eq. (3)-(4), given to both. The full-width
 networks and VGG-19 are compared function by function in the other tests. ``test_a_flipped_
 default_fails_parity`` switches each default of docs/deviations.md back and checks that the
@@ -30,6 +30,7 @@ comparison then fails.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import os
@@ -63,7 +64,7 @@ pytestmark = pytest.mark.skipif(
 
 RTOL = 1e-9
 EPS = 0.0   # eq. (4)'s epsilon in the comparisons (ours: losses.DEFAULT_EPS = 1e-6; the authors': none)
-K = {"fashion-mnist": 6, "cifar10": 6, "lsun": 2}  # iterations of Algorithm 1 compared
+K = {"fashion-mnist": 6, "cifar10": 4, "lsun": 2}  # iterations of Algorithm 1 compared
 # Our dataset (data.DATASETS) -> the authors' config file.
 CONFIGS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "coil100": "coil100",
            "cifar10": "cifar10", "lsun": "lsun", "celeba": "celeba"}
@@ -158,10 +159,14 @@ def _their_vgg(monkeypatch, authors, vgg_file):
     _float64_constants(monkeypatch, authors)
 
     def vgg19(*args, **kwargs):
-        net = torchvision.models.vgg19(weights=None)
-        net.load_state_dict(torch.load(vgg_file, weights_only=True))
-        return net
+        if vgg_file not in _VGG:
+            _VGG[vgg_file] = torchvision.models.vgg19(weights=None)
+            _VGG[vgg_file].load_state_dict(torch.load(vgg_file, weights_only=True))
+        return copy.deepcopy(_VGG[vgg_file])
     monkeypatch.setattr(authors["feature_extractor"], "vgg19", vgg19)
+
+
+_VGG: dict = {}  # one VGG-19 read from the file: the authors' (torchvision) and ours (features)
 
 
 def _authors_mean_var(authors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +177,10 @@ def _authors_mean_var(authors) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _our_loss(vgg_file, authors, *, impl: str, reduction: str = "mean") -> losses.ReconstructionLoss:
     """Our rel-perc-L1 with the same VGG weights and the authors' ImageNet statistics."""
-    vgg = features.VGG19Features("relu4_2", weights=str(vgg_file))
+    key = ("ours", vgg_file)
+    if key not in _VGG:
+        _VGG[key] = features.VGG19Features("relu4_2", weights=str(vgg_file)).double()
+    vgg = _VGG[key]  # frozen: shared by the tests
     mean, var = _authors_mean_var(authors)
     stats = features.FeatureStats(mean=mean, std=var, weights=vgg.weights_id, layer="relu4_2", count=1)
     return losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=stats, impl=impl,
@@ -258,10 +266,11 @@ def _narrow(c: dict, cfg: piad.PIADConfig, width: int) -> tuple[dict, piad.PIADC
     return c, cfg
 
 
-def _build_both(authors, dataset: str, width: int = 1):
+def _build_both(authors, dataset: str, width: int = 1, between=lambda: None):
     c, cfg = _narrow(_config(CONFIGS[dataset]), piad.preset(data.DATASETS[dataset].preset), width)
     torch.manual_seed(0)
     ours = piad.PIAD(config=cfg, channels=c["image_dim"]).double()
+    between()
     net = authors["networks"]
     args = (c["image_res"], c["image_dim"], c["latent_res"], c["latent_dim"])
     theirs = nn.ModuleDict({
@@ -293,35 +302,42 @@ def copy_weights(ours: piad.PIAD, theirs: nn.ModuleDict) -> None:
                 dst[kb].copy_(src[ka].view_as(dst[kb]))
 
 
-def _record_xavier(monkeypatch) -> list:
-    """Records (weight shape without 1s, gain) of every ``xavier_uniform_`` call."""
-    calls, real = [], nn.init.xavier_uniform_
+def _record_inits(monkeypatch, calls: list) -> None:
+    """Records the parameters of every ``kaiming_normal_`` and ``xavier_uniform_`` call (weight
+    shape without 1s, slope, mode, non-linearity; gain)."""
+    kaiming, xavier = nn.init.kaiming_normal_, nn.init.xavier_uniform_
 
-    def xavier(tensor, gain=1.0, **kw):
-        calls.append((tuple(s for s in tensor.shape if s != 1), gain))
-        return real(tensor, gain=gain, **kw)
-    monkeypatch.setattr(nn.init, "xavier_uniform_", xavier)
-    return calls
+    def shape(t):
+        return tuple(s for s in t.shape if s != 1)
+
+    def k(tensor, a=0, mode="fan_in", nonlinearity="leaky_relu", **kw):
+        calls.append(("kaiming", shape(tensor), a, mode, nonlinearity))
+        return kaiming(tensor, a=a, mode=mode, nonlinearity=nonlinearity, **kw)
+
+    def x(tensor, gain=1.0, **kw):
+        calls.append(("xavier", shape(tensor), gain))
+        return xavier(tensor, gain=gain, **kw)
+    monkeypatch.setattr(nn.init, "kaiming_normal_", k)
+    monkeypatch.setattr(nn.init, "xavier_uniform_", x)
 
 
 def check_init(authors, dataset: str) -> None:
-    """The authors' initialisation: G, E, D_X's Kaiming draws equal value for value (both RNGs
-    seeded alike, then their ``_init_layers`` and our ``init_authors_``); D_Z's Xavier draws
-    with the same bound (shape and gain of every call)."""
+    """The authors' initialisation. The networks the preset builds draw from the same
+    distributions as theirs (every Kaiming call of G, E, D_X and Xavier call of D_Z with the same
+    shape, slope, mode, non-linearity and gain); and the draws are equal value for value when both
+    RNGs are seeded alike and their ``_init_layers`` and our ``init_authors_`` are called."""
+    calls, ours_calls = [], []
     with pytest.MonkeyPatch.context() as m:
-        ours_x = _record_xavier(m)
-        c, ours, theirs = _build_both(authors, dataset)
-        ours_x.clear()
-        torch.manual_seed(11)
-        piad.init_authors_(ours)
-        ours_x = list(ours_x)
-        theirs_x = _record_xavier(m)
-        torch.manual_seed(11)
-        for name in ("G", "E", "DX"):
-            theirs[name]._init_layers(theirs[name].model)
-        net = authors["networks"]
-        net.LatentDiscriminator(input_dim=c["latent_dim"] * c["latent_res"] ** 2, inner_dims=c["latent_dis"])
-    assert ours_x == theirs_x and len(ours_x) == len(c["latent_dis"]) + 1, (ours_x, theirs_x)
+        _record_inits(m, calls)
+        c, ours, theirs = _build_both(authors, dataset, between=lambda: (ours_calls.extend(calls), calls.clear()))
+    n_dz = len(c["latent_dis"]) + 1
+    their_calls = [k for k in calls if k[0] == "kaiming"] + [x for x in calls if x[0] == "xavier"][-n_dz:]
+    assert ours_calls == their_calls, "initialisation: the distributions differ"
+    torch.manual_seed(11)
+    piad.init_authors_(ours)
+    torch.manual_seed(11)
+    for name in ("G", "E", "DX"):
+        theirs[name]._init_layers(theirs[name].model)
     for name in ("G", "E", "DX"):
         mine, their = getattr(ours, name).state_dict(), theirs[name].state_dict()
         for ka, kb in key_map(getattr(ours, name), theirs[name]).items():
@@ -351,7 +367,7 @@ def test_networks_initialise_and_compute_as_the_authors(authors, dataset):
 
 # --------------------------------------------------------------------------- eq. (1), (3)-(4)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_relative_perceptual_l1_and_anomaly_score(authors, monkeypatch, cpu, vgg_file, impl):
+def test_relative_perceptual_l1(authors, monkeypatch, cpu, vgg_file, impl):
     _their_vgg(monkeypatch, authors, vgg_file)
     theirs = authors["rec_losses"].PerceptualLoss(
         reduction="none", **_config("cifar10")["perceptual_loss_kwargs"]).double()
@@ -361,13 +377,7 @@ def test_relative_perceptual_l1_and_anomaly_score(authors, monkeypatch, cpu, vgg
         x = torch.rand(6, channels, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
         y = (x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
         torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=RTOL, atol=0)
-    # eq. (1): A(x) = L(x, G(E(x))) on a trained-from-scratch model, ours vs the authors' scoring
-    c, model, nets = _build_both(authors, "cifar10")
-    copy_weights(model, nets)
-    x = torch.rand(7, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
-    with torch.no_grad():
-        expected = theirs(x, nets["G"](nets["E"](x)))
-    torch.testing.assert_close(piad.anomaly_score(model, x, ours), expected, rtol=RTOL, atol=0)
+    # eq. (1), A(x) = L(x, G(E(x))): test_evaluation_scores_are_the_authors
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -793,10 +803,6 @@ FLIPS = {
     "preprocessing on floats": (lambda m: _flip_default(m, TrainConfig, "preprocess", "float"), "fashion-mnist"),
     "eq. (4) epsilon 1e-6": (lambda m: m.setattr(sys.modules[__name__], "EPS", losses.DEFAULT_EPS), "fashion-mnist"),
 }
-
-
-def test_unflipped_defaults_pass_parity(authors, narrow_vgg):
-    parity_comparison(authors, narrow_vgg, "fashion-mnist")
 
 
 @pytest.mark.parametrize("flip", list(FLIPS))
