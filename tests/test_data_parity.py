@@ -110,7 +110,8 @@ def test_coil100(authors, tmp_path):
         for angle in range(0, 360, 45):
             Image.fromarray(_images(rng, 1, 128, 128, 3)[0]).save(src / f"obj{obj}__{angle}.png")
     authors["datasets"].coil_100_preprocessing(str(tmp_path), str(tmp_path / "ad_protocol"))
-    parts = [torch.load(tmp_path / "ad_protocol" / "processed" / f, weights_only=True) for f in ("training.pt", "test.pt")]
+    parts = [torch.load(tmp_path / "ad_protocol" / "processed" / f, weights_only=True)
+             for f in ("training.pt", "test.pt")]
     theirs_x, theirs_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     labels, paths = readers.coil100_files(src)
     ours = readers.load_coil100(paths, 32)                      # (N, 3, 32, 32) in [-1, 1]
