@@ -708,7 +708,7 @@ def test_coil100_classes_are_the_authors():
 
 
 # --------------------------------------------------------------------------- the self-check
-def parity_comparison(authors, narrow, dataset: str) -> None:
+def parity_comparison(authors, narrow, vgg_file, dataset: str) -> None:
     """Every check of this module for one dataset, cheapest first (raises at the first difference)."""
     check_config(dataset)
     check_policy_defaults(authors)
@@ -720,6 +720,7 @@ def parity_comparison(authors, narrow, dataset: str) -> None:
     check_data_defaults(authors)
     if dataset in K:
         check_training(authors, narrow, dataset)
+    check_evaluation(authors, vgg_file)
 
 
 def check_data_defaults(authors) -> None:
@@ -807,9 +808,9 @@ FLIPS = {
 
 
 @pytest.mark.parametrize("flip", list(FLIPS))
-def test_a_flipped_default_fails_parity(authors, narrow_vgg, monkeypatch, flip):
+def test_a_flipped_default_fails_parity(authors, narrow_vgg, vgg_file, monkeypatch, flip):
     """docs/deviations.md: the parity comparison fails if any default is switched back."""
     switch, dataset = FLIPS[flip]
     switch(monkeypatch)
     with pytest.raises(AssertionError):
-        parity_comparison(authors, narrow_vgg, dataset)
+        parity_comparison(authors, narrow_vgg, vgg_file, dataset)
