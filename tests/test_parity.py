@@ -814,3 +814,12 @@ def test_a_flipped_default_fails_parity(authors, narrow_vgg, vgg_file, monkeypat
     switch(monkeypatch)
     with pytest.raises(AssertionError):
         parity_comparison(authors, narrow_vgg, vgg_file, dataset)
+
+
+@pytest.mark.parametrize("flip", ["γ: last N = 400", "γ: history of 400", "no weight decay"])
+def test_the_training_comparison_alone_sees_the_flip(authors, narrow_vgg, monkeypatch, flip):
+    """The training comparison binds last N and history, and its tolerance sees weight decay
+    1e-8 (the checks above catch these flips first)."""
+    FLIPS[flip][0](monkeypatch)
+    with pytest.raises(AssertionError):
+        check_training(authors, narrow_vgg, "fashion-mnist")
