@@ -146,6 +146,7 @@ class TrainConfig:
     def from_saved(cls, saved: dict) -> "TrainConfig":
         """The config a checkpoint recorded (fields added since then take their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        saved = {"preprocess": "float", **saved}  # runs saved before --preprocess resampled on floats
         return cls(**{k: v for k, v in saved.items() if k in names})
 
     # Settings a resumed run may change: they change speed, where files are, or (reseed) the
