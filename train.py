@@ -235,7 +235,7 @@ def _load(cfg: TrainConfig) -> data_mod.AnomalyData:
     with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
         return data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                      contamination=cfg.contamination, protocol=cfg.protocol,
-                                     download=cfg.download, image_size=cfg.image_size)
+                                     download=cfg.download, image_size=cfg.image_size, preprocess=cfg.preprocess)
 
 
 def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, data_mod.AnomalyData, dict]:

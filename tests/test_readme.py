@@ -85,27 +85,52 @@ def test_paper_to_code_table_names_exist():
         assert (ROOT / path).is_file(), path
 
 
-FILE_SUFFIXES = {"py", "pt", "pt2", "json", "csv", "png", "npz", "md", "txt", "onnx"}
+def _project_modules() -> set[str]:
+    return {p.stem for p in ROOT.glob("*.py") if p.stem != "setup"}
 
 
-def test_every_code_name_cited_by_readme_and_docs_exists():
-    """`module.name` (and `module.Class.attr`) in README.md and every page of docs/, for the
-    project's modules: the studies moved to docs/ keep naming code that exists."""
+def _resolve(dotted: str):
+    """``module.attr[.attr]`` (or ``Class.attr`` for a class of train/weights_policy/piad/config)."""
     import importlib
 
-    modules = {p.stem for p in ROOT.glob("*.py")} - {"setup"}
+    first, *rest = dotted.split(".")
+    homes = {"PIADTrainer": "train", "GradientHistory": "weights_policy", "PIADConfig": "piad",
+             "TrainConfig": "config"}
+    obj = importlib.import_module(homes.get(first, first))
+    obj = getattr(obj, first) if first in homes else obj
+    for attr in rest:
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def test_code_names_in_readme_and_docs_exist():
+    """Every `module.name` that README.md or a page of docs/ cites, every `PIADConfig(field=...)` /
+    `TrainConfig(field=...)` setting and every train.py flag of docs/deviations.md exists."""
+    import dataclasses
+
+    import config
+    import piad
+
+    modules = _project_modules() | {"PIADTrainer", "GradientHistory", "PIADConfig", "TrainConfig"}
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    missing, seen = [], 0
+    assert len(pages) > 1
+    missing = []
     for page in pages:
-        for dotted in re.findall(r"`([A-Za-z_]\w*(?:\.\w+)+)(?:\(\))?`", page.read_text()):
-            first, *rest = dotted.split(".")
-            if first not in modules or rest[-1] in FILE_SUFFIXES:  # a file name: checkpoint.pt, data.py
-                continue
-            seen += 1
-            obj = importlib.import_module(first)
-            for attr in rest:
-                obj = getattr(obj, attr, None)
-                if obj is None:
+        text = page.read_text()
+        for span in re.findall(r"`([^`\n]+)`", text):
+            for dotted in re.findall(r"(?<![\w./-])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?![\w/])", span):
+                if dotted.split(".")[0] in modules and not dotted.endswith((".py", ".pt", ".h", ".md")) \
+                        and _resolve(dotted) is None:
                     missing.append(f"{page.name}: {dotted}")
-                    break
-    assert seen > 30 and not missing, missing
+            for cls, fields in (("PIADConfig", piad.PIADConfig), ("TrainConfig", config.TrainConfig)):
+                for call in re.findall(rf"{cls}\(([^)]*)\)", span):
+                    for name in re.findall(r"(\w+)=", call):
+                        if name not in {f.name for f in dataclasses.fields(fields)}:
+                            missing.append(f"{page.name}: {cls}({name}=...)")
+    flags = {config.flag(f.name) for f in dataclasses.fields(config.TrainConfig)} | {"--classes"}
+    for flag in re.findall(r"`(--[a-z][\w-]*)", (ROOT / "docs" / "deviations.md").read_text()):
+        if flag not in flags:
+            missing.append(f"deviations.md: {flag}")
+    assert not missing, missing
