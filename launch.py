@@ -12,7 +12,7 @@ reported without stopping the others, and a stop leaves every running cell with 
   spread over the visible GPUs, at most ``per_gpu`` on one. The parent alone receives Ctrl-C
   (workers run in their own process group) and forwards one SIGINT to each worker, which
   finishes its iteration and saves (``errors.StopOnSignal``); a second Ctrl-C stops them at once.
-* :func:`submit`: one task per cell through ``submitit`` (``pip install submitit``): a Slurm job
+* :func:`run_submitit`: one task per cell through ``submitit`` (``pip install submitit``): a Slurm job
   array, or the same submission path run locally (submitit's local executor, for tests and CI).
   On preemption or a time limit, submitit calls :meth:`CellTask.checkpoint`, which stops the
   training after its iteration with the atomic save of ``train.py`` and requeues the task; the
@@ -72,7 +72,8 @@ def _finished_metrics(cfg: TrainConfig) -> dict:
 
 
 class GridInterrupted(errors.Interrupted):
-    """The grid was stopped by a signal; every cell that was running saved a checkpoint."""
+    """The grid was stopped by a signal; every cell that was running was stopped (after its
+    iteration, with a checkpoint; at once on a second Ctrl-C)."""
 
     def __init__(self, signum: int, stopped: list[str]):
         super().__init__(signum, 0, 1, Path("."))
@@ -81,7 +82,7 @@ class GridInterrupted(errors.Interrupted):
 
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name
-        cells = f"{len(self.stopped)} running cell(s) saved a checkpoint ({', '.join(self.stopped)})" \
+        cells = f"{len(self.stopped)} running cell(s) stopped ({', '.join(self.stopped)})" \
             if self.stopped else "no cell was running"
         return f"{name}: grid stopped; {cells}; finished cells are kept. Resume with: {self.resume}"
 
