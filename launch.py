@@ -1,22 +1,17 @@
 """Running a grid's cells in parallel: processes on one machine, or a Slurm job array (no paper section).
 
-Tables 2-3 of the paper are grids of independent ``train.py`` runs (``experiments.py``). This
-module runs the cells given to it (each a :class:`config.TrainConfig` whose ``out`` is the cell's
-folder, its only output) in three ways, with the same promises as the sequential grid: a finished
-cell (``metrics.json``) is skipped, a half-finished one (``checkpoint.pt``) resumed, a failing one
-reported without stopping the others, and a stop leaves every running cell with a checkpoint.
+Tables 2-3 of the paper are grids of independent ``train.py`` runs (``experiments.py``), each cell
+a :class:`config.TrainConfig` whose ``out`` folder is its only output. The sequential grid's
+promises hold: finished cells skipped, half-finished ones resumed, a failing one reported without
+stopping the others, a stop leaving every running cell with a checkpoint.
 
-* :func:`run_processes`: N cells at once on this machine, each in its own spawned process with
-  ``threads`` CPU threads (a run's floats depend on its thread count, so the count is a setting
-  of the cell, ``TrainConfig.threads``, recorded in its checkpoint and ``metrics.json``), cells
-  spread over the visible GPUs, at most ``per_gpu`` on one. The parent alone receives Ctrl-C
-  (workers run in their own process group) and forwards one SIGINT to each worker, which
-  finishes its iteration and saves (``errors.StopOnSignal``); a second Ctrl-C stops them at once.
-* :func:`run_submitit`: one task per cell through ``submitit`` (``pip install submitit``): a Slurm job
-  array, or the same submission path run locally (submitit's local executor, for tests and CI).
-  On preemption or a time limit, submitit calls :meth:`CellTask.checkpoint`, which stops the
-  training after its iteration with the atomic save of ``train.py`` and requeues the task; the
-  requeued task resumes from that checkpoint.
+* :func:`run_processes`: N cells at once, each in a spawned process with ``threads`` CPU threads
+  (a run's floats depend on it: ``TrainConfig.threads``, recorded with the cell), spread over the
+  visible GPUs, at most ``per_gpu`` on one. The parent alone receives Ctrl-C and forwards one
+  SIGINT to each worker, which finishes its iteration and saves; a second one stops them at once.
+* :func:`run_submitit`: one ``submitit`` task per cell: a Slurm job array, or the same path run
+  locally (its local executor: tests, CI). On preemption or a time limit, :meth:`CellTask.checkpoint`
+  stops the training after its iteration with train.py's atomic save and requeues the task.
 * :func:`cell_status`: one line per cell (iteration, ETA, AUROC when done) from its folder alone.
 """
 from __future__ import annotations
@@ -144,62 +139,92 @@ def run_processes(cells: list[tuple[str, TrainConfig]], *, jobs: int, threads: i
     checkpoint and raise :class:`GridInterrupted` once they have all exited. ``train_fn`` must be
     importable by name (spawned processes import it).
     """
-    threads = threads or max(1, cores() // jobs)
-    ctx = multiprocessing.get_context("spawn")
-    queue = [(tag, cfg) for tag, cfg in cells]
-    running: dict[int, tuple] = {}  # pid -> (process, conn, tag, cfg, gpu)
-    failures: list[tuple[str, str]] = []
-    stopped: list[str] = []
-    signals: list[int] = []
-    order = 0
+    pool = _Workers(threads or max(1, cores() // jobs), gpus, per_gpu, train_fn, fail_path, log)
+    handlers = {s: signal.signal(s, pool.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        queue = list(cells)
+        while queue or pool.running:
+            while queue and not pool.signals and len(pool.running) < jobs:
+                if not pool.start(*queue[0]):
+                    break
+                queue.pop(0)
+            if not pool.running:
+                break
+            ready = multiprocessing.connection.wait([r[0].sentinel for r in pool.running.values()], timeout=1.0)
+            for pid in [pid for pid, r in pool.running.items() if r[0].sentinel in ready]:
+                pool.finish(pid)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if pool.signals:
+        raise GridInterrupted(pool.signals[0], pool.stopped)
+    return pool.failures
 
-    def on_signal(signum, frame):
-        signals.append(signum)
-        first = len(signals) == 1
-        log(f"{signal.Signals(signum).name}: " + ("stopping every running cell after its iteration, with a "
-            "checkpoint (Ctrl-C again stops them at once, without saving)" if first else "stopping now"))
-        for proc, *_ in running.values():
+
+class _Workers:
+    """The worker processes of :func:`run_processes` and what they have reported."""
+
+    def __init__(self, threads: int, gpus, per_gpu, train_fn, fail_path, log):
+        self.threads, self.gpus, self.per_gpu, self.train_fn = threads, gpus, per_gpu, train_fn
+        self.fail_path, self.log = fail_path, log
+        self.ctx = multiprocessing.get_context("spawn")
+        self.running: dict[int, tuple] = {}  # pid -> (process, conn, tag, cfg, gpu)
+        self.failures: list[tuple[str, str]] = []
+        self.stopped: list[str] = []
+        self.signals: list[int] = []
+        self.order = 0  # the GPU after the last one given out (round-robin on ties)
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        first = len(self.signals) == 1
+        self.log(f"{signal.Signals(signum).name}: " + ("stopping every running cell after its iteration, with a "
+                 "checkpoint (Ctrl-C again stops them at once, without saving)" if first else "stopping now"))
+        for proc, *_ in self.running.values():
             try:
                 os.kill(proc.pid, signum)
             except ProcessLookupError:
                 pass
 
-    def start(tag, cfg) -> bool:
-        nonlocal order
-        gpu = None
-        if gpus and cfg.device != "cpu":
-            load = {g: sum(r[4] == g for r in running.values()) for g in gpus}
-            free = [g for g in gpus if per_gpu is None or load[g] < per_gpu]
-            if not free:
-                return False
-            gpu = min(free, key=lambda g: (load[g], (gpus.index(g) - order) % len(gpus)))
-            order = gpus.index(gpu) + 1
-        cfg = dataclasses.replace(cfg, threads=threads)
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(cfg, child_conn, train_fn), name=f"piad-cell {tag}")
+    def _gpu(self, cfg):
+        """(ok, GPU): the least-loaded with room, round-robin on ties; no GPU for a CPU cell; not ok: all full."""
+        if not self.gpus or cfg.device == "cpu":
+            return True, None
+        load = {g: sum(r[4] == g for r in self.running.values()) for g in self.gpus}
+        free = [g for g in self.gpus if self.per_gpu is None or load[g] < self.per_gpu]
+        if not free:
+            return False, None
+        gpu = min(free, key=lambda g: (load[g], (self.gpus.index(g) - self.order) % len(self.gpus)))
+        self.order = self.gpus.index(gpu) + 1
+        return True, gpu
+
+    def start(self, tag, cfg) -> bool:
+        ok, gpu = self._gpu(cfg)
+        if not ok:
+            return False
+        cfg = dataclasses.replace(cfg, threads=self.threads)
+        parent_conn, child_conn = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker, args=(cfg, child_conn, self.train_fn), name=f"piad-cell {tag}")
         saved_env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
         # The worker starts with SIGINT blocked until it has left our process group (see _worker).
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)
             if gpu is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             proc.start()
-            running[proc.pid] = (proc, parent_conn, tag, cfg, gpu)  # before a pending signal is handled
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            self.running[proc.pid] = (proc, parent_conn, tag, cfg, gpu)  # before a pending signal is handled
+        finally:  # this process's environment as it was
+            os.environ.update({k: v for k, v in saved_env.items() if v is not None})
+            for k in [k for k, v in saved_env.items() if v is None]:
+                os.environ.pop(k, None)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_conn.close()
-        log(f"{tag}: {'resuming' if cfg.resume else 'training'} (process {proc.pid}, {threads} thread(s)"
-            + (f", GPU {gpu})" if gpu is not None else ")"))
+        self.log(f"{tag}: {'resuming' if cfg.resume else 'training'} (process {proc.pid}, {self.threads} thread(s)"
+                 + (f", GPU {gpu})" if gpu is not None else ")"))
         return True
 
-    def finish(pid) -> None:
-        proc, conn, tag, cfg, _ = running.pop(pid)
+    def finish(self, pid) -> None:
+        proc, conn, tag, cfg, _ = self.running.pop(pid)
         msg = None
         try:
             if conn.poll():
@@ -212,43 +237,23 @@ def run_processes(cells: list[tuple[str, TrainConfig]], *, jobs: int, threads: i
             msg = ("failed", f"worker process died (exit status {proc.exitcode})",
                    f"the worker process exited with status {proc.exitcode} before reporting\n")
         if msg[0] == "done":
-            log(f"{tag}: ROC AUC {msg[1]:.3f}")
+            self.log(f"{tag}: ROC AUC {msg[1]:.3f}")
         elif msg[0] == "stopped":
-            stopped.append(tag)
-            log(f"{tag}: stopped: {msg[1]}")
+            self.stopped.append(tag)
+            self.log(f"{tag}: stopped: {msg[1]}")
         else:
-            failures.append((tag, msg[1]))
-            log(f"{tag}: FAILED {msg[1]}")
-            if fail_path is not None:
-                with open(fail_path, "a") as fh:
+            self.failures.append((tag, msg[1]))
+            self.log(f"{tag}: FAILED {msg[1]}")
+            if self.fail_path is not None:
+                with open(self.fail_path, "a") as fh:
                     fh.write(f"{cfg.out}\n{msg[2]}\n")
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while queue or running:
-            while queue and not signals and len(running) < jobs:
-                if not start(*queue[0]):
-                    break
-                queue.pop(0)
-            if not running:
-                break
-            ready = multiprocessing.connection.wait([r[0].sentinel for r in running.values()], timeout=1.0)
-            for pid in [pid for pid, r in running.items() if r[0].sentinel in ready]:
-                finish(pid)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if signals:
-        raise GridInterrupted(signals[0], stopped)
-    return failures
 
 
 # --- clusters: submitit ------------------------------------------------------------------------
 
 class CellTask:
-    """One cell as a submitit task. Training runs in a thread so that submitit's signal handler
-    (main thread) can stop it at an iteration boundary: :meth:`checkpoint` asks the loop to stop
-    (``errors.request_stop``), waits for its atomic save, and returns the task to requeue."""
+    """One cell as a submitit task, trained in a thread so that :meth:`checkpoint` (submitit's signal
+    handler) can stop it at an iteration boundary (``errors.request_stop``), after its atomic save."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
