@@ -52,9 +52,8 @@ def saved_model(state: dict, device) -> piad.PIAD | pgan.PGAN:
     method = state["config"].get("method", "piad")
     if method == "latent-norm" and state["config"].get("networks") == "pgan":  # pgan.py; records lod
         model = pgan.PGAN(pgan.PGANConfig(**state["preset"])).to(device)
-        model.load_state_dict(state["model"])
-        return model
-    model = new_model(method, piad.PIADConfig.from_saved(state["preset"]), state["channels"]).to(device)
+    else:
+        model = new_model(method, piad.PIADConfig.from_saved(state["preset"]), state["channels"]).to(device)
     model.load_state_dict(state["model"])
     return model
 

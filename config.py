@@ -101,8 +101,7 @@ class TrainConfig:
         bad = []
         if self.networks is None:  # the method's own networks
             self.networks = "pgan" if self.method == "latent-norm" else "piad"
-        if self.seed is None:
-            self.seed = PGAN_SEED if self.pgan else 0
+        self.seed = self.run_seed
 
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
@@ -171,10 +170,15 @@ class TrainConfig:
         """Berg et al.'s pGAN networks, grown progressively (``--method latent-norm --networks pgan``)."""
         return self.method == "latent-norm" and self.networks in (None, "pgan")
 
+    @property
+    def run_seed(self) -> int:
+        """``seed``, or when left out the method's default: 0, or Berg et al.'s for pGAN runs."""
+        return self.seed if self.seed is not None else PGAN_SEED if self.pgan else 0
+
     def run_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{PGAN_SEED if self.seed is None and self.pgan else self.seed or 0}"
+        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{self.run_seed}"
         return Path("runs") / name.replace("/", "_")
 
     @classmethod

@@ -298,7 +298,7 @@ def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) ->
     sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
                       channels_last=cfg.channels_last)
     run = loop.Run(cfg, cfg.run_dir(), ds, device, model, rec_loss, trainer, sampler, iterations,
-              dataclasses.asdict(stats) if stats is not None else None)
+                   dataclasses.asdict(stats) if stats is not None else None)
     if state:
         model.load_state_dict(state["model"])
         trainer.load_state_dict(state["trainer"])
