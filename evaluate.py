@@ -45,13 +45,24 @@ from config import DEVICES, TrainConfig
 SCORES = (*losses.KINDS, "critic", "latent-norm")  # every distance of eq. (1), −D_X(x), ‖E(x)‖
 
 
+def _has_features(rec_loss) -> bool:
+    return rec_loss is not None and rec_loss.features is not None and hasattr(rec_loss, "mean")
+
+
+def _distance(rec_loss, kind: str, device=None) -> losses.ReconstructionLoss:
+    """A per-sample distance of eq. (1), unchecked range; feature kinds use the run's VGG features
+    and statistics (those of ``rec_loss``)."""
+    if kind in losses.PIXEL_KINDS:
+        return losses.ReconstructionLoss(kind=kind, reduction="none", check_range=False)
+    return losses.ReconstructionLoss(kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss),
+                                     reduction="none", impl=rec_loss.impl,
+                                     check_range=False).to(device or rec_loss.mean.device)
+
+
 def map_loss(rec_loss) -> losses.ReconstructionLoss:
     """The distance of the anomaly maps: eq. (4) (``rel-perc-l1``) with the run's VGG features and
     statistics, whatever the training loss; pixel ``l1`` if the run has no VGG features."""
-    if rec_loss is None or rec_loss.features is None or not hasattr(rec_loss, "mean"):
-        return losses.ReconstructionLoss(kind="l1", reduction="none", check_range=False)
-    return losses.ReconstructionLoss(kind="rel-perc-l1", features=rec_loss.features, stats=_stats_of(rec_loss),
-                                     reduction="none", impl=rec_loss.impl, check_range=False).to(rec_loss.mean.device)
+    return _distance(rec_loss, "rel-perc-l1" if _has_features(rec_loss) else "l1")
 
 
 @torch.no_grad()
@@ -70,14 +81,10 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    feature_losses = {}
-    if rec_loss is not None and rec_loss.features is not None and hasattr(rec_loss, "mean"):
-        for kind in ("rel-perc-l1", "perc-l1", "perc"):
-            feature_losses[kind] = losses.ReconstructionLoss(
-                kind=kind, features=rec_loss.features, stats=_stats_of(rec_loss), reduction="none",
-                impl=rec_loss.impl, check_range=False).to(device)
-    pixel = {k: losses.ReconstructionLoss(kind=k, reduction="none", check_range=False) for k in losses.PIXEL_KINDS}
-    amap = map_loss(rec_loss) if maps else None
+    feature_losses = ({k: _distance(rec_loss, k, device) for k in ("rel-perc-l1", "perc-l1", "perc")}
+                      if _has_features(rec_loss) else {})
+    pixel = {k: _distance(rec_loss, k) for k in losses.PIXEL_KINDS}
+    amap = (feature_losses["rel-perc-l1"] if feature_losses else pixel["l1"]) if maps else None  # map_loss's kind
 
     def distances(x, xr) -> dict:  # every L(x, G(E(x))) of eq. (1), VGG features computed once
         out = {k: L(x, xr) for k, L in pixel.items()}
