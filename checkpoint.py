@@ -1,7 +1,7 @@
 """A run on disk: its checkpoint (Algorithm 1's state), written atomically and read safely.
 
 ``train.py`` writes ``checkpoint.pt`` (atomically) and resumes from it; ``evaluate.py`` rebuilds a
-trained model from it alone (``assemble.saved_model``): the checkpoint records the run's settings
+trained model from it alone (``evaluate.saved_model``): the checkpoint records the run's settings
 (``config``), the network preset (``preset``), the image channels and size, the VGG feature
 statistics (``stats``), every state dict and the random generators' states. Files are read with
 ``weights_only=True`` (``errors.safe_load``): tensors and plain containers only.

@@ -32,6 +32,17 @@ PGAN_SEED = 1000  # Berg et al.'s config.py random_seed (supplement §2): the se
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: one of :data:`DEVICES` (auto: cuda when available, else cpu)."""
+    if name not in DEVICES:
+        raise errors.UserError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise errors.UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
 def knob(default, help: str, choices: tuple | None = None):
     """A :class:`TrainConfig` field: its default, its ``--help`` text and its allowed values."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -56,7 +67,7 @@ class TrainConfig:
     preprocess: str = knob("authors", "image resampling: the authors' code's (PIL / scikit-image on 8-bit images, "
                                       "uint8 rounding) or antialiased bilinear on floats", data_mod.readers.PREPROCESS)
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
-    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (in_the_wild.py)", METHODS)
+    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (latent_norm.py)", METHODS)
     vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH")
     stats: str = knob("auto", "VGG feature statistics of eq. (3): " + "|".join(features.STATS_CHOICES) + "|PATH "
                               "(auto: the authors' ImageNet ones with torchvision's weights, else sklearn)")
@@ -144,8 +155,11 @@ class TrainConfig:
              "must be a number >= 0 (0: after every iteration)")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             bad.append("--tensorboard needs the package tensorboard: pip install .[tensorboard]")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            bad.append("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+        if self.device in DEVICES:
+            try:
+                resolve_device(self.device)
+            except errors.UserError as exc:
+                bad.append(str(exc))
         if self.vgg_weights not in features.WEIGHTS and not Path(self.vgg_weights).is_file():
             bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give {', '.join(features.WEIGHTS)} "
                        "or the path of a VGG-19 state-dict file")

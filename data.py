@@ -14,7 +14,7 @@ Protocols: ``split`` (§4, MNIST, CIFAR-10; :func:`official_split`): the normal 
 official train split trains, the whole test split tests; ``gpnd`` (§4, fMNIST, COIL-100, GPND's
 scheme; :func:`gpnd_split`): a seeded 80% of the normal class trains, the other 20% and as many
 anomalies test; ``attribute``, ``attribute-extended`` (CelebA; :func:`_celeba`); ``berg`` (Berg et
-al.'s; berg_protocol.py); ``folder``: ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
+al.'s; berg/protocol.py); ``folder``: ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
 
 Choices the paper leaves open, and where we follow the authors' code, are stated where they are
 made (:func:`gpnd_split`, the LSUN and CelebA loaders; resampling and rounding: readers.py) and
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-import berg_protocol
+import berg.protocol
 import readers
 from readers import (DatasetUnavailable, ImageFiles, TensorImages, default_data_root,  # data.X for the callers
                      image_batches, load_image_folder)
@@ -240,8 +240,8 @@ def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> Anomaly
         sp = gpnd_split(np.concatenate([y for _, y in pools.values()]) == k, seed=seed, contamination=P)
         train_ids, test_ids = [ids[i] for i in sp.train], [ids[i] for i in sp.test]
     else:
-        if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg_protocol.py)
-            ctx["normal"], idx, trx, tex = berg_protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
+        if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg/protocol.py)
+            ctx["normal"], idx, trx, tex = berg.protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
             sp = Split(*idx)
         else:  # split
             (trx, try_), (tex, tey) = pools["train"], pools["test"]

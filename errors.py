@@ -1,6 +1,6 @@
 """User-facing errors, one-line command-line failures and safe ``torch.load`` (no paper section).
 
-Every command-line program of the repository (``train.py``, ``evaluate.py``, ``experiments.py``,
+Every command-line program of the repository (``train.py``, ``evaluate.py``, ``python -m tools.experiments``,
 ``python losses.py stats``) runs its ``main`` through :func:`run_cli`: a :class:`UserError` (a
 mistake in a flag, file, folder or checkpoint) ends with one ``error: ...`` line and exit status 2;
 ``--debug`` or ``PIAD_DEBUG=1`` shows the traceback. :func:`safe_load` is the only way files are
@@ -246,7 +246,8 @@ def _python() -> str:
 
 
 def command_line(argv, flags: list[str], script: str = "train.py") -> str:
-    """``argv`` as a command to paste, with ``flags`` (``--resume``, ``--reseed K``) set."""
+    """``argv`` as a command to paste, with ``flags`` (``--resume``, ``--reseed K``) set; ``script``:
+    the program, a file or ``-m package.module``."""
     argv, out = list(argv), []
     drop = {f for f in flags if f.startswith("--")}
     i = 0
@@ -258,4 +259,4 @@ def command_line(argv, flags: list[str], script: str = "train.py") -> str:
             continue
         out.append(a)
         i += 1
-    return shlex.join([_python(), script, *out, *flags])
+    return shlex.join([_python(), *shlex.split(script), *out, *flags])

@@ -30,17 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-import assemble
 import checkpoint
 import data as data_mod
 import errors
-import export
 import features
 import figures
-import in_the_wild
 import losses
 import piad
-from config import DEVICES, TrainConfig
+from berg import latent_norm, pgan
+from config import DEVICES, TrainConfig, resolve_device
+from tools import export
 
 SCORES = (*losses.KINDS, "critic", "latent-norm")  # every distance of eq. (1), −D_X(x), ‖E(x)‖
 
@@ -73,7 +72,7 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
     its score ``map_loss(rec_loss).kind`` (``piad.anomaly_map``).
 
     Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
-    ``centre``, ‖E(x) - centre‖: ``in_the_wild.code_norms``) and -D_X(x). Items are scored
+    ``centre``, ‖E(x) - centre‖: ``latent_norm.code_norms``) and -D_X(x). Items are scored
     in a fixed random order (seed 0) and returned in dataset order: D_X's minibatch-stddev feature
     sees its batch, and test sets are stored normal-first, so batches in storage order would let
     the critic score depend on the label mix of its batch.
@@ -105,9 +104,9 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
         # (b, *latent_shape): one E pass for both norms; pgan: each image grouped with fixed
         # training images only (pgan.PGAN.encode), so no test image's code depends on another's
         z = model.encode(x) if hasattr(model, "encode") else model.E(x)
-        batch["latent-norm"] = in_the_wild.code_norms(z)
+        batch["latent-norm"] = latent_norm.code_norms(z)
         if centre is not None:
-            batch["latent-norm-centred"] = in_the_wild.code_norms(z, centre)
+            batch["latent-norm-centred"] = latent_norm.code_norms(z, centre)
         for k, v in batch.items():
             out.setdefault(k, []).append(v.float().cpu())
         labels.append(torch.as_tensor(y))
@@ -137,8 +136,8 @@ def _feature_loss(rec_loss, config, data, model):
         return rec_loss
     try:
         device = next(model.parameters()).device
-        loss, _ = assemble.build_reconstruction_loss(config, data_mod.image_batches(data.train, device), device,
-                                                       kind="rel-perc-l1")
+        loss, _ = losses.build_loss("rel-perc-l1", weights=config.vgg_weights, stats=config.stats, impl=config.impl,
+                                    device=device, train_batches=data_mod.image_batches(data.train, device))
         return loss
     except (FileNotFoundError, RuntimeError) as exc:  # no VGG weights here: pixel scores only
         warnings.warn(f"perceptual scores skipped: {exc}")
@@ -153,7 +152,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     """Scores the protocol's test set and writes every output file into ``run``."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    prior = in_the_wild.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
+    prior = latent_norm.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
     feature_loss = _feature_loss(rec_loss, config, data, model)
     scores, labels = compute_scores(model, data.test, feature_loss,
                                     centre=None if prior is None else prior[1].mean(0))  # E's image of 0
@@ -205,6 +204,19 @@ def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, score
                               map_fn=lambda idx, x: torch.from_numpy(maps[idx]), map_kind=kind)  # already computed
 
 
+def saved_model(state: dict, device) -> piad.PIAD | pgan.PGAN:
+    """The trained networks of a checkpoint's ``state`` (``checkpoint.load_checkpoint``), on ``device``."""
+    method = state["config"].get("method", "piad")
+    if method == "latent-norm" and state["config"].get("networks") == "pgan":  # berg/pgan.py; records lod
+        model = pgan.PGAN(pgan.PGANConfig(**state["preset"]))
+    else:
+        model = piad.PIAD(config=piad.PIADConfig.from_saved(state["preset"]), channels=state["channels"])
+        if method == "latent-norm":
+            latent_norm.use_pixel_norm(model)
+    model.to(device).load_state_dict(state["model"])
+    return model
+
+
 def load_run(path, *, device="auto", data_root=None):
     """Rebuilds (checkpoint state, config, model, reconstruction loss) from what a checkpoint of
     train.py records: its settings, network preset, channels and VGG statistics.
@@ -216,10 +228,11 @@ def load_run(path, *, device="auto", data_root=None):
     cfg = TrainConfig.from_saved(state["config"])
     if data_root:
         cfg.data_root = data_root
-    dev = assemble.resolve_device(device)
-    model = assemble.saved_model(state, dev)
+    dev = resolve_device(device)
+    model = saved_model(state, dev)
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
-        rec_loss, _ = assemble.build_reconstruction_loss(cfg, None, dev, stats_state=state["stats"])
+        rec_loss, _ = losses.build_loss(cfg.loss, weights=cfg.vgg_weights, impl=cfg.impl, device=dev,
+                                        saved_stats=state["stats"])
     return state, cfg, model, rec_loss
 
 

@@ -194,7 +194,7 @@ def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch
                       title: str = "") -> None:
     """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
     E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for E(G(z)) (``prior``
-    = ``in_the_wild.encode_prior``), each panel titled with the score's ROC AUC and that of its
+    = ``latent_norm.encode_prior``), each panel titled with the score's ROC AUC and that of its
     negation; the figure's title says how far E is from inverting G (offset of E(G(z)),
     cos(E(G(z)), z))."""
     from sklearn.metrics import roc_auc_score

@@ -23,7 +23,7 @@ import checkpoint
 import data as data_mod
 import errors
 import piad
-import tblog
+from tools import tblog
 from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from config import TrainConfig
 from errors import Diverged, Interrupted

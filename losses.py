@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from features import IMAGENET_STD, FeatureStats, VGG19Features
+from features import IMAGENET_STD, FeatureStats, VGG19Features, select_stats
 
 try:  # the fused op of csrc/ (optional: without it, or unbuilt, eq. (3)-(4) run in PyTorch)
     import fused_op
@@ -216,3 +216,18 @@ class ReconstructionLoss(nn.Module):
             nx, ny = normalise(fx, self.mean, self.std), normalise(fy, self.mean, self.std)
             return (nx - ny).abs().sum(1) / fx[0].numel()
         return rel_perc_l1_map(fx, fy, self.mean, self.std, eps=self.eps)  # eq. (3)-(4)
+
+
+def build_loss(kind: str = "rel-perc-l1", *, weights: str = "auto", stats: str = "auto", impl: str = "auto",
+               reduction: str = "mean", device="cpu", train_batches=None, saved_stats: dict | None = None):
+    """A :class:`ReconstructionLoss` of ``kind`` on ``device``, with, for the feature kinds, the VGG-19
+    of ``weights`` (:data:`features.WEIGHTS` or a file) and the statistics that ``stats`` names
+    (:func:`features.select_stats`; ``train_batches``: batches of training images, for ``"train"``)
+    or ``saved_stats`` (the fields of a saved :class:`FeatureStats`: a checkpoint's own).
+    Returns ``(loss, statistics)``, statistics None for the pixel kinds."""
+    if kind in PIXEL_KINDS:
+        return ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
+    vgg = VGG19Features("relu4_2", weights).to(device)
+    chosen = FeatureStats(**saved_stats) if saved_stats is not None else select_stats(stats, vgg, train_batches)
+    loss = ReconstructionLoss(kind=kind, features=vgg, stats=chosen, reduction=reduction, impl=impl)
+    return loss.to(device), chosen

@@ -5,7 +5,7 @@ in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
 ``log.csv`` (every loss and γ_G, γ_E), and the evaluation outputs of ``evaluate.py``
 (``metrics.json``, ``scores.csv``, ``roc.png``, ``reconstructions.png``, ``extremes.png``).
 ``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
-variant of Berg et al. (module ``in_the_wild``) on the same networks instead.
+variant of Berg et al. (module ``berg.latent_norm``) on the same networks instead.
 
 Failures a person can act on: mistakes in the settings (``TrainConfig.validate``), data, weights
 or checkpoint end with one ``error: ...`` line and exit status 2 before any work starts;
@@ -30,18 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import assemble
 import checkpoint
 import data as data_mod
 import errors
 import evaluate
-import in_the_wild
 import loop
+import losses
 import piad
-import progressive
 import weights_policy
+from berg import latent_norm, pgan, progressive
 from checkpoint import CHECKPOINT
-from config import TrainConfig, parse_args
+from config import TrainConfig, parse_args, resolve_device
 from errors import Diverged, Interrupted, UserError
 
 
@@ -183,10 +182,21 @@ class PIADTrainer:
         self.gamma_g, self.gamma_e = s["gamma_g"], s["gamma_e"]
 
 
+def new_run_model(cfg: TrainConfig, ds) -> piad.PIAD | pgan.PGAN:
+    """The networks of a new run of ``cfg`` on the dataset ``ds`` (``data.AnomalyData``): Berg et
+    al.'s pGAN for latent-norm with ``--networks pgan`` (with its scoring reference images), else
+    PIAD's networks of the dataset's preset (latent-norm: G normalises its latent)."""
+    if cfg.pgan:
+        config = pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
+        return progressive.new_model(config, ds.train, seed=cfg.seed)
+    model = piad.PIAD(config=piad.preset(ds.preset), channels=ds.channels)
+    return latent_norm.use_pixel_norm(model) if cfg.method == "latent-norm" else model
+
+
 def make_trainer(model, rec_loss, cfg: TrainConfig):
     if cfg.pgan:
         return progressive.ProgressiveTrainer(model, pgan_schedule(cfg))
-    return PIADTrainer(model, rec_loss, cfg) if cfg.method == "piad" else in_the_wild.LatentNormTrainer(model)
+    return PIADTrainer(model, rec_loss, cfg) if cfg.method == "piad" else latent_norm.LatentNormTrainer(model)
 
 
 def _reseed(cfg: TrainConfig, sampler, it: int) -> None:
@@ -273,8 +283,8 @@ def _resume_state(cfg: TrainConfig) -> dict | None:
 
 def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) -> loop.Run:
     """The networks, loss, trainer and sampler of a run, restored from ``state`` when resuming."""
-    device = assemble.resolve_device(cfg.device)
-    model = assemble.new_run_model(cfg, ds).to(device)
+    device = resolve_device(cfg.device)
+    model = new_run_model(cfg, ds).to(device)
     if cfg.pgan:  # minibatches their loop runs for total_kimg
         iterations = cfg.iterations or progressive.minibatches(pgan_schedule(cfg), ds.image_size)
         if device.type == "cpu":
@@ -282,8 +292,9 @@ def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) ->
     else:
         iterations = cfg.iterations or data_mod.iterations(cfg.dataset, ds.preset)  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
-        rec_loss, stats = assemble.build_reconstruction_loss(
-            cfg, data_mod.image_batches(ds.train, device), device, stats_state=state["stats"] if state else None)
+        rec_loss, stats = losses.build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
+                                            device=device, train_batches=data_mod.image_batches(ds.train, device),
+                                            saved_stats=state["stats"] if state else None)
     if cfg.channels_last:  # same maths, NHWC layout
         model.to(memory_format=torch.channels_last)
         rec_loss.to(memory_format=torch.channels_last)

@@ -1,4 +1,4 @@
-"""--protocol berg (berg_protocol.py): Berg et al.'s dataset_tool.py splits, on synthetic files in
+"""--protocol berg (berg/protocol.py): Berg et al.'s dataset_tool.py splits, on synthetic files in
 CIFAR-10's (python pickles) and MNIST's (idx) formats read by the project's real loading code."""
 import pickle
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import berg_protocol
+import berg.protocol
 import data
 
 VEHICLES = (0, 1, 8, 9)
@@ -88,10 +88,10 @@ def test_mnist_one_digit_whole_test_split_padded(tmp_path):
 def test_split_counts_and_errors():
     rng = np.random.default_rng(0)
     tr, te = rng.integers(0, 10, 1000), rng.integers(0, 10, 300)
-    a = berg_protocol.split(tr, te, (4,), seed=1, contamination=0.1)
-    b = berg_protocol.split(tr, te, (4,), seed=2, contamination=0.1)
+    a = berg.protocol.split(tr, te, (4,), seed=1, contamination=0.1)
+    b = berg.protocol.split(tr, te, (4,), seed=2, contamination=0.1)
     assert int(a[1].sum()) == int(0.1 * (tr == 4).sum() / 0.9) and not np.array_equal(a[0], b[0])
     assert np.array_equal(a[2], np.arange(300))
     with pytest.raises(ValueError, match="needs"):
-        berg_protocol.split(tr, te, tuple(range(9)), seed=0, contamination=0.9)
-    assert berg_protocol.n_contaminants(0.02, 20000) == 408  # int(408.16...)
+        berg.protocol.split(tr, te, tuple(range(9)), seed=0, contamination=0.9)
+    assert berg.protocol.n_contaminants(0.02, 20000) == 408  # int(408.16...)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import evaluate
-import experiments
+from tools import experiments
 import errors
 import features
 import piad
@@ -422,7 +422,7 @@ def test_ctrl_c_in_a_grid_stops_it_and_the_same_command_resumes(tmp_path, monkey
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert "SIGINT: stopped after iteration 2 of 3" in err and "Traceback" not in err
-    assert "experiments.py " + shlex.join(argv) + " (finished cells are skipped, this one resumes)" in err
+    assert "-m tools.experiments " + shlex.join(argv) + " (finished cells are skipped, this one resumes)" in err
     disarm()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import experiments as ex
+from tools import experiments as ex
 import figures
 import train
 

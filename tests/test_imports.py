@@ -1,9 +1,12 @@
-"""The modules import each other one way only (README, "How the modules depend on each other").
+"""The modules import each other one way only, and PIAD's core imports neither folder (README,
+"How the modules depend on each other").
 
 Every import of a project module, wherever it is written (function-local ones included), must
-name a module earlier in the chain, and must sit at the top of the file. A cycle, or a module that
-reaches up the chain (e.g. evaluate.py importing train.py), fails here. The chain's one home is
-README's line `errors` → `readers` → ...; it is read from there.
+name a module earlier in the chain, and must sit at the top of the file; so a cycle, or a module
+that reaches up the chain (e.g. evaluate.py importing train.py), fails here. The chain's one home is
+README's line `errors` → `readers` → ...; it is read from there. Project modules are the root's
+``*.py`` (PIAD), ``berg/*.py`` (Berg et al.'s system, named ``berg.x``) and ``tools/*.py`` (grids,
+launch, export, TensorBoard: ``tools.x``); ``tools/bench/`` holds scripts, not modules.
 """
 import ast
 import re
@@ -12,89 +15,90 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_MODULES = {"setup"}  # the build script
+FOLDERS = ("berg", "tools")
+# PIAD's sections (§3.1-3.3): they import nothing of Berg et al.'s folder nor of the tooling's.
+CORE = ("fused_op", "features", "losses", "piad", "weights_policy")
 
 
-def readme_chain() -> tuple[str, ...]:
+def readme_chain(root: Path = ROOT) -> tuple[str, ...]:
     """README's import chain, lower first: each module may import only modules before it."""
-    text = (ROOT / "README.md").read_text()
+    text = (root / "README.md").read_text()
     section = text.split("### How the modules depend on each other", 1)[1].split("\n## ", 1)[0]
     line = next(l for l in section.splitlines() if l.count(" → ") > 5)
-    return tuple(re.findall(r"`(\w+)`", line))
+    return tuple(re.findall(r"`([\w.]+)`", line))
 
 
-CHAIN = readme_chain()
+def project_modules(root: Path = ROOT) -> dict[str, Path]:
+    """``{module name: file}``: ``piad`` for ``piad.py``, ``berg.pgan`` for ``berg/pgan.py``."""
+    mods = {p.stem: p for p in root.glob("*.py") if p.stem != "setup"}
+    for folder in FOLDERS:
+        mods |= {f"{folder}.{p.stem}": p for p in (root / folder).glob("*.py") if p.stem != "__init__"}
+    return mods
 
 
-def project_modules() -> list[str]:
-    return sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in NOT_MODULES)
-
-
-def imports(module: str) -> list[tuple[str, int, bool]]:
+def imports(module: str, root: Path = ROOT) -> list[tuple[str, int, bool]]:
     """(imported project module, line, at top level) for every import statement of ``module``."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    mods = project_modules(root)
+    tree = ast.parse(mods[module].read_text())
     top = {id(node) for node in tree.body}
     for node in tree.body:  # `try: import x` / `if ...: import x` at module level count as top level
         if isinstance(node, (ast.Try, ast.If)):
             top |= {id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
-    names = set(project_modules())
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            targets = [a.name.split(".")[0] for a in node.names]
+            targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            targets = [node.module.split(".")[0]]
+            # `from berg import pgan` imports berg.pgan; `from config import X` imports config
+            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                       for a in node.names]
         else:
             continue
-        found += [(t, node.lineno, id(node) in top) for t in targets if t in names]
+        found += [(t, node.lineno, id(node) in top) for t in dict.fromkeys(targets)
+                  if t in mods or t in FOLDERS]
     return found
 
 
+CHAIN = readme_chain()
+MODULES = sorted(project_modules())
+
+
 def test_every_module_has_a_place_in_the_chain_and_the_file_table():
-    assert set(project_modules()) == set(CHAIN), "README's chain must name every module, and only those"
+    assert set(MODULES) == set(CHAIN), "README's chain must name every module, and only those"
     table = (ROOT / "README.md").read_text().split("| file |", 1)[1].split("\n\n", 1)[0]
-    listed = {m for row in table.splitlines() for m in re.findall(r"`(\w+)\.py`", row.split("|")[1])}
+    listed = {m.replace("/", ".") for row in table.splitlines()
+              for m in re.findall(r"`([\w/]+)\.py`", row.split("|")[1]) if not m.startswith("tests/")}
     assert listed == set(CHAIN), f"README's file table: missing {set(CHAIN) - listed}, extra {listed - set(CHAIN)}"
 
 
-@pytest.mark.parametrize("module", project_modules())
+@pytest.mark.parametrize("module", MODULES)
 def test_imports_go_down_the_chain_only(module):
     rank = {m: i for i, m in enumerate(CHAIN)}
-    up = [f"{module}.py:{line} imports {target}" for target, line, _ in imports(module)
-          if rank[target] >= rank[module]]
-    assert not up, "imports against the chain " + " < ".join(CHAIN) + ": " + "; ".join(up)
+    bad = [f"{module}: line {line} imports {target}" for target, line, _ in imports(module)
+           if target in FOLDERS or rank[target] >= rank[module]]
+    assert not bad, "imports against the chain " + " < ".join(CHAIN) + ": " + "; ".join(bad)
 
 
-@pytest.mark.parametrize("module", project_modules())
+@pytest.mark.parametrize("module", MODULES)
 def test_project_imports_are_at_the_top_of_the_file(module):
-    hidden = [f"{module}.py:{line} imports {target}" for target, line, top in imports(module) if not top]
+    hidden = [f"{module}: line {line} imports {target}" for target, line, top in imports(module) if not top]
     assert not hidden, "function-local imports of project modules: " + "; ".join(hidden)
 
 
-def test_no_import_cycle():
-    """Independent of CHAIN: a depth-first walk of the import graph finds no cycle."""
-    graph = {m: sorted({t for t, _, _ in imports(m)}) for m in project_modules()}
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(m: str, path: list[str]) -> None:
-        if state.get(m) == 1:
-            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
-        if state.get(m) == 2:
-            return
-        state[m] = 1
-        for t in graph[m]:
-            visit(t, path + [m])
-        state[m] = 2
-
-    for m in graph:
-        visit(m, [])
+@pytest.mark.parametrize("module", CORE)
+def test_piad_core_imports_nothing_of_either_folder(module):
+    """The seam: §3.1-3.3 read without Berg et al.'s system or the tooling."""
+    reached = [t for t, _, _ in imports(module) if t.split(".")[0] in FOLDERS]
+    assert not reached, f"{module} imports {reached}"
 
 
-def test_the_walk_sees_function_local_imports(tmp_path, monkeypatch):
-    """The checker itself: a function-local import up the chain is found."""
+def test_the_walk_sees_function_local_and_folder_imports(tmp_path):
+    """The checker itself: a function-local import, and `from berg import x`, are found."""
+    (tmp_path / "berg").mkdir()
+    (tmp_path / "berg" / "pgan.py").write_text("import piad\n")
     (tmp_path / "errors.py").write_text("def f():\n    import train\n")
-    (tmp_path / "train.py").write_text("import errors\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
-    assert imports("errors") == [("train", 2, False)]
-    with pytest.raises(AssertionError, match="import cycle"):
-        test_no_import_cycle()
+    (tmp_path / "train.py").write_text("import errors\nfrom berg import pgan\n")
+    (tmp_path / "piad.py").write_text("from errors import f\n")
+    assert imports("errors", tmp_path) == [("train", 2, False)]
+    assert imports("train", tmp_path) == [("errors", 1, True), ("berg.pgan", 2, True)]
+    assert imports("berg.pgan", tmp_path) == [("piad", 1, True)]

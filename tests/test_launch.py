@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import experiments as ex
-import launch
+from tools import experiments as ex
+from tools import launch
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def test_a_failing_cell_is_reported_while_the_others_finish(tmp_path):
 
 
 def test_sigint_to_the_parent_leaves_every_running_cell_resumable(tmp_path):
-    cmd = [sys.executable, "experiments.py", *TINY, "--classes", "3", "8", "--iterations", "8",
+    cmd = [sys.executable, "-m", "tools.experiments", *TINY, "--classes", "3", "8", "--iterations", "8",
            "--jobs", "2", "--threads-per-cell", "1", "--root", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     folders = [tmp_path / "digits" / "piad-mse-c0" / f"normal{k}-s0" for k in (3, 8)]

@@ -661,7 +661,7 @@ def test_training_iterations_match_the_authors(authors, narrow_vgg, dataset):
 
 # --------------------------------------------------------------------------- Table 3 (right), COIL-100
 def check_ablation_weights() -> None:
-    import experiments
+    from tools import experiments
 
     variant = {v.loss + v.weights_policy: v for v in experiments.PRESETS["table3-ablation"].variants}
     c = _config("ablation_cifar10_L2_manual_weights")
@@ -674,7 +674,7 @@ def check_ablation_weights() -> None:
                                          ("ablation_cifar10_perc_L2", "perc"),
                                          ("ablation_cifar10_perc_L1", "perc-l1")])
 def test_ablation_losses_and_weights(authors, monkeypatch, cpu, vgg_file, config, kind):
-    import experiments
+    from tools import experiments
 
     _their_vgg(monkeypatch, authors, vgg_file)
     c = _config(config)
@@ -696,7 +696,7 @@ def test_ablation_losses_and_weights(authors, monkeypatch, cpu, vgg_file, config
 def check_coil100_classes() -> None:
     import ast
 
-    import experiments
+    from tools import experiments
 
     tree = ast.parse((AUTHORS / "run_all.py").read_text())
     listed = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
@@ -767,13 +767,13 @@ def _lsun_iterations(monkeypatch) -> None:
 
 
 def _coil_classes(monkeypatch) -> None:
-    import experiments
+    from tools import experiments
 
     monkeypatch.setattr(experiments, "COIL100_CLASSES", tuple(str(k) for k in range(1, 31)))
 
 
 def _ablation_weights(monkeypatch) -> None:
-    import experiments
+    from tools import experiments
 
     p = experiments.PRESETS["table3-ablation"]
     variants = [dataclasses.replace(v, gamma_g=1.0, gamma_e=1.0) if v.weights_policy == "fixed" else v

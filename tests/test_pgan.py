@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pgan
+from berg import pgan
 
 # The six tables as printed in the supplement (tab-separated: row, Params, OutputShape, WeightShape),
 # one file of data beside this test.
@@ -141,7 +141,7 @@ def test_pixel_norm_after_every_conv_of_g():
     assert len(feats) == 6
     # the next layer sees pixel-normalised leaky-ReLU outputs: mean over channels of x^2 is 1
     for o in feats:
-        y = pgan.in_the_wild.pixel_norm(torch.nn.functional.leaky_relu(o, 0.2))
+        y = pgan.latent_norm.pixel_norm(torch.nn.functional.leaky_relu(o, 0.2))
         torch.testing.assert_close(y.square().mean(1), torch.ones_like(y[:, 0]), rtol=1e-4, atol=1e-4)
     # the latent is pixel-normalised first: G depends on its direction only
     z = torch.randn(3, 16)

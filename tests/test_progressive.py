@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import pgan
-import progressive
+from berg import pgan
+from berg import progressive
 
 S = progressive.Schedule()
 

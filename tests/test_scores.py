@@ -17,7 +17,7 @@ from torch import nn
 import data
 import evaluate
 import features
-import in_the_wild
+from berg import latent_norm
 import losses
 import piad
 
@@ -140,10 +140,10 @@ def test_scores_come_back_in_dataset_order_and_batches_are_mixed():
 
 def test_latent_norm_scores_match_latent_norm_score():
     """compute_scores runs E once per batch for ‖E(x)‖ and ‖E(x) − c‖; both equal the batched
-    in_the_wild.latent_norm_score, in dataset order."""
+    latent_norm.latent_norm_score, in dataset order."""
     model, ds = _synthetic()
     c = torch.randn(model.E(ds.images[:1]).flatten(1).shape[1], generator=torch.Generator().manual_seed(1))
     scores, _ = evaluate.compute_scores(model, ds, losses.ReconstructionLoss(kind="mse"), batch_size=16, centre=c)
     for name, centre in (("latent-norm", None), ("latent-norm-centred", c)):
-        direct = in_the_wild.latent_norm_score(model, ds.images, centre=centre, batch_size=7)
+        direct = latent_norm.latent_norm_score(model, ds.images, centre=centre, batch_size=7)
         torch.testing.assert_close(torch.from_numpy(scores[name]), direct, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate
-import assemble
+import losses
 import checkpoint
 import loop
 import train
@@ -156,7 +156,7 @@ def test_one_pass_generator_step_equals_algorithm_1_literally():
     ds = data.load_dataset("digits", "3")
     cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0)
     model = piad.PIAD(config=piad.preset("mnist"), channels=1).double()
-    rec = assemble.build_reconstruction_loss(cfg, None, "cpu")[0]
+    rec = losses.build_loss(cfg.loss)[0]
     results = []
     default = torch.get_default_dtype()
     try:
@@ -189,8 +189,7 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
     assert [len(b) for b in batches] == [50] * (n // 50) + [n % 50] and torch.equal(torch.cat(batches), ds.train.images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss, stats = assemble.build_reconstruction_loss(
-            train.TrainConfig(stats="train", vgg_weights="random"), data.image_batches(lazy, "cpu"), "cpu")
+        loss, stats = losses.build_loss(weights="random", stats="train", train_batches=data.image_batches(lazy, "cpu"))
         want = features.feature_stats(loss.features, [ds.train.images])
     assert stats.source == "training images" and stats.count == want.count
     assert torch.allclose(stats.mean, want.mean, rtol=1e-5) and torch.allclose(stats.std, want.std, rtol=1e-4)
@@ -206,10 +205,9 @@ def test_stats_auto_uses_the_authors_statistics_only_for_their_weights(monkeypat
     for weights_id, expect_authors in (("random:seed0", True), ("torchvision:IMAGENET1K_V1", False)):
         monkeypatch.setattr(features, "authors_stats", lambda w=weights_id: features.FeatureStats(
             real.mean, real.std, w, "relu4_2", 0, "authors"))
-        cfg = train.TrainConfig(vgg_weights="random", stats="auto")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, stats = assemble.build_reconstruction_loss(cfg, None, "cpu")
+            _, stats = losses.build_loss(weights="random", stats="auto")
         assert (stats.source == "authors") == expect_authors
         assert stats.weights == "random:seed0"   # never statistics of other weights
 
@@ -238,7 +236,7 @@ def test_an_iteration_that_logs_nothing_brings_no_value_to_the_host(tmp_path, mo
 
     for name in SYNCS:
         monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
-    trainer_cls = train.PIADTrainer if method == "piad" else train.in_the_wild.LatentNormTrainer
+    trainer_cls = train.PIADTrainer if method == "piad" else train.latent_norm.LatentNormTrainer
     real_step = trainer_cls.step
 
     def step(self, it, sample, **kw):

@@ -7,7 +7,7 @@ step grows with the batch about linearly, so images/s carries over). Prints seco
 images/s; docs/berg.md quotes the numbers and progressive.CPU_IMAGES_PER_S keeps them for the
 note train.py prints when a pgan run starts on a CPU.
 
-    OMP_NUM_THREADS=1 python bench/bench_pgan.py [--preset cifar10|kth] [--batch 8] [--fmap-max 512]
+    OMP_NUM_THREADS=1 python tools/bench/bench_pgan.py [--preset cifar10|kth] [--batch 8] [--fmap-max 512]
 """
 import argparse
 import os
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import pgan  # noqa: E402
-import progressive  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from berg import pgan  # noqa: E402
+from berg import progressive  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ against it, measured in the same run. For scale, the authors' public implementat
 (by the issue's author, not here) at about 0.93 s/iteration (mnist preset) and 2.7 s/iteration
 (cifar10 preset) on the same 2-core CPU with random data, batch 32, n_dis 2.
 
-    python bench/bench_train.py [--preset mnist|cifar10] [--iterations 20] [--device cpu|cuda]
+    python tools/bench/bench_train.py [--preset mnist|cifar10] [--iterations 20] [--device cpu|cuda]
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import data  # noqa: E402
 import features  # noqa: E402
 import losses  # noqa: E402

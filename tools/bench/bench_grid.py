@@ -6,7 +6,7 @@ rel-perc-l1) in fresh folders, alternating ``--jobs 1`` (one cell at a time on e
 jobs-1 / jobs-N measured in the same run (above 1: the parallel grid is faster), with the load
 average before and after each run (the machine may be shared).
 
-    python bench/bench_grid.py [--iterations 200] [--rounds 2] [--jobs 2] [--vgg-weights caffe] [--device cpu]
+    python tools/bench/bench_grid.py [--iterations 200] [--rounds 2] [--jobs 2] [--vgg-weights caffe] [--device cpu]
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def loadavg() -> str:

@@ -1,7 +1,7 @@
 """Progressive growing of Berg, Ahlberg and Felsberg's networks (supplement §2, Training
 Configuration), as their ``train.py`` (``TrainingSchedule``, ``process_reals``,
 ``train_progressive_gan``) and ``config.py`` (``preset-v2-1gpu``) do it, on the losses, priors
-and step order of ``in_the_wild`` (critic, G, E).
+and step order of ``berg.latent_norm`` (critic, G, E).
 
 * Level of detail: training starts at 4×4 (``lod = log2(resolution) - 2``); each phase shows
   ``lod_training_kimg`` thousand real images at a fixed lod, then fades the next resolution in
@@ -28,8 +28,8 @@ import math
 import numpy as np
 import torch
 
-import in_the_wild
-import pgan
+from berg import latent_norm
+from berg import pgan
 
 MINIBATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4}  # supplement §2 minibatch_dict
 MAX_MINIBATCH = {256: 16, 512: 8, 1024: 4}  # supplement §2 max_minibatch_per_gpu (one GPU)
@@ -110,7 +110,7 @@ def process_reals(x: torch.Tensor, lod: float) -> torch.Tensor:
     return x
 
 
-class ProgressiveTrainer(in_the_wild.LatentNormTrainer):
+class ProgressiveTrainer(latent_norm.LatentNormTrainer):
     """One minibatch per :meth:`step`: critic + ``Gs`` update, G, E (their training loop), the lod,
     minibatch and learning rate from :func:`phase`, re-evaluated every ``minibatch_repeats``."""
 
@@ -172,7 +172,7 @@ class ProgressiveTrainer(in_the_wild.LatentNormTrainer):
 
 
 # Images/s of one full-width step (critic + Gs, G, E) at each working resolution, CIFAR-10 preset,
-# measured by bench/bench_pgan.py (batch 8, 1 thread, the project's 2-core CPU; docs/berg.md).
+# measured by tools/bench/bench_pgan.py (batch 8, 1 thread, the project's 2-core CPU; docs/berg.md).
 CPU_IMAGES_PER_S = {4: 10.4, 8: 2.79, 16: 0.56, 32: 0.036}
 
 

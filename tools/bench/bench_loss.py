@@ -12,7 +12,7 @@ peak of the running sum of bytes allocated/freed by the ops of one call, from th
 profiler's memory accounting (``profile_memory=True``); both include the returned
 gradients (2 x input size for fwd+bwd).
 
-    python bench/bench_loss.py [--device cpu|cuda] [--grad both|fy] [--repeats 100] [--threads N]
+    python tools/bench/bench_loss.py [--device cpu|cuda] [--grad both|fy] [--repeats 100] [--threads N]
                                [--clock wall|cpu]
 
 ``--clock cpu`` times with the CPU time of the process instead of the wall clock: on a loaded
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import fused_op  # noqa: E402
 
 from losses import rel_perc_l1_torch  # noqa: E402  (the pure-PyTorch reference)

@@ -20,7 +20,7 @@ one to the other). ``pgan.networks(preset)`` gives ``(G, D, E)`` at the table's 
   ``2**(log2(resolution) - k)``; for f > 0 the ``Grow_lod{k}`` row blends the new block's output
   with the lower resolution's one, weight f on the lower (their ``lerp_clip``).
 
-* :class:`PGAN` holds the three networks as ``G``, ``DX`` and ``E`` (so ``in_the_wild``'s losses
+* :class:`PGAN` holds the three networks as ``G``, ``DX`` and ``E`` (so ``berg.latent_norm``'s losses
   apply) and :meth:`PGAN.encode`, E without the minibatch-stddev leak between scored images (each
   grouped with three fixed training images, ``reference``; docs/berg.md measures the leak).
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import in_the_wild
+from berg import latent_norm
 import piad
 
 LATENT = 512  # the tables' "latents in (?, 512)"
@@ -103,10 +103,10 @@ class EqualizedDense(nn.Module):
 
 
 class PixelNorm(nn.Module):
-    """``x / sqrt(mean_c x^2 + 1e-8)`` over channels (in_the_wild.pixel_norm)."""
+    """``x / sqrt(mean_c x^2 + 1e-8)`` over channels (latent_norm.pixel_norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return in_the_wild.pixel_norm(x)
+        return latent_norm.pixel_norm(x)
 
 
 class Grow(nn.Module):
@@ -171,7 +171,7 @@ class Generator(_Progressive):
 
     def block(self, x: torch.Tensor, res: int) -> torch.Tensor:
         L, s = self.layers, 2 ** res
-        pn = in_the_wild.pixel_norm
+        pn = latent_norm.pixel_norm
         if res == 2:
             x = pn(_act(L["4x4/Dense"](L["4x4/PixelNorm"](x))))
             return pn(_act(L["4x4/Conv"](x)))
@@ -270,7 +270,7 @@ class PGANConfig:
 
 
 class PGAN(nn.Module):
-    """G, D (``DX``, as PIAD's image critic is named, so ``in_the_wild``'s losses apply) and E of
+    """G, D (``DX``, as PIAD's image critic is named, so ``berg.latent_norm``'s losses apply) and E of
     their code, sharing one level of detail (:meth:`set_lod`, their ``lod_assign_ops``)."""
 
     def __init__(self, config: PGANConfig):

@@ -1,4 +1,4 @@
-"""The latent-norm method of Berg et al. (in_the_wild.py): one prior, pixel-norm, step order, cycle
+"""The latent-norm method of Berg et al. (latent_norm.py): one prior, pixel-norm, step order, cycle
 loss, trainer, score, exact resume, end to end."""
 import json
 import math
@@ -10,10 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import in_the_wild
+from berg import latent_norm
 import loop
 import piad
-import assemble
 import checkpoint
 import train
 
@@ -32,7 +31,8 @@ def _one_thread():
 
 def _tiny(seed=0, method="latent-norm"):
     torch.manual_seed(seed)
-    return assemble.new_model(method, TINY, 1)
+    model = piad.PIAD(config=TINY, channels=1)
+    return latent_norm.use_pixel_norm(model) if method == "latent-norm" else model
 
 
 def _sampler(batch=8, size=8, seed=1):
@@ -50,7 +50,7 @@ def _params(net):
 
 def test_encoder_step_updates_e_only():
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m)
+    t = latent_norm.LatentNormTrainer(m)
     g0, dx0, e0 = _params(m.G), _params(m.DX), _params(m.E)
     loss = t.encoder_step(8)
     assert torch.isfinite(loss) and loss > 0
@@ -64,11 +64,11 @@ def test_encoder_step_updates_e_only():
 
 def test_cycle_loss_formula_and_gradient_path():
     m = _tiny()
-    z = in_the_wild.sample_prior(m, 5)
+    z = latent_norm.sample_prior(m, 5)
     with torch.no_grad():
         x = m.G(z)
         expected = (x - m.G(m.E(x))).abs().mean()
-    loss = in_the_wild.cycle_loss(m, z)
+    loss = latent_norm.cycle_loss(m, z)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     # the target G(z) carries no graph: gradients reach E through G(E(.)) only
     (gz,) = torch.autograd.grad(loss, [m.G.conv_out.weight])
@@ -78,9 +78,9 @@ def test_cycle_loss_formula_and_gradient_path():
 def test_prior_scale():
     m = _tiny()
     torch.manual_seed(0)
-    z = in_the_wild.sample_prior(m, 20000)
+    z = latent_norm.sample_prior(m, 20000)
     assert z.shape == (20000, *TINY.latent_shape)
-    assert in_the_wild.PRIOR_SCALE == 0.1
+    assert latent_norm.PRIOR_SCALE == 0.1
     assert z.std().item() == pytest.approx(0.1, rel=0.02)
     assert abs(z.mean().item()) < 0.003
 
@@ -96,7 +96,7 @@ def test_one_prior_for_critic_generator_and_encoder():
     # loss.py: D_wgangp_acgan, G_wgan_acgan and E_wgangp_acgan all draw 0.1 * N(0, I). Each step
     # calls G first on its prior draw (the encoder step then on E(G(z))): that draw's std is 0.1.
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m)
+    t = latent_norm.LatentNormTrainer(m)
     x = _sampler(batch=512)()[0]
     for name, run in (("critic", lambda: t.critic_step(x)), ("generator", lambda: t.generator_step(512)),
                       ("encoder", lambda: t.encoder_step(512))):
@@ -105,22 +105,22 @@ def test_one_prior_for_critic_generator_and_encoder():
         run()
         m.G._forward_pre_hooks.clear()
         assert seen[0].shape == (512, *TINY.latent_shape), name
-        assert seen[0].std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.1), name
+        assert seen[0].std().item() == pytest.approx(latent_norm.PRIOR_SCALE, rel=0.1), name
 
 
 def test_generator_pixel_normalises_its_latent():
     # networks.py G_paper, normalize_latents=True: G(z) depends on z's direction only
     m = _tiny()
-    assert isinstance(m.G, in_the_wild.PixelNormGenerator)
+    assert isinstance(m.G, latent_norm.PixelNormGenerator)
     torch.manual_seed(2)
     z = torch.randn(6, *TINY.latent_shape)
     with torch.no_grad():
         out = m.G(z)
         for c in (0.1, 3.0):
             torch.testing.assert_close(m.G(c * z), out, rtol=1e-4, atol=1e-5 * out.abs().max().item())
-        torch.testing.assert_close(piad.Generator.forward(m.G, in_the_wild.pixel_norm(z)), out)
+        torch.testing.assert_close(piad.Generator.forward(m.G, latent_norm.pixel_norm(z)), out)
         assert not torch.allclose(piad.Generator.forward(m.G, z), out)  # the norm does matter without it
-    n = in_the_wild.pixel_norm(z)
+    n = latent_norm.pixel_norm(z)
     torch.testing.assert_close(n.square().mean(dim=1), torch.ones(6, 1, 1))
 
 
@@ -131,7 +131,7 @@ def test_cycle_loss_is_blind_to_the_encodings_norm(seed):
     m = _tiny(seed=seed % 7)
     torch.manual_seed(seed)
     with torch.no_grad():
-        x_fake = m.G(in_the_wild.sample_prior(m, 16))
+        x_fake = m.G(latent_norm.sample_prior(m, 16))
         z = m.E(x_fake).flatten(1)
     z.requires_grad_(True)
     (g,) = torch.autograd.grad((m.G(z) - x_fake).abs().mean(), z)
@@ -153,8 +153,8 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
     # train.py: per iteration D (D_repeats = 1), then G, then E; one minibatch of real images
     calls = []
     for name in ("critic_step", "generator_step", "encoder_step"):
-        real = getattr(in_the_wild.LatentNormTrainer, name)
-        monkeypatch.setattr(in_the_wild.LatentNormTrainer, name,
+        real = getattr(latent_norm.LatentNormTrainer, name)
+        monkeypatch.setattr(latent_norm.LatentNormTrainer, name,
                             lambda self, *a, _r=real, _n=name, **k: (calls.append(_n), _r(self, *a, **k))[1])
     sample = _sampler()
     n_samples = []
@@ -164,7 +164,7 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
         return sample()
 
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m)
+    t = latent_norm.LatentNormTrainer(m)
     for it in range(2):
         t.step(it, counting_sample)
     assert calls == ["critic_step", "generator_step", "encoder_step"] * 2
@@ -173,8 +173,8 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
 
 def test_step_on_mnist_preset_is_finite():
     torch.manual_seed(0)
-    m = assemble.new_model("latent-norm", piad.preset("mnist"), 1)
-    t = in_the_wild.LatentNormTrainer(m)
+    m = latent_norm.use_pixel_norm(piad.PIAD(config=piad.preset("mnist"), channels=1))
+    t = latent_norm.LatentNormTrainer(m)
     out = t.step(0, _sampler(batch=4, size=32))
     assert set(out) == {"loss_dx", "adv_g", "cycle"}
     assert set(out) <= set(loop.LOG_FIELDS)
@@ -186,7 +186,7 @@ def test_step_without_logging_gives_the_same_update():
     runs = []
     for log in (True, False):
         m = _tiny()
-        t = in_the_wild.LatentNormTrainer(m)
+        t = latent_norm.LatentNormTrainer(m)
         torch.manual_seed(5)
         out = t.step(0, _sampler(), log=log)
         runs.append((out, [q.detach().clone() for q in m.parameters()]))
@@ -198,12 +198,12 @@ def test_step_without_logging_gives_the_same_update():
 def test_make_trainer_dispatches():
     m = _tiny()
     t = train.make_trainer(m, None, train.TrainConfig(method="latent-norm", networks="piad"))
-    assert isinstance(t, in_the_wild.LatentNormTrainer)
+    assert isinstance(t, latent_norm.LatentNormTrainer)
 
 
 def test_state_dict_round_trip_gives_identical_next_steps():
     m = _tiny()
-    t = in_the_wild.LatentNormTrainer(m)
+    t = latent_norm.LatentNormTrainer(m)
     sample = _sampler()
     for it in range(3):
         t.step(it, sample)
@@ -216,7 +216,7 @@ def test_state_dict_round_trip_gives_identical_next_steps():
 
     m2 = _tiny(seed=123)  # different init: everything must come from the state
     m2.load_state_dict(saved["model"])
-    t2 = in_the_wild.LatentNormTrainer(m2)
+    t2 = latent_norm.LatentNormTrainer(m2)
     t2.load_state_dict(saved["trainer"])
     torch.set_rng_state(saved["rng"])
     new = [t2.step(it, new_sampler) for it in range(3, 5)]
@@ -231,17 +231,17 @@ def test_latent_norms_from_a_centre():
     c = torch.randn(TINY.latent_dim)
     with torch.no_grad():
         z = m.E(x).flatten(1)
-    score = in_the_wild.latent_norm_score
+    score = latent_norm.latent_norm_score
     graphs = []
     m.E.register_forward_hook(lambda mod, args, out: graphs.append(out.requires_grad))
     torch.testing.assert_close(score(m, x, batch_size=3), z.norm(dim=1), rtol=1e-6, atol=0)
     assert graphs and not any(graphs)  # a score: E records no autograd graph
     torch.testing.assert_close(score(m, x, centre=c, batch_size=3), (z - c).norm(dim=1), rtol=1e-6, atol=0)
-    assert torch.equal(in_the_wild.code_norms(z), z.norm(dim=1))  # evaluate.py's one-E-pass form
-    assert torch.equal(in_the_wild.code_norms(z.view(10, -1, 1, 1), c), (z - c).norm(dim=1))
-    z, gen = in_the_wild.encode_prior(m, 50)
-    assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, in_the_wild.encode_prior(m, 50)[1])
-    assert z.std().item() == pytest.approx(in_the_wild.PRIOR_SCALE, rel=0.25)
+    assert torch.equal(latent_norm.code_norms(z), z.norm(dim=1))  # evaluate.py's one-E-pass form
+    assert torch.equal(latent_norm.code_norms(z.view(10, -1, 1, 1), c), (z - c).norm(dim=1))
+    z, gen = latent_norm.encode_prior(m, 50)
+    assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, latent_norm.encode_prior(m, 50)[1])
+    assert z.std().item() == pytest.approx(latent_norm.PRIOR_SCALE, rel=0.25)
     with torch.no_grad():
         torch.testing.assert_close(gen, m.E(m.G(z)).flatten(1))
 
@@ -275,7 +275,7 @@ def test_latent_norm_score_orientation():
     m.E = _DistanceEncoder(template)
     normal = template + 0.05 * torch.randn(50, 1, 8, 8, generator=gen)
     anomalous = torch.rand(50, 1, 8, 8, generator=gen) * 2 - 1
-    scores = in_the_wild.latent_norm_score(m, torch.cat([normal, anomalous]), batch_size=16)
+    scores = latent_norm.latent_norm_score(m, torch.cat([normal, anomalous]), batch_size=16)
     assert scores.shape == (100,)
     labels = np.r_[np.zeros(50), np.ones(50)]
     assert roc_auc_score(labels, scores.numpy()) > 0.99
@@ -303,7 +303,7 @@ def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
                                  networks="piad", loss="mse", out=str(tmp_path / name), progress=False, evaluate=False, **kw)
 
     train.train(cfg("full"))
-    disarm = kill_at(in_the_wild.LatentNormTrainer, 3)
+    disarm = kill_at(latent_norm.LatentNormTrainer, 3)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg("part", checkpoint_minutes=0.0))
     disarm()
@@ -321,4 +321,4 @@ def test_kill_and_resume_through_train_is_exact(tmp_path, kill_at):
     import evaluate
 
     _, _, model, _ = evaluate.load_run(tmp_path / "part" / "checkpoint.pt", device="cpu")
-    assert isinstance(model.G, in_the_wild.PixelNormGenerator)
+    assert isinstance(model.G, latent_norm.PixelNormGenerator)

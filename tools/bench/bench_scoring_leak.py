@@ -7,7 +7,7 @@ Scores ‖E(x)‖ of the run's test set three ways, with the same trained E:
   mixed     : plain E on batches of 64 in a seeded random order (labels mixed)
   pure      : plain E on batches of 64 of one label each (their validation/cell, validation/junk)
 
-    OMP_NUM_THREADS=1 python bench/bench_scoring_leak.py RUN/checkpoint.pt
+    OMP_NUM_THREADS=1 python tools/bench/bench_scoring_leak.py RUN/checkpoint.pt
 """
 import sys
 from pathlib import Path
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data as data_mod  # noqa: E402
 import evaluate  # noqa: E402
-import in_the_wild  # noqa: E402
+from berg import latent_norm  # noqa: E402
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def norms(encode, x: torch.Tensor, order: np.ndarray, batch: int = 64) -> np.nda
     out = np.empty(len(x))
     for i in range(0, len(order), batch):
         idx = order[i:i + batch]
-        out[idx] = in_the_wild.code_norms(encode(x[idx])).numpy()
+        out[idx] = latent_norm.code_norms(encode(x[idx])).numpy()
     return out
 
 

@@ -11,7 +11,7 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
   ImageNet-normalised pixels, ``mse-imagenet``), ``mse`` (the same L2 with gradient-normalizing
   weights, "+ gr-norm w"), ``perc``, ``perc-l1`` and ``rel-perc-l1``.
 * ``contamination``: an extension, not in the paper: Fashion-MNIST with a fraction P of
-  anomalies in the training set, PIAD vs. the latent-norm method of Berg et al. (``in_the_wild``).
+  anomalies in the training set, PIAD vs. the latent-norm method of Berg et al. (``berg.latent_norm``).
 * ``custom``: any grid from the command line.
 
 Table 2 runs 3 seeds as the paper does; the other presets run seed 0 only (``--seeds`` to
@@ -24,8 +24,8 @@ over seeds of the ROC AUC; ``avg`` = mean over classes of the per-class means, Â
 seeds of the class-averaged AUROC), ``cells.csv`` (one row per finished cell with every
 per-score AUROC) and, for several P, ``auroc_vs_contamination.png``.
 
-    python experiments.py table2-mnist [--iterations N] [--seeds 0 1] [--classes 3 8] [--table-only]
-    python experiments.py custom --dataset fashion-mnist --classes 0 8 --seeds 0 1 \\
+    python -m tools.experiments table2-mnist [--iterations N] [--seeds 0 1] [--classes 3 8] [--table-only]
+    python -m tools.experiments custom --dataset fashion-mnist --classes 0 8 --seeds 0 1 \\
         --methods piad latent-norm --losses rel-perc-l1 --contaminations 0 0.05 --iterations 200
 
 ``--iterations N`` (a short schedule) puts the grid in ``runs/experiments/<name>-it<N>`` by
@@ -50,7 +50,7 @@ import config
 import data
 import errors
 import figures
-import launch
+from tools import launch
 import losses
 import train as train_mod
 import weights_policy
@@ -330,7 +330,7 @@ def build_grid(a) -> Grid:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="experiments.py",
+    p = argparse.ArgumentParser(prog="python -m tools.experiments",
                                 description="Run a grid of train.py runs and write the paper's tables.")
     p.add_argument("preset", choices=[*PRESETS, "custom"])
     p.add_argument("--root", default=None, help="grid folder (default runs/experiments/<name>[-it<N>])")
@@ -378,11 +378,11 @@ def _main(argv) -> None:
                                 launcher=a.launcher, cluster=dict(partition=a.partition, time_min=a.time,
                                 gpus_per_task=a.gpus_per_task, parallel=a.jobs), **overrides)
             if a.launcher == "slurm":
-                print(f"submitted; watch: {errors.command_line(argv, ['--status'], 'experiments.py')}; when the "
+                print(f"submitted; watch: {errors.command_line(argv, ['--status'], '-m tools.experiments')}; when the "
                       f"tasks are done: ... --table-only (submitit's logs: {root / 'submitit'})")
                 return
         except errors.Interrupted as exc:
-            exc.resume = errors.command_line(argv, [], "experiments.py") + " (finished cells are skipped, " + \
+            exc.resume = errors.command_line(argv, [], "-m tools.experiments") + " (finished cells are skipped, " + \
                 ("stopped ones resume)" if isinstance(exc, launch.GridInterrupted) else "this one resumes)")
             raise
     write_tables(grid, root)
@@ -391,7 +391,7 @@ def _main(argv) -> None:
 
 
 def main(argv=None) -> None:
-    """``python experiments.py ...``: mistakes end with ``error: ...`` and exit status 2."""
+    """``python -m tools.experiments ...``: mistakes end with ``error: ...`` and exit status 2."""
     errors.run_cli(_main, argv)
 
 
