@@ -22,12 +22,11 @@ import data as data_mod
 import errors
 import features
 import losses
+from berg import pgan, progressive, system
 from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, POLICIES, REDUCES
 
 METHODS = ("piad", "latent-norm")
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
-NETWORKS = ("pgan", "piad")  # of --method latent-norm
-PGAN_SEED = 1000  # Berg et al.'s config.py random_seed (supplement §2): the seed of pgan runs unless given
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
@@ -57,7 +56,7 @@ class TrainConfig:
     iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)")
     batch_size: int = knob(32, "minibatch size")
     seed: int | None = knob(None, "random seed (data split, initialisation, minibatches); default 0, "
-                                  f"{PGAN_SEED} for latent-norm with pgan networks (theirs)")
+                                  f"{progressive.SEED} for latent-norm with pgan networks (theirs)")
     out: str | None = knob(None, "run folder (default runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>)")
     data_root: str | None = knob(None, "folder with the dataset files")
     download: bool = knob(True, "download MNIST/CIFAR-10 when missing (--no-download: files must be "
@@ -100,12 +99,13 @@ class TrainConfig:
     # --method latent-norm only (docs/berg.md): Berg et al.'s pGAN networks grown progressively
     # (pgan.py, progressive.py; default), or PIAD's networks at a fixed resolution (ours).
     networks: str | None = knob(None, "latent-norm networks: pgan (Berg et al.'s, default) or piad (PIAD's, ours)",
-                                NETWORKS)
-    fmap_max: int = knob(512, "pgan: most feature maps of any layer (512: the supplement's tables)")
-    fmap_base: int = knob(8192, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max)")
-    lod_kimg: float = knob(600.0, "pgan: thousands of real images to stabilise each resolution, and again to "
-                                  "fade the next one in (their train.py: 600 and 600)")
-    total_kimg: float = knob(12000.0, "pgan: training length in thousands of real images (their config.py)")
+                                system.NETWORKS)
+    fmap_max: int = knob(pgan.FMAP_MAX, "pgan: most feature maps of any layer (512: the supplement's tables)")
+    fmap_base: int = knob(pgan.FMAP_BASE, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max)")
+    lod_kimg: float = knob(progressive.Schedule.lod_training_kimg, "pgan: thousands of real images to stabilise "
+                           "each resolution, and again to fade the next one in (their train.py: 600 and 600)")
+    total_kimg: float = knob(progressive.Schedule.total_kimg,
+                             "pgan: training length in thousands of real images (their config.py)")
 
     def validate(self) -> "TrainConfig":
         """Raises :class:`errors.UserError` naming every setting that cannot work (before any work starts)."""
@@ -187,7 +187,7 @@ class TrainConfig:
     @property
     def run_seed(self) -> int:
         """``seed``, or when left out the method's default: 0, or Berg et al.'s for pGAN runs."""
-        return self.seed if self.seed is not None else PGAN_SEED if self.pgan else 0
+        return self.seed if self.seed is not None else progressive.SEED if self.pgan else 0
 
     def run_dir(self) -> Path:
         if self.out:

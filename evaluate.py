@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import features
 import figures
 import losses
 import piad
-from berg import latent_norm, pgan
+from berg import latent_norm, system
 from config import DEVICES, TrainConfig, resolve_device
 from tools import export
 
@@ -65,7 +66,7 @@ def map_loss(rec_loss) -> losses.ReconstructionLoss:
 
 
 @torch.no_grad()
-def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
+def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, batch_size: int = 256, device=None,
                    centre: torch.Tensor | None = None, maps: bool = False) -> tuple[dict, np.ndarray]:
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
     With ``maps``, ``scores["map"]`` holds the anomaly map of every image, (N, h, w), which sums to
@@ -100,10 +101,10 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
     for x, y in DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=0):
         x = x.to(device)
         batch = piad.anomaly_score(model, x, distances, batch_size=len(x))  # eq. (1)
-        batch["critic"] = -model.DX(x).flatten()
+        batch["critic"] = -model.image_critic(x).flatten()
         # (b, *latent_shape): one E pass for both norms; pgan: each image grouped with fixed
         # training images only (pgan.PGAN.encode), so no test image's code depends on another's
-        z = model.encode(x) if hasattr(model, "encode") else model.E(x)
+        z = model.encode(x)
         batch["latent-norm"] = latent_norm.code_norms(z)
         if centre is not None:
             batch["latent-norm-centred"] = latent_norm.code_norms(z, centre)
@@ -153,8 +154,11 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     prior = latent_norm.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
+    test, seen = system.as_trained(model, data.test) if config.method == "latent-norm" else (data.test, {})
+    if system.resolution_note(seen):  # a pGAN stopped before its final resolution
+        print(system.resolution_note(seen), file=sys.stderr, flush=True)
     feature_loss = _feature_loss(rec_loss, config, data, model)
-    scores, labels = compute_scores(model, data.test, feature_loss,
+    scores, labels = compute_scores(model, test, feature_loss,
                                     centre=None if prior is None else prior[1].mean(0))  # E's image of 0
     aucs = roc_aucs(scores, labels)
     main = primary_score(config)
@@ -164,17 +168,17 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
         "seed": config.seed, "contamination": data.contamination, "protocol": data.protocol,
         "weights_policy": config.weights_policy, "vgg_weights": getattr(rec_loss, "weights_id", None),
         "n_train": len(data.train), "n_test": int(len(labels)), "n_test_anomalous": int(labels.sum()),
-        **(extra or {})}
+        **seen, **(extra or {})}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_scores_csv(run / "scores.csv", data.test_ids, scores, labels)
     figures.plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
-    figures.plot_reconstructions(run / "reconstructions.png", model, data.test, labels)
+    figures.plot_reconstructions(run / "reconstructions.png", model, test, labels)
     amap = map_loss(feature_loss)
-    figures.plot_extremes(run / "extremes.png", data.test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
+    figures.plot_extremes(run / "extremes.png", test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
                           map_fn=lambda idx, x: piad.anomaly_map(model, x, amap.map), map_kind=amap.kind)
     if config.method == "latent-norm":
-        figures.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
-                                  title=f"{config.dataset}, normal {data.normal}")
+        latent_norm.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
+                                      title=f"{config.dataset}, normal {data.normal}")
     return metrics
 
 
@@ -204,15 +208,14 @@ def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, score
                               map_fn=lambda idx, x: torch.from_numpy(maps[idx]), map_kind=kind)  # already computed
 
 
-def saved_model(state: dict, device) -> piad.PIAD | pgan.PGAN:
-    """The trained networks of a checkpoint's ``state`` (``checkpoint.load_checkpoint``), on ``device``."""
-    method = state["config"].get("method", "piad")
-    if method == "latent-norm" and state["config"].get("networks") == "pgan":  # berg/pgan.py; records lod
-        model = pgan.PGAN(pgan.PGANConfig(**state["preset"]))
+def saved_model(state: dict, device) -> piad.PIAD | latent_norm.Networks:
+    """The trained networks of a checkpoint's ``state`` (``checkpoint.load_checkpoint``), on ``device``:
+    PIAD's; for ``--method latent-norm``, those of its ``--networks`` (``berg.system``)."""
+    cfg = TrainConfig.from_saved(state["config"])
+    if cfg.method == "latent-norm":
+        model = system.saved_model(cfg.networks, state["preset"], state["channels"])
     else:
         model = piad.PIAD(config=piad.PIADConfig.from_saved(state["preset"]), channels=state["channels"])
-        if method == "latent-norm":
-            latent_norm.use_pixel_norm(model)
     model.to(device).load_state_dict(state["model"])
     return model
 

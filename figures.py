@@ -11,9 +11,10 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
   ``extremes.png``), with the anomaly maps of the most anomalous ones (an extension).
 * ROC curves of every score with their ROC AUC (:func:`plot_roc`, ``roc.png``).
 
-Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overlay`); histograms of Berg et al.'s latent norms ‖E(x)‖
-(:func:`plot_latent_norms`, ``latent_norms.png``) and ROC AUC against the fraction of anomalies
-in the training set (:func:`plot_contamination`, ``auroc_vs_contamination.png``).
+Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overlay`) and ROC AUC
+against the fraction of anomalies in the training set (:func:`plot_contamination`,
+``auroc_vs_contamination.png``). Berg et al.'s histograms of latent norms are
+``berg.latent_norm.plot_latent_norms`` (it draws with :func:`_pyplot` and :func:`_save`).
 
 matplotlib is imported on first use, with its file-only Agg backend; this module imports no
 other module of the project.
@@ -114,7 +115,7 @@ def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
         if len(idx) == 0:
             continue
         x = _images(ds, idx).to(device)
-        rows += [x.cpu(), model.G(model.E(x)).cpu()]  # x above G(E(x))
+        rows += [x.cpu(), model.reconstruct(x).cpu()]  # x above G(E(x))
     model.train(was_training)
     fig, ax = _pyplot().subplots(figsize=(n, len(rows) * 1.1))
     ax.imshow(_grid(rows))
@@ -188,35 +189,6 @@ def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return w * k, h * k
-
-
-def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,
-                      title: str = "") -> None:
-    """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
-    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for E(G(z)) (``prior``
-    = ``latent_norm.encode_prior``), each panel titled with the score's ROC AUC and that of its
-    negation; the figure's title says how far E is from inverting G (offset of E(G(z)),
-    cos(E(G(z)), z))."""
-    from sklearn.metrics import roc_auc_score
-
-    z, gen = (t.cpu() for t in prior)
-    panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
-              ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
-    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4))
-    for ax, (key, xlabel, gen_values) in zip(axes, panels):
-        values, auc = scores[key], roc_auc_score(labels, scores[key])
-        groups = ((values[labels == 0], "normal test"), (values[labels == 1], "anomalous test"),
-                  (gen_values.numpy(), "generated, E(G(z))"))
-        bins = np.histogram_bin_edges(np.concatenate([g for g, _ in groups]), bins=40)
-        for v, name in groups:
-            ax.hist(v, bins=bins, density=True, histtype="step", lw=1.5,
-                    label=f"{name} (n={len(v)}, median {np.median(v):.3g})")
-        ax.set(xlabel=xlabel, ylabel="density", title=f"ROC AUC {auc:.3f} (negated: {1 - auc:.3f})")
-        ax.legend(fontsize=8)
-    cos = torch.nn.functional.cosine_similarity(gen, z).mean()
-    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, mean ||E(G(z))|| = "
-                 f"{gen.norm(dim=1).mean():.3g}, mean cos(E(G(z)), z) = {cos:.3g}", fontsize=10)
-    _save(fig, path)
 
 
 def contamination_curves(rows: list[dict]) -> dict[str, tuple[list, list, list]]:

@@ -346,6 +346,15 @@ class PIAD(nn.Module):
         z = torch.randn((n, *self.config.latent_shape), generator=generator, device=dev)
         return z.to(self.device)
 
+    @property
+    def image_critic(self) -> nn.Module:
+        """D_X, the critic of images of eq. (5)."""
+        return self.DX
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """E(x): (B, C, S, S) -> (B, *latent_shape)."""
+        return self.E(x)
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """G(E(x)): (B, C, S, S) -> (B, C, S, S)."""
         return self.G(self.E(x))

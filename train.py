@@ -38,7 +38,7 @@ import loop
 import losses
 import piad
 import weights_policy
-from berg import latent_norm, pgan, progressive
+from berg import latent_norm, progressive, system
 from checkpoint import CHECKPOINT
 from config import TrainConfig, parse_args, resolve_device
 from errors import Diverged, Interrupted, UserError
@@ -182,21 +182,20 @@ class PIADTrainer:
         self.gamma_g, self.gamma_e = s["gamma_g"], s["gamma_e"]
 
 
-def new_run_model(cfg: TrainConfig, ds) -> piad.PIAD | pgan.PGAN:
-    """The networks of a new run of ``cfg`` on the dataset ``ds`` (``data.AnomalyData``): Berg et
-    al.'s pGAN for latent-norm with ``--networks pgan`` (with its scoring reference images), else
-    PIAD's networks of the dataset's preset (latent-norm: G normalises its latent)."""
-    if cfg.pgan:
-        config = pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
-        return progressive.new_model(config, ds.train, seed=cfg.seed)
-    model = piad.PIAD(config=piad.preset(ds.preset), channels=ds.channels)
-    return latent_norm.use_pixel_norm(model) if cfg.method == "latent-norm" else model
+def new_run_model(cfg: TrainConfig, ds) -> piad.PIAD | latent_norm.Networks:
+    """The networks of a new run of ``cfg`` on the dataset ``ds`` (``data.AnomalyData``): PIAD's of the
+    dataset's preset; for ``--method latent-norm``, those of ``--networks`` (``berg.system``)."""
+    if cfg.method == "latent-norm":
+        return system.new_model(cfg.networks, preset=ds.preset, channels=ds.channels, image_size=ds.image_size,
+                                train_set=ds.train, seed=cfg.seed, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
+    return piad.PIAD(config=piad.preset(ds.preset), channels=ds.channels)
 
 
 def make_trainer(model, rec_loss, cfg: TrainConfig):
-    if cfg.pgan:
-        return progressive.ProgressiveTrainer(model, pgan_schedule(cfg))
-    return PIADTrainer(model, rec_loss, cfg) if cfg.method == "piad" else latent_norm.LatentNormTrainer(model)
+    """Algorithm 1's :class:`PIADTrainer`; for ``--method latent-norm``, Berg et al.'s (``berg.system``)."""
+    if cfg.method == "latent-norm":
+        return system.trainer(model, pgan_schedule(cfg))
+    return PIADTrainer(model, rec_loss, cfg)
 
 
 def _reseed(cfg: TrainConfig, sampler, it: int) -> None:

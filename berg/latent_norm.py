@@ -11,9 +11,15 @@ What is implemented (``python train.py --method latent-norm``), following the au
 * Per iteration (their ``train.py``, ``D_repeats=1``): one critic step (eq. 5), one G step
   (eq. 6), one E step on the cycle loss ``mean |G(z) - G(E(G(z)))|`` (gradients to E only; E is
   trained against the live G).
-* The anomaly score is ``||E(x)||_2`` (the paper's score). For diagnosis, evaluate.py also writes
-  ``latent-norm-centred`` = ``||E(x) - c||``, c = mean E(G(z)) (:func:`encode_prior`), and the
-  histograms ``latent_norms.png`` (``figures.plot_latent_norms``); README says why they differ.
+* The anomaly score is ``||E(x)||_2`` (the paper's score): :func:`code_norms` of
+  ``model.encode(x)``. For diagnosis, evaluate.py also writes ``latent-norm-centred`` =
+  ``||E(x) - c||``, c = mean E(G(z)) (:func:`encode_prior`), and the histograms
+  ``latent_norms.png`` (:func:`plot_latent_norms`); docs/latent-norm.md says why they differ.
+
+The seam: training and scoring reach the networks only through :class:`Networks` (G, E, the
+image critic, the prior's draws, ``encode``, ``reconstruct``), which ``piad.PIAD`` and
+``pgan.PGAN`` both are; :class:`LatentNormTrainer` is given its optimiser and loss settings by
+whoever builds it (``berg.system.trainer``).
 
 Networks: ``--networks pgan`` (the default) trains their own networks grown progressively with
 these losses and steps (``pgan.py``, ``progressive.py``; docs/berg.md). The deviations below are
@@ -30,15 +36,43 @@ those of ``--networks piad`` (ours), one per line:
 """
 from __future__ import annotations
 
-import torch
+from typing import Protocol
 
+import numpy as np
+import torch
+from torch import nn
+
+import figures
 import piad
 
 PRIOR_SCALE = 0.1  # loss.py: D, G and E all draw latents = 0.1 * N(0, I)
 PIXEL_NORM_EPS = 1e-8  # networks.py pixel_norm's epsilon
+GP_WEIGHT = 10.0  # loss.py D_wgangp_acgan wgan_lambda (their pGAN runs)
+DRIFT = 1e-3  # loss.py wgan_epsilon, on real scores only (their pGAN runs)
 
 
-def sample_prior(model: piad.PIAD, n: int) -> torch.Tensor:
+class Networks(Protocol):
+    """What latent-norm training and scoring use of a model: ``piad.PIAD`` (with a
+    :class:`PixelNormGenerator`, ``--networks piad``) and ``pgan.PGAN`` (``--networks pgan``)."""
+
+    G: nn.Module  # latents (B, *latent_shape) -> images
+    E: nn.Module  # images -> codes (B, *latent_shape)
+
+    @property
+    def image_critic(self) -> nn.Module:
+        """D_X of eq. (5): images (B, C, S, S) -> scores, higher = more real."""
+
+    def sample_latent(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of N(0, I), (n, *latent_shape), on the model's device."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The code of each image that the score ``||encode(x)||`` reads, (B, *latent_shape)."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """G(encode(x)), the size of ``x``."""
+
+
+def sample_prior(model: Networks, n: int) -> torch.Tensor:
     """``n`` draws of z ~ PRIOR_SCALE · N(0, I), shape (n, *latent_shape): the one prior of D, G and E."""
     return PRIOR_SCALE * model.sample_latent(n)
 
@@ -74,7 +108,7 @@ def use_pixel_norm(model: piad.PIAD) -> piad.PIAD:
     return model
 
 
-def cycle_loss(model: piad.PIAD, z: torch.Tensor) -> torch.Tensor:
+def cycle_loss(model: Networks, z: torch.Tensor) -> torch.Tensor:
     """``mean |G(z) - G(E(G(z)))|`` (scalar; loss.py ``E_wgangp_acgan``). G(z) is made without a
     graph (it is E's input and the target); the graph of ``G(E(·))`` reaches G's parameters too,
     so callers that want E's gradients only differentiate w.r.t. E's parameters (see
@@ -85,38 +119,29 @@ def cycle_loss(model: piad.PIAD, z: torch.Tensor) -> torch.Tensor:
 
 
 def code_norms(z: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
-    """``||z - centre||_2`` per code, z = E(x) of shape (N, *latent_shape) -> (N,); centre 0 by default.
-    The formula of :func:`latent_norm_score`, for callers that already have E(x)."""
+    """``||z - centre||_2`` per code, z = ``model.encode(x)`` of shape (N, *latent_shape) -> (N,):
+    the anomaly score (Berg et al.), higher = more anomalous; centre 0 by default (the paper's)."""
     return (z.flatten(1) - (0 if centre is None else centre.to(z.device))).norm(dim=1)
 
 
-@torch.no_grad()
-def latent_norm_score(model: piad.PIAD, x: torch.Tensor, *, centre: torch.Tensor | None = None,
-                      batch_size: int = 256) -> torch.Tensor:
-    """The anomaly score ``||E(x)||_2`` per image (Berg et al.), (N, C, S, S) -> (N,), higher = more
-    anomalous; with ``centre`` (a diagnostic), ``||E(x) - centre||_2``. On ``x``'s device."""
-    device = next(model.parameters()).device
-    out = [code_norms(model.E(x[i:i + batch_size].to(device)), centre).to(x.device)
-           for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out) if out else x.new_zeros(0)
-
-
 class LatentNormTrainer:
-    """One iteration per :meth:`step`: one critic step (D_X), one G step, one E step (train.py)."""
+    """One iteration per :meth:`step`: one critic step (D_X), one G step, one E step (train.py).
+    One Adam each for the critic (rate ``lr_d``), G and E (``lr_g``: their E runs with G's rate);
+    ``gp_weight`` and ``drift`` weigh eq. (5)'s gradient penalty and drift term."""
 
-    def __init__(self, model: piad.PIAD):
-        self.model = model
-        p = model.config
-        adam = dict(betas=p.betas, weight_decay=p.weight_decay)
-        self.opt_d = torch.optim.Adam(model.DX.parameters(), lr=p.lr_critic, **adam)
-        self.opt_g = torch.optim.Adam(model.G.parameters(), lr=p.lr_gen, **adam)
-        self.opt_e = torch.optim.Adam(model.E.parameters(), lr=p.lr_gen, **adam)
+    def __init__(self, model: Networks, *, lr_d: float, lr_g: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, gp_weight: float, drift: float):
+        self.model, self.gp_weight, self.drift = model, gp_weight, drift
+        adam = dict(betas=betas, eps=eps, weight_decay=weight_decay)
+        self.opt_d = torch.optim.Adam(model.image_critic.parameters(), lr=lr_d, **adam)
+        self.opt_g = torch.optim.Adam(model.G.parameters(), lr=lr_g, **adam)
+        self.opt_e = torch.optim.Adam(model.E.parameters(), lr=lr_g, **adam)
 
     def critic_step(self, x: torch.Tensor) -> torch.Tensor:
-        m, p = self.model, self.model.config
+        m = self.model
         with torch.no_grad():
             x_fake = m.G(sample_prior(m, x.shape[0]))  # loss.py D_wgangp_acgan: the 0.1 prior
-        loss, _ = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift,
+        loss, _ = piad.critic_loss(m.image_critic, x, x_fake, gp_weight=self.gp_weight, drift=self.drift,
                                    drift_fake=False)  # eq. (5); loss.py: drift on real scores only
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,16 +152,16 @@ class LatentNormTrainer:
         """Eq. (6) for G on ``n`` z from the 0.1 prior (loss.py ``G_wgan_acgan``); ``real=None``
         drops E[D(x)] (a constant: same gradients), ``real`` only makes the logged value eq. (6)'s."""
         m = self.model
-        for q in m.DX.parameters():  # the critic is frozen: only G gets gradients
+        for q in m.image_critic.parameters():  # the critic is frozen: only G gets gradients
             q.requires_grad_(False)
         try:
             fake = m.G(sample_prior(m, n))
-            adv = piad.adversarial_loss(m.DX, real, fake)  # eq. (6)
+            adv = piad.adversarial_loss(m.image_critic, real, fake)  # eq. (6)
             self.opt_g.zero_grad(set_to_none=True)
             adv.backward()
             self.opt_g.step()
         finally:
-            for q in m.DX.parameters():
+            for q in m.image_critic.parameters():
                 q.requires_grad_(True)
         return adv.detach()
 
@@ -144,7 +169,7 @@ class LatentNormTrainer:
         """Cycle loss on G(z), z from the 0.1 prior (loss.py ``E_wgangp_acgan``); E's gradients only."""
         params = list(self.model.E.parameters())
         loss = cycle_loss(self.model, sample_prior(self.model, n))
-        # G's and D_X's .grad are left untouched; a layer the level of detail leaves out (pgan.py,
+        # G's and the critic's .grad are left untouched; a layer the level of detail leaves out (pgan.py,
         # progressive growing) gets no gradient and no Adam step (theirs: a zero one, a no-op at β1 = 0)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         self.opt_e.zero_grad(set_to_none=True)
@@ -173,7 +198,7 @@ class LatentNormTrainer:
 
 
 @torch.no_grad()
-def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prior(model: Networks, n: int = 1000, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, E(G(z)))`` for ``n`` draws of the prior (fixed seed), both (n, D): where E puts what it
     was trained on. The mean of E(G(z)) is E's image of the prior's centre (0 if E inverts G)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -181,3 +206,30 @@ def encode_prior(model: piad.PIAD, n: int = 1000, *, seed: int = 0) -> tuple[tor
     return z.flatten(1), model.E(model.G(z)).flatten(1)
 
 
+def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch.Tensor, torch.Tensor], *,
+                      title: str = "") -> None:
+    """Histograms of ``||E(x)||`` (the paper's score, left) and ``||E(x) - c||`` with c = mean
+    E(G(z)) (right) for normal (label 0) and anomalous (1) test images and for E(G(z)) (``prior``
+    = :func:`encode_prior`), each panel titled with the score's ROC AUC and that of its
+    negation; the figure's title says how far E is from inverting G (offset of E(G(z)),
+    cos(E(G(z)), z)). ``latent_norms.png`` of evaluate.py."""
+    from sklearn.metrics import roc_auc_score
+
+    z, gen = (t.cpu() for t in prior)
+    panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
+              ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
+    fig, axes = figures._pyplot().subplots(1, 2, figsize=(11, 4))
+    for ax, (key, xlabel, gen_values) in zip(axes, panels):
+        values, auc = scores[key], roc_auc_score(labels, scores[key])
+        groups = ((values[labels == 0], "normal test"), (values[labels == 1], "anomalous test"),
+                  (gen_values.numpy(), "generated, E(G(z))"))
+        bins = np.histogram_bin_edges(np.concatenate([g for g, _ in groups]), bins=40)
+        for v, name in groups:
+            ax.hist(v, bins=bins, density=True, histtype="step", lw=1.5,
+                    label=f"{name} (n={len(v)}, median {np.median(v):.3g})")
+        ax.set(xlabel=xlabel, ylabel="density", title=f"ROC AUC {auc:.3f} (negated: {1 - auc:.3f})")
+        ax.legend(fontsize=8)
+    cos = torch.nn.functional.cosine_similarity(gen, z).mean()
+    fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, mean ||E(G(z))|| = "
+                 f"{gen.norm(dim=1).mean():.3g}, mean cos(E(G(z)), z) = {cos:.3g}", fontsize=10)
+    figures._save(fig, path)

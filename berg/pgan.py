@@ -20,9 +20,10 @@ one to the other). ``pgan.networks(preset)`` gives ``(G, D, E)`` at the table's 
   ``2**(log2(resolution) - k)``; for f > 0 the ``Grow_lod{k}`` row blends the new block's output
   with the lower resolution's one, weight f on the lower (their ``lerp_clip``).
 
-* :class:`PGAN` holds the three networks as ``G``, ``DX`` and ``E`` (so ``berg.latent_norm``'s losses
-  apply) and :meth:`PGAN.encode`, E without the minibatch-stddev leak between scored images (each
-  grouped with three fixed training images, ``reference``; docs/berg.md measures the leak).
+* :class:`PGAN` holds the three networks as ``G``, ``D`` and ``E`` (their names) and is a
+  ``berg.latent_norm.Networks``: ``image_critic`` is D, :meth:`PGAN.encode` is E without the
+  minibatch-stddev leak between scored images (each grouped with three fixed training images,
+  ``reference``; docs/berg.md measures the leak).
 
 Deviations from their code, one per line:
 
@@ -147,9 +148,6 @@ class _Progressive(nn.Module):
         k = math.floor(lod)
         return self.R - k, lod - k
 
-    def working_resolution(self) -> int:
-        return 2 ** self.level()[0]
-
 
 class Generator(_Progressive):
     """G of the tables: (B, 512) latent -> (B, channels, s, s), s the working resolution of ``lod``."""
@@ -259,31 +257,46 @@ def networks(preset: str, *, fmap_base: int = FMAP_BASE, fmap_max: int = FMAP_MA
 
 @dataclasses.dataclass
 class PGANConfig:
-    """What rebuilds a :class:`PGAN` (a checkpoint's ``preset``): image shape, widths, loss weights."""
+    """What rebuilds a :class:`PGAN` (a checkpoint's ``preset``): image shape and widths."""
 
     channels: int
     resolution: int
     fmap_base: int = FMAP_BASE
     fmap_max: int = FMAP_MAX
-    gp_weight: float = 10.0  # loss.py D_wgangp_acgan wgan_lambda
-    drift: float = 1e-3  # loss.py wgan_epsilon (on real scores only)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "PGANConfig":
+        """The config a checkpoint recorded; keys this version dropped (``gp_weight``, ``drift``:
+        the trainer's settings now, ``berg.latent_norm.GP_WEIGHT``, ``DRIFT``) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+# state_dict prefixes of earlier checkpoints -> this version's (D was stored as ``DX``)
+RENAMED = {"DX.": "D."}
 
 
 class PGAN(nn.Module):
-    """G, D (``DX``, as PIAD's image critic is named, so ``berg.latent_norm``'s losses apply) and E of
-    their code, sharing one level of detail (:meth:`set_lod`, their ``lod_assign_ops``)."""
+    """G, D and E of their code, sharing one level of detail (:meth:`set_lod`, their
+    ``lod_assign_ops``); a ``berg.latent_norm.Networks``."""
 
     def __init__(self, config: PGANConfig):
         super().__init__()
         self.config, self.channels = config, config.channels
         w = dict(fmap_base=config.fmap_base, fmap_max=config.fmap_max)
         self.G = Generator(config.channels, config.resolution, **w)
-        self.DX = Discriminator(config.channels, config.resolution, **w)
+        self.D = Discriminator(config.channels, config.resolution, **w)
         self.E = Encoder(config.channels, config.resolution, **w)
         self.latent_shape = (self.G.latent_size,)
         # scoring without the minibatch-stddev leak (:meth:`encode`): fixed training images
         self.register_buffer("reference", torch.zeros(MBSTD_GROUP - 1, config.channels, config.resolution,
                                                       config.resolution))
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
+
+    @property
+    def image_critic(self) -> Discriminator:
+        """D, the critic of images of eq. (5)."""
+        return self.D
 
     @property
     def device(self) -> torch.device:
@@ -294,7 +307,7 @@ class PGAN(nn.Module):
         return float(self.G.lod)
 
     def set_lod(self, lod: float) -> None:
-        for net in (self.G, self.DX, self.E):
+        for net in (self.G, self.D, self.E):
             net.lod.fill_(lod)
 
     def sample_latent(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -317,3 +330,11 @@ class PGAN(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """G(E(x)) (E as :meth:`encode`), upscaled to the input's size as their G's output is."""
         return self.G.full(self.encode(x))
+
+
+def _rename_old_keys(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: a checkpoint's keys under :data:`RENAMED`'s old prefixes, renamed in place."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in RENAMED.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)

@@ -16,6 +16,10 @@ and step order of ``berg.latent_norm`` (critic, G, E).
   before that minibatch's G step; their code uses it for snapshots and sample grids, and so does
   this module (``ProgressiveTrainer.Gs``, saved with the trainer); D, G and E train on G.
 
+* Evaluation of a run stopped before the final resolution (:class:`AsTrained`): the test images
+  are the reals of the level of detail reached (``process_reals``), nearest-upscaled to the final
+  size as their networks read and write images (``UpscaleLOD``); every score and figure sees them.
+
 Deviation: their training set stores each level as uint8 (``dataset_tool.py``: the average-pooled
 image rounded); here the pooled image stays float.
 """
@@ -110,15 +114,36 @@ def process_reals(x: torch.Tensor, lod: float) -> torch.Tensor:
     return x
 
 
+class AsTrained(torch.utils.data.Dataset):
+    """The items ``(image, label)`` of ``ds`` as networks at level of detail ``lod`` see real images:
+    :func:`process_reals`, then nearest-upscaled back to the final size (their ``UpscaleLOD``), so
+    that ``G.full``'s images and these compare pixel for pixel. ``resolution``: the detail kept."""
+
+    def __init__(self, ds, lod: float):
+        self.ds, self.lod = ds, lod
+        first = ds[0][0]  # (C, S, S)
+        self.final_resolution, self.resolution = first.shape[-1], process_reals(first[None], lod).shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        x, y = self.ds[i]
+        low = process_reals(x[None], self.lod)  # (1, C, s, s)
+        return pgan.upscale2d(low, self.final_resolution // self.resolution)[0], y
+
+
 class ProgressiveTrainer(latent_norm.LatentNormTrainer):
     """One minibatch per :meth:`step`: critic + ``Gs`` update, G, E (their training loop), the lod,
-    minibatch and learning rate from :func:`phase`, re-evaluated every ``minibatch_repeats``."""
+    minibatch and learning rate from :func:`phase`, re-evaluated every ``minibatch_repeats``;
+    Adam :data:`ADAM` without weight decay, the loss weights of their ``loss.py``."""
+
+    model: pgan.PGAN
 
     def __init__(self, model: pgan.PGAN, sched: Schedule = Schedule()):
-        self.model, self.sched = model, sched
-        self.opt_d = torch.optim.Adam(model.DX.parameters(), lr=sched.lrate, **ADAM)
-        self.opt_g = torch.optim.Adam(model.G.parameters(), lr=sched.lrate, **ADAM)
-        self.opt_e = torch.optim.Adam(model.E.parameters(), lr=sched.lrate, **ADAM)
+        super().__init__(model, lr_d=sched.lrate, lr_g=sched.lrate, **ADAM, weight_decay=0.0,
+                         gp_weight=latent_norm.GP_WEIGHT, drift=latent_norm.DRIFT)
+        self.sched = sched
         self.Gs = copy.deepcopy(model.G).requires_grad_(False)
         self.cur_nimg, self.prev_lod, self.repeat = 0, -1.0, 0
         self.phase: Phase | None = None

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from berg import latent_norm
+from berg import latent_norm, pgan, progressive, system
 import loop
 import piad
 import checkpoint
@@ -35,6 +35,11 @@ def _tiny(seed=0, method="latent-norm"):
     return latent_norm.use_pixel_norm(model) if method == "latent-norm" else model
 
 
+def _trainer(m):
+    """The trainer a ``--networks piad`` run builds (``berg.system.trainer``)."""
+    return system.trainer(m, progressive.Schedule())
+
+
 def _sampler(batch=8, size=8, seed=1):
     gen = torch.Generator().manual_seed(seed)
     data = torch.rand(64, 1, size, size, generator=gen) * 2 - 1
@@ -50,8 +55,9 @@ def _params(net):
 
 def test_encoder_step_updates_e_only():
     m = _tiny()
-    t = latent_norm.LatentNormTrainer(m)
+    t = _trainer(m)
     g0, dx0, e0 = _params(m.G), _params(m.DX), _params(m.E)
+    assert m.image_critic is m.DX and torch.equal(m.encode(torch.zeros(2, 1, 8, 8)), m.E(torch.zeros(2, 1, 8, 8)))
     loss = t.encoder_step(8)
     assert torch.isfinite(loss) and loss > 0
     assert all(q.grad is None for q in m.G.parameters()), "the cycle loss must not reach G"
@@ -96,7 +102,7 @@ def test_one_prior_for_critic_generator_and_encoder():
     # loss.py: D_wgangp_acgan, G_wgan_acgan and E_wgangp_acgan all draw 0.1 * N(0, I). Each step
     # calls G first on its prior draw (the encoder step then on E(G(z))): that draw's std is 0.1.
     m = _tiny()
-    t = latent_norm.LatentNormTrainer(m)
+    t = _trainer(m)
     x = _sampler(batch=512)()[0]
     for name, run in (("critic", lambda: t.critic_step(x)), ("generator", lambda: t.generator_step(512)),
                       ("encoder", lambda: t.encoder_step(512))):
@@ -164,7 +170,7 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
         return sample()
 
     m = _tiny()
-    t = latent_norm.LatentNormTrainer(m)
+    t = _trainer(m)
     for it in range(2):
         t.step(it, counting_sample)
     assert calls == ["critic_step", "generator_step", "encoder_step"] * 2
@@ -174,7 +180,7 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
 def test_step_on_mnist_preset_is_finite():
     torch.manual_seed(0)
     m = latent_norm.use_pixel_norm(piad.PIAD(config=piad.preset("mnist"), channels=1))
-    t = latent_norm.LatentNormTrainer(m)
+    t = _trainer(m)
     out = t.step(0, _sampler(batch=4, size=32))
     assert set(out) == {"loss_dx", "adv_g", "cycle"}
     assert set(out) <= set(loop.LOG_FIELDS)
@@ -186,7 +192,7 @@ def test_step_without_logging_gives_the_same_update():
     runs = []
     for log in (True, False):
         m = _tiny()
-        t = latent_norm.LatentNormTrainer(m)
+        t = _trainer(m)
         torch.manual_seed(5)
         out = t.step(0, _sampler(), log=log)
         runs.append((out, [q.detach().clone() for q in m.parameters()]))
@@ -198,12 +204,34 @@ def test_step_without_logging_gives_the_same_update():
 def test_make_trainer_dispatches():
     m = _tiny()
     t = train.make_trainer(m, None, train.TrainConfig(method="latent-norm", networks="piad"))
-    assert isinstance(t, latent_norm.LatentNormTrainer)
+    assert type(t) is latent_norm.LatentNormTrainer
+    g = pgan.PGAN(pgan.PGANConfig(channels=1, resolution=8, fmap_base=32, fmap_max=8))
+    t = train.make_trainer(g, None, train.TrainConfig(method="latent-norm", networks="pgan"))
+    assert type(t) is progressive.ProgressiveTrainer
+    assert isinstance(train.make_trainer(_tiny(method="piad"), None, train.TrainConfig()), train.PIADTrainer)
+
+
+def test_the_builder_passes_each_configuration_its_own_settings():
+    """--networks piad: the preset's Adam and eq. (5) weights; pgan: their train.py / loss.py values."""
+    m = _tiny()
+    p, t = m.config, _trainer(m)
+    assert (t.gp_weight, t.drift) == (p.gp_weight, p.drift)
+    for opt, lr, params in ((t.opt_d, p.lr_critic, m.DX), (t.opt_g, p.lr_gen, m.G), (t.opt_e, p.lr_gen, m.E)):
+        (group,) = opt.param_groups
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (lr, p.betas, 1e-8, p.weight_decay)
+        assert [id(q) for q in group["params"]] == [id(q) for q in params.parameters()]
+    g = pgan.PGAN(pgan.PGANConfig(channels=1, resolution=8, fmap_base=32, fmap_max=8))
+    t = progressive.ProgressiveTrainer(g, progressive.Schedule(lrate=0.002))
+    assert (t.gp_weight, t.drift) == (latent_norm.GP_WEIGHT, latent_norm.DRIFT) == (10.0, 1e-3)
+    for opt, net in ((t.opt_d, g.D), (t.opt_g, g.G), (t.opt_e, g.E)):
+        (group,) = opt.param_groups
+        assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.002, (0.0, 0.99), 1e-8, 0.0)
+        assert [id(q) for q in group["params"]] == [id(q) for q in net.parameters()]
 
 
 def test_state_dict_round_trip_gives_identical_next_steps():
     m = _tiny()
-    t = latent_norm.LatentNormTrainer(m)
+    t = _trainer(m)
     sample = _sampler()
     for it in range(3):
         t.step(it, sample)
@@ -216,7 +244,7 @@ def test_state_dict_round_trip_gives_identical_next_steps():
 
     m2 = _tiny(seed=123)  # different init: everything must come from the state
     m2.load_state_dict(saved["model"])
-    t2 = latent_norm.LatentNormTrainer(m2)
+    t2 = _trainer(m2)
     t2.load_state_dict(saved["trainer"])
     torch.set_rng_state(saved["rng"])
     new = [t2.step(it, new_sampler) for it in range(3, 5)]
@@ -231,13 +259,11 @@ def test_latent_norms_from_a_centre():
     c = torch.randn(TINY.latent_dim)
     with torch.no_grad():
         z = m.E(x).flatten(1)
-    score = latent_norm.latent_norm_score
-    graphs = []
-    m.E.register_forward_hook(lambda mod, args, out: graphs.append(out.requires_grad))
-    torch.testing.assert_close(score(m, x, batch_size=3), z.norm(dim=1), rtol=1e-6, atol=0)
-    assert graphs and not any(graphs)  # a score: E records no autograd graph
-    torch.testing.assert_close(score(m, x, centre=c, batch_size=3), (z - c).norm(dim=1), rtol=1e-6, atol=0)
-    assert torch.equal(latent_norm.code_norms(z), z.norm(dim=1))  # evaluate.py's one-E-pass form
+        codes = m.encode(x)  # (10, *latent_shape): the score's input
+    assert codes.shape == (10, *TINY.latent_shape)
+    torch.testing.assert_close(latent_norm.code_norms(codes), z.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(latent_norm.code_norms(codes, c), (z - c).norm(dim=1), rtol=1e-6, atol=0)
+    assert torch.equal(latent_norm.code_norms(z), z.norm(dim=1))
     assert torch.equal(latent_norm.code_norms(z.view(10, -1, 1, 1), c), (z - c).norm(dim=1))
     z, gen = latent_norm.encode_prior(m, 50)
     assert z.shape == gen.shape == (50, TINY.latent_dim) and torch.equal(gen, latent_norm.encode_prior(m, 50)[1])
@@ -275,7 +301,8 @@ def test_latent_norm_score_orientation():
     m.E = _DistanceEncoder(template)
     normal = template + 0.05 * torch.randn(50, 1, 8, 8, generator=gen)
     anomalous = torch.rand(50, 1, 8, 8, generator=gen) * 2 - 1
-    scores = latent_norm.latent_norm_score(m, torch.cat([normal, anomalous]), batch_size=16)
+    with torch.no_grad():
+        scores = latent_norm.code_norms(m.encode(torch.cat([normal, anomalous])))  # the score of evaluate.py
     assert scores.shape == (100,)
     labels = np.r_[np.zeros(50), np.ones(50)]
     assert roc_auc_score(labels, scores.numpy()) > 0.99

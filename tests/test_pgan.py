@@ -201,3 +201,23 @@ def test_encode_does_not_depend_on_the_other_images_of_the_batch():
     assert not torch.allclose(m.E(x)[:4], m.E(torch.cat([x[:4], x[:4].flip(0) * 0.1]))[:4])
     # encode(x) is E on a group of x and the three reference images
     torch.testing.assert_close(m.encode(x[:1]), m.E(torch.cat([x[:1], m.reference]))[:1])
+
+
+def test_checkpoints_of_the_earlier_layout_load():
+    """Earlier checkpoints stored D under ``DX.`` and the loss weights in the preset: both load."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    m = pgan.PGAN(pgan.PGANConfig(channels=1, resolution=8, fmap_base=32, fmap_max=8))
+    m.set_lod(0.5)
+    old = {("DX." + k[2:] if k.startswith("D.") else k): v.clone() for k, v in m.state_dict().items()}
+    assert any(k.startswith("DX.") for k in old) and not any(k.startswith("D.") for k in old)
+    preset = {**dataclasses.asdict(m.config), "gp_weight": 10.0, "drift": 1e-3}
+    torch.manual_seed(1)
+    m2 = pgan.PGAN(pgan.PGANConfig.from_saved(preset))
+    assert m2.config == m.config
+    m2.load_state_dict(old)  # strict: every key mapped, none left over
+    assert m2.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    assert m2.image_critic is m2.D and float(m2.D.lod) == 0.5
+    assert not hasattr(m2, "DX")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from berg import latent_norm
 from berg import pgan
 from berg import progressive
 
@@ -183,3 +184,73 @@ def test_networks_and_seed_defaults_of_the_method():
         TrainConfig(networks="pgan").validate()
     # a checkpoint written before --networks existed trained PIAD's networks
     assert TrainConfig.from_saved({"method": "latent-norm", "seed": 0}).networks == "piad"
+
+
+def test_as_trained_gives_the_reals_of_the_lod_at_the_final_size():
+    import data
+
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ds = data.TensorImages(x, torch.arange(6) % 2)
+    for lod, res in ((3.0, 4), (1.5, 16), (0.25, 32)):
+        seen = progressive.AsTrained(ds, lod)
+        assert (seen.resolution, seen.final_resolution, len(seen)) == (res, 32, 6)
+        img, label = seen[4]
+        assert img.shape == (1, 32, 32) and label == 0
+        low = progressive.process_reals(x[4:5], lod)
+        torch.testing.assert_close(img, low.repeat_interleave(32 // res, 2).repeat_interleave(32 // res, 3)[0])
+        torch.testing.assert_close(torch.nn.functional.avg_pool2d(img[None], 32 // res), low)
+
+
+def test_a_run_stopped_before_the_final_resolution_evaluates_at_the_one_it_reached(tmp_path, capsys):
+    """issue 25 point 8: 30 iterations stay at 4×4 of 32×32 (lod 3); evaluation used to die in
+    plot_reconstructions. Every output is written and metrics.json records the resolution."""
+    import csv
+    import json
+
+    import evaluate
+    import train
+
+    out = tmp_path / "r"
+    argv = ["--dataset", "digits", "--normal", "3", "--iterations", "30", "--vgg-weights", "random",
+            "--contamination", "0.05", "--method", "latent-norm", "--out", str(out),
+            "--fmap-max", "8", "--no-progress"]  # the issue's command, narrow networks
+    metrics = train.train(train.parse_args(argv))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert (saved["resolution"], saved["final_resolution"], saved["lod"]) == (4, 32, 3.0)
+    err = capsys.readouterr().err
+    assert err.count("note: the pGAN reached 4×4 of 32×32 (lod 3); evaluated at 4×4") == 1
+    for name in ("roc.png", "reconstructions.png", "extremes.png", "latent_norms.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == saved["n_test"] and all(math.isfinite(float(r["latent-norm"])) for r in rows)
+    # the scores are those of the test images at 4×4 (upscaled back), against G's 4×4 images upscaled
+    _, cfg, model, _ = evaluate.load_run(out / "checkpoint.pt", device="cpu")
+    test = train._load(cfg).test
+    full = torch.stack([test[i][0] for i in range(len(test))])
+    seen = progressive.AsTrained(test, model.lod)
+    x = torch.stack([seen[i][0] for i in range(len(seen))])  # (N, 1, 32, 32), constant on 8×8 blocks
+    with torch.no_grad():
+        mse, mse_full = ((model.reconstruct(v) - v).flatten(1).square().mean(1) for v in (x, full))
+        norms = latent_norm.code_norms(model.encode(x))
+    torch.testing.assert_close(torch.tensor([float(r["mse"]) for r in rows]), mse, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mse, mse_full, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor([float(r["latent-norm"]) for r in rows]), norms, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_model_maps_the_earlier_checkpoint_keys():
+    """A checkpoint of the earlier layout (D stored as ``DX``, loss weights in the preset) rebuilds."""
+    import dataclasses
+
+    import evaluate
+
+    torch.manual_seed(0)
+    m = pgan.PGAN(pgan.PGANConfig(channels=1, resolution=16, fmap_base=32, fmap_max=8))
+    m.set_lod(1.5)
+    state = {"config": {"method": "latent-norm", "networks": "pgan"}, "channels": 1,
+             "preset": {**dataclasses.asdict(m.config), "gp_weight": 10.0, "drift": 1e-3},
+             "model": {("DX." + k[2:] if k.startswith("D.") else k): v for k, v in m.state_dict().items()}}
+    rebuilt = evaluate.saved_model(state, "cpu")
+    assert isinstance(rebuilt, pgan.PGAN) and rebuilt.lod == 1.5
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), rebuilt.state_dict().values()))

@@ -138,12 +138,14 @@ def test_scores_come_back_in_dataset_order_and_batches_are_mixed():
     assert 0 < int(first.sum()) < 16  # the first batch mixes normal and anomalous images
 
 
-def test_latent_norm_scores_match_latent_norm_score():
-    """compute_scores runs E once per batch for ‖E(x)‖ and ‖E(x) − c‖; both equal the batched
-    latent_norm.latent_norm_score, in dataset order."""
+def test_latent_norm_scores_match_the_norms_of_the_codes():
+    """compute_scores runs E once per batch for ‖E(x)‖ and ‖E(x) − c‖; both equal the norms of all
+    the codes at once (``latent_norm.code_norms`` of ``model.encode``), in dataset order."""
     model, ds = _synthetic()
     c = torch.randn(model.E(ds.images[:1]).flatten(1).shape[1], generator=torch.Generator().manual_seed(1))
     scores, _ = evaluate.compute_scores(model, ds, losses.ReconstructionLoss(kind="mse"), batch_size=16, centre=c)
+    with torch.no_grad():
+        codes = model.encode(ds.images)
     for name, centre in (("latent-norm", None), ("latent-norm-centred", c)):
-        direct = latent_norm.latent_norm_score(model, ds.images, centre=centre, batch_size=7)
+        direct = latent_norm.code_norms(codes, centre)
         torch.testing.assert_close(torch.from_numpy(scores[name]), direct, rtol=1e-5, atol=1e-6)

@@ -43,7 +43,7 @@ class TensorBoardLog:
         was_training = model.training
         model.eval()
         x = self.images.to(next(model.parameters()).device)
-        rec = model.G(model.E(x))
+        rec = model.reconstruct(x)  # G(E(x)); pgan: at the final size, as the images
         model.train(was_training)
         grid = torchvision.utils.make_grid(torch.cat([x, rec]).float().cpu().clamp(-1, 1), nrow=len(x),
                                            normalize=True, value_range=(-1, 1))
