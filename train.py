@@ -90,8 +90,8 @@ class PIADTrainer:
         with torch.no_grad():
             x_fake, z_fake = m.G(z), m.E(x)
         kw = dict(gp_weight=p.gp_weight, drift=p.drift, drift_fake=p.drift_fake)
-        loss_dx, _ = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
-        loss_dz, _ = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
+        loss_dx = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
+        loss_dz = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
         self.opt_d.zero_grad(set_to_none=True)
         (loss_dx + loss_dz).backward()  # Alg. 1 line 5
         self.opt_d.step()

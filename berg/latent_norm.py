@@ -116,8 +116,8 @@ class LatentNormTrainer:
         m, p = self.model, self.model.config
         with torch.no_grad():
             x_fake = m.G(sample_prior(m, x.shape[0]))  # loss.py D_wgangp_acgan: the 0.1 prior
-        loss, _ = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift,
-                                   drift_fake=False)  # eq. (5); loss.py: drift on real scores only
+        loss = piad.critic_loss(m.DX, x, x_fake, gp_weight=p.gp_weight, drift=p.drift,
+                                drift_fake=False)  # eq. (5); loss.py: drift on real scores only
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
