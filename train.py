@@ -81,8 +81,8 @@ class PIADTrainer:
                                       lr=p.lr_critic, betas=p.betas, weight_decay=p.weight_decay)
         self.opt_ge = torch.optim.Adam(list(model.G.parameters()) + list(model.E.parameters()),
                                        lr=p.lr_gen, betas=p.betas, weight_decay=p.weight_decay)
-        self.hist_g = weights_policy.GradientHistory(model.G, max_history=cfg.policy_history)
-        self.hist_e = weights_policy.GradientHistory(model.E, max_history=cfg.policy_history)
+        self.hist_g = weights_policy.GradientHistory(model.G, norm=cfg.policy_norm, max_history=cfg.policy_history)
+        self.hist_e = weights_policy.GradientHistory(model.E, norm=cfg.policy_norm, max_history=cfg.policy_history)
         self.gamma_g, self.gamma_e = cfg.gamma_g, cfg.gamma_e
 
     def critic_step(self, x, z) -> dict:

@@ -792,6 +792,7 @@ FLIPS = {
     "drift on real samples only": (lambda m: _flip_presets(m, drift_fake=False), "fashion-mnist"),
     "four BlockDowns in Table 1's D_X": (lambda m: _flip_presets(m, "mnist", dx_channels=(32,) * 5),
                                          "fashion-mnist"),
+    "γ: L2 norm (Algorithm 2)": (lambda m: _flip_default(m, TrainConfig, "policy_norm", "l2"), "fashion-mnist"),
     "γ: mean over layers": (lambda m: _flip_default(m, TrainConfig, "policy_reduce", "mean"), "fashion-mnist"),
     "γ: no smoothing": (lambda m: _flip_default(m, TrainConfig, "policy_smoothing", 0.0), "fashion-mnist"),
     "γ: last N = 400": (lambda m: _flip_default(m, TrainConfig, "policy_last_n", 400), "fashion-mnist"),
