@@ -23,7 +23,7 @@ import errors
 import features
 import losses
 from berg import pgan, progressive, system
-from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, POLICIES, REDUCES
+from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, NORMS, POLICIES, REDUCES
 
 METHODS = ("piad", "latent-norm")
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
@@ -80,6 +80,8 @@ class TrainConfig:
     policy_smoothing: float = knob(DEFAULT_SMOOTHING, "γ policy: EWMA factor of the records")
     policy_history: int = knob(DEFAULT_HISTORY, "γ policy: records kept")
     policy_reduce: str = knob(REDUCES[0], "γ policy: reduction of the ratios (Algorithm 3)", REDUCES)
+    policy_norm: str = knob(NORMS[0], "γ policy: gradient norm of Algorithm 2 (std: the authors' code; "
+                                      "l2: the paper's Algorithm 2)", NORMS)
     policy_at_start: bool = knob(False, "γ from iteration 0 (paper, Alg. 1 line 9) instead of γ = 1 until "
                                         "iteration n_weight - 1 (authors' code, default)")
     device: str = knob("auto", "where to train", DEVICES)

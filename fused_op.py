@@ -8,6 +8,9 @@ only and is a constant in backward, so
 
     d loss[n] / d fx = g[n] sign(fx - fy) / std[c] / (den[n] + eps),   d loss / d fy = -(that).
 
+The op is differentiable once: nothing differentiates the loss twice (torch warns that the
+backward op has no autograd kernel if asked to).
+
 ``losses.py`` imports this module at its top (optionally: a copied ``losses.py`` works without it).
 Build the extension with ``pip install --no-build-isolation -e .``; without it :func:`is_built`
 returns False and the pure-PyTorch reference ``losses.rel_perc_l1_torch`` is used instead.
@@ -67,28 +70,10 @@ def _backward(ctx, grad):
     return gx, (-gx if need_y else None), None, None, None
 
 
-def _setup_context_bw(ctx, inputs, output):
-    grad, fx, fy, mean, std, eps = inputs
-    ctx.save_for_backward(fx, fy, mean, std)
-    ctx.eps = eps
-
-
-def _double_backward(ctx, gg):
-    # The backward output is linear in `grad` and piecewise constant in fx, fy (sign, constant
-    # denominator), so only `grad` receives a gradient: sum over elements of gg * d out/d grad.
-    fx, fy, mean, std = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
-    unit = torch.ops.piad.rel_perc_l1_backward(fx.new_ones(fx.shape[0]), fx, fy, mean, std, ctx.eps)
-    return (gg * unit).flatten(1).sum(1), None, None, None, None, None
-
-
 if piad_C is not None:
     torch.library.register_fake("piad::rel_perc_l1")(_fake_forward)
     torch.library.register_fake("piad::rel_perc_l1_backward")(_fake_backward)
     torch.library.register_autograd("piad::rel_perc_l1", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("piad::rel_perc_l1_backward", _double_backward,
-                                    setup_context=_setup_context_bw)
 
 
 def is_built() -> bool:

@@ -52,43 +52,20 @@ def normalise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (f - mean.to(f.dtype).view(shape)) / std.to(f.dtype).view(shape)  # eq. (3)
 
 
-def _rel_perc_l1_parts(fx, fy, mean, std):
-    """Eq. (3)-(4) before the division: the numerator's terms per feature position, channels
-    summed, shape (N, *spatial), and the denominator ``sum |n(f(x))|``, shape (N,)."""
-    nx, ny = normalise(fx, mean, std), normalise(fy, mean, std)
-    # The denominator comes from the first (real) image and is a constant in the backward
-    # pass, as in the authors' code.
-    den = nx.detach().abs().flatten(1).sum(1)
-    return (nx - ny).abs().sum(1), den
+def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS, *, per_position: bool = False):
+    """Eq. (3)-(4) in PyTorch, the reference of the fused op: one value per sample, shape (N,).
 
-
-def rel_perc_l1_torch(fx, fy, mean, std, eps=DEFAULT_EPS):
-    """Reference implementation of eq. (3)-(4); one value per sample, shape (N,)."""
-    num, den = _rel_perc_l1_parts(fx, fy, mean, std)
-    return num.reshape(num.shape[0], -1).sum(1) / (den + eps)  # eq. (4)
-
-
-def rel_perc_l1_map(fx, fy, mean, std, eps=DEFAULT_EPS):
-    """Eq. (4) position by position: ``sum_c |n(f(x)) - n(f(y))|`` at each feature position
-    divided by the image's denominator, shape (N, *spatial); summed over the positions it is
-    :func:`rel_perc_l1_torch`, the anomaly score A(x) of eq. (1)."""
-    num, den = _rel_perc_l1_parts(fx, fy, mean, std)
-    return num / (den + eps).view((-1,) + (1,) * (num.dim() - 1))  # eq. (4), per position
-
-
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return values if reduction == "none" else getattr(values, reduction)()  # .mean() or .sum()
-
-
-@functools.lru_cache(maxsize=None)
-def _log_choice(device_type: str, impl: str) -> None:  # logs each (device, impl) once
-    log.info("relative-perceptual-L1 on %s uses the %s implementation", device_type, impl)
-
-
-def _fused_available(device: torch.device) -> bool:
-    return fused_op is not None and fused_op.is_built() and fused_op.available(device)
+    ``per_position=True`` keeps the numerator's channel sums apart, shape (N, *spatial): the
+    anomaly map, whose sum over the positions is the per-sample value (the score A(x), eq. 1).
+    """
+    nx, ny = normalise(fx, mean, std), normalise(fy, mean, std)  # eq. (3)
+    # eq. (4)'s denominator, sum |n(f(x))|: the first (real) image's, a constant in the backward
+    # pass as in the authors' code
+    den = nx.detach().abs().flatten(1).sum(1) + eps
+    terms = (nx - ny).abs().sum(1)  # eq. (4)'s numerator, channels summed: (N, *spatial)
+    if per_position:
+        return terms / den.view((-1,) + (1,) * (terms.dim() - 1))  # eq. (4), position by position
+    return terms.reshape(terms.shape[0], -1).sum(1) / den  # eq. (4)
 
 
 def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: float = DEFAULT_EPS,
@@ -109,12 +86,25 @@ def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: f
         raise RuntimeError(f"impl='ext' but the fused op is not built for {fx.device.type}; "
                            "reinstall with `pip install --no-build-isolation -e .`")
     mean, std = mean.to(fx.device), std.to(fx.device)
-    if use_ext:
-        values = fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean, std, eps)
-    else:
-        values = rel_perc_l1_torch(fx, fy, mean, std, eps)
+    values = (fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean, std, eps) if use_ext  # the fused op of csrc/
+              else rel_perc_l1_torch(fx, fy, mean, std, eps))                    # or eq. (3)-(4) above
     _log_choice(fx.device.type, "fused" if use_ext else "pytorch")
     return _reduce(values, reduction)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return values if reduction == "none" else getattr(values, reduction)()  # .mean() or .sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(device_type: str, impl: str) -> None:  # logs each (device, impl) once
+    log.info("relative-perceptual-L1 on %s uses the %s implementation", device_type, impl)
+
+
+def _fused_available(device: torch.device) -> bool:
+    return fused_op is not None and fused_op.is_built() and fused_op.available(device)
 
 
 class ReconstructionLoss(nn.Module):
@@ -202,8 +192,9 @@ class ReconstructionLoss(nn.Module):
             fy: torch.Tensor | None = None) -> torch.Tensor:
         """The per-sample loss position by position, (N, h, w): pixels for the pixel kinds, feature
         positions (h = H/8 at relu4_2) for the others; its sum over positions is ``forward``'s
-        ``reduction="none"`` value. For ``rel-perc-l1`` it is :func:`rel_perc_l1_map` (eq. 4), always
-        in PyTorch: the fused op returns only the sums, and a map is not on any training path."""
+        ``reduction="none"`` value. For ``rel-perc-l1`` it is :func:`rel_perc_l1_torch` position by
+        position (eq. 4), always in PyTorch: the fused op returns only the sums, and a map is not on
+        any training path."""
         if self.kind in PIXEL_KINDS:
             d = self._pixel_difference(x, y)
             terms = d.abs() if self.kind == "l1" else d.pow(2)
@@ -215,7 +206,7 @@ class ReconstructionLoss(nn.Module):
         if self.kind == "perc-l1":
             nx, ny = normalise(fx, self.mean, self.std), normalise(fy, self.mean, self.std)
             return (nx - ny).abs().sum(1) / fx[0].numel()
-        return rel_perc_l1_map(fx, fy, self.mean, self.std, eps=self.eps)  # eq. (3)-(4)
+        return rel_perc_l1_torch(fx, fy, self.mean, self.std, self.eps, per_position=True)  # eq. (3)-(4)
 
 
 def build_loss(kind: str = "rel-perc-l1", *, weights: str = "auto", stats: str = "auto", impl: str = "auto",

@@ -395,23 +395,19 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
 
 def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
                 fake: torch.Tensor, *, gp_weight: float = 10.0, drift: float = 1e-3,
-                drift_fake: bool = True, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. (5) plus the drift term of supplement §1; returns ``(loss, parts)``.
+                drift_fake: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. (5) plus the drift term of supplement §1, a 0-d tensor.
 
     ``E[D(fake)] - E[D(real)] + λ·GP + drift·(E[D(real)^2] + E[D(fake)^2])``, the last term on
     real samples only with ``drift_fake=False`` (:attr:`PIADConfig.drift_fake` chooses).
     Both inputs are detached, so only the critic receives gradients. For D_Z, ``real`` is
-    z ~ p_Z and ``fake`` is E(x). ``parts`` are the terms as detached 0-d tensors: no host sync
-    here (a GPU would wait for each one); convert them where they are logged.
+    z ~ p_Z and ``fake`` is E(x).
     """
     real, fake = real.detach(), fake.detach()
     d_real, d_fake = critic(real), critic(fake)                    # (B,), (B,)
     gp = gradient_penalty(critic, real, fake, generator=generator)
     drift_term = d_real.square().mean() + (d_fake.square().mean() if drift_fake else 0.0)
-    loss = d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term  # eq. (5)
-    parts = {"gp": gp, "drift": drift_term, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
-    return loss, {k: torch.as_tensor(v).detach() for k, v in parts.items()}
+    return d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term  # eq. (5)
 
 
 def adversarial_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor | None,

@@ -65,13 +65,7 @@ class Sampler:
 
 
 class PIADTrainer:
-    """One iteration of Algorithm 1 per :meth:`step`.
-
-    ``one_pass=False`` runs lines 16-17 literally (two backward passes, gradients rescaled in
-    between); the default computes the same gradients in one pass, saving a backward through E.
-    """
-
-    one_pass = True
+    """One iteration of Algorithm 1 per :meth:`step`, written as the paper writes it."""
 
     def __init__(self, model: piad.PIAD, rec_loss, cfg: TrainConfig):
         self.model, self.rec_loss, self.cfg = model, rec_loss, cfg
@@ -81,8 +75,8 @@ class PIADTrainer:
                                       lr=p.lr_critic, betas=p.betas, weight_decay=p.weight_decay)
         self.opt_ge = torch.optim.Adam(list(model.G.parameters()) + list(model.E.parameters()),
                                        lr=p.lr_gen, betas=p.betas, weight_decay=p.weight_decay)
-        self.hist_g = weights_policy.GradientHistory(model.G, max_history=cfg.policy_history)
-        self.hist_e = weights_policy.GradientHistory(model.E, max_history=cfg.policy_history)
+        self.hist_g = weights_policy.GradientHistory(model.G, norm=cfg.policy_norm, max_history=cfg.policy_history)
+        self.hist_e = weights_policy.GradientHistory(model.E, norm=cfg.policy_norm, max_history=cfg.policy_history)
         self.gamma_g, self.gamma_e = cfg.gamma_g, cfg.gamma_e
 
     def critic_step(self, x, z) -> dict:
@@ -90,16 +84,17 @@ class PIADTrainer:
         with torch.no_grad():
             x_fake, z_fake = m.G(z), m.E(x)
         kw = dict(gp_weight=p.gp_weight, drift=p.drift, drift_fake=p.drift_fake)
-        loss_dx, _ = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
-        loss_dz, _ = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
+        loss_dx = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
+        loss_dz = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
         self.opt_d.zero_grad(set_to_none=True)
         (loss_dx + loss_dz).backward()  # Alg. 1 line 5
         self.opt_d.step()
         return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach()}
 
     def step(self, it: int, sample, *, log: bool = True) -> dict:
-        """Algorithm 1, one iteration. ``log=False`` skips the real-data terms of eq. (6), which
-        carry no gradient and only make the logged values equal to the paper's losses."""
+        """Algorithm 1, one iteration (``log``: the loop's flag for logged iterations; the step
+        is the same on every one). Lines 16-17 give G ``γ_G·∇L_rec + ∇L_adv(G)`` and E
+        ``γ_E·∇L_rec + ∇L_adv(E)``, the gradients of eq. (8)-(9)."""
         m, p = self.model, self.model.config
         for _ in range(p.n_dis):                                   # lines 2-6
             x, _ = sample()                                        # line 3
@@ -109,50 +104,24 @@ class PIADTrainer:
         critics = [*m.DX.parameters(), *m.DZ.parameters()]
         for q in critics:  # G and E steps train G and E only
             q.requires_grad_(False)
-        z_enc = m.E(x)                                             # line 8: E(x)
-        z_rec = self._rec_path(z_enc)
-        adv_g = piad.adversarial_loss(m.DX, x if log else None, m.G(z))  # L_adv(G), eq. (6)
-        adv_e = piad.adversarial_loss(m.DZ, z if log else None, z_enc)   # L_adv(E), eq. (6)
-        rec = self.rec_loss(x, m.G(z_rec), fx=fx)                  # L_rec(G, E), eq. (7)
+        z_enc = m.E(x)                                             # line 8
+        adv_g = piad.adversarial_loss(m.DX, x, m.G(z))             # L_adv(G), eq. (6)
+        adv_e = piad.adversarial_loss(m.DZ, z, z_enc)              # L_adv(E), eq. (6)
+        rec = self.rec_loss(x, m.G(z_enc), fx=fx)                  # L_rec(G, E), eq. (7)
         if self.cfg.weights_policy == "gradnorm" and self.gamma_due(it):  # lines 9-14
             self._update_gammas(adv_g, adv_e, rec)
         self.opt_ge.zero_grad(set_to_none=True)                    # line 15
-        self._backward_lines_16_17(rec, adv_g, adv_e)              # lines 16-17
+        rec.backward(retain_graph=True)                            # line 16
+        for q in m.G.parameters():
+            q.grad.mul_(self.gamma_g)
+        for q in m.E.parameters():
+            q.grad.mul_(self.gamma_e)
+        (adv_g + adv_e).backward()                                 # line 17
         self.opt_ge.step()                                         # line 18
         for q in critics:
             q.requires_grad_(True)
         return {**out, "adv_g": adv_g.detach(), "adv_e": adv_e.detach(), "rec": rec.detach(),
                 "gamma_g": self.gamma_g, "gamma_e": self.gamma_e}
-
-    def _rec_path(self, z_enc: torch.Tensor) -> torch.Tensor:
-        """E(x) as it enters G(E(x)) in L_rec: an identity node whose gradient hook scales what
-        L_rec sends back to E by ``self._rec_to_e`` (1 unless :meth:`_backward_lines_16_17` sets it)."""
-        self._rec_to_e = 1.0
-        z_rec = z_enc.view_as(z_enc)
-        z_rec.register_hook(lambda g: g * self._rec_to_e)
-        return z_rec
-
-    def _backward_lines_16_17(self, rec, adv_g, adv_e) -> None:
-        """Alg. 1 lines 16-17: ∇_G = γ_G·∇_G L_rec + ∇_G L_adv(G), ∇_E = γ_E·∇_E L_rec + ∇_E L_adv(E).
-
-        Literally (``one_pass = False``, also when γ_G = 0): backpropagate L_rec, scale G's and
-        E's gradients by γ_G and γ_E, then backpropagate the adversarial losses. In one pass:
-        backpropagate ``γ_G·L_rec + L_adv(G) + L_adv(E)``. G's gradient is then exactly line
-        16-17's (L_adv(E) does not reach G). E's gradient from L_rec flows only through the node
-        of :meth:`_rec_path`, whose hook multiplies it by γ_E/γ_G, so E receives
-        γ_G·(γ_E/γ_G)·∇_E L_rec = γ_E·∇_E L_rec, plus ∇_E L_adv(E) (L_adv(G) does not reach E).
-        Same gradients, one backward pass through G, E and VGG instead of two.
-        """
-        if self.one_pass and self.gamma_g > 0:
-            self._rec_to_e = self.gamma_e / self.gamma_g
-            (self.gamma_g * rec + adv_g + adv_e).backward()
-            return
-        rec.backward(retain_graph=True)                            # line 16
-        for q in self.model.E.parameters():
-            q.grad.mul_(self.gamma_e)
-        for q in self.model.G.parameters():
-            q.grad.mul_(self.gamma_g)
-        (adv_g + adv_e).backward()                                 # line 17
 
     def gamma_due(self, it: int) -> bool:
         """Alg. 1 line 9: γ is due every ``n_weight`` iterations, from iteration 0 or from

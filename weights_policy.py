@@ -4,11 +4,11 @@ For ``L_total = l_1 + γ·l_2`` (eq. 10) the policy picks γ so that both losses
 weights equally, ``||∂l_1/∂w|| = γ·||∂l_2/∂w||`` (eq. 12), averaged over layers and over time:
 
 * Algorithm 2 (:meth:`GradientHistory.record`): after backpropagating one loss, store for
-  every tracked layer the norm of the gradient of its weight. Both the standard deviation
-  (what the authors' implementation stores, supplement §1.2) and the L2 norm (what the
-  paper's text says) are kept; ``norm`` picks the one used for γ. For a tensor of ``n``
-  entries with mean ``m``, ``std² = l2²/n - m²``, so the two agree up to the constant
-  ``√n`` per layer (which cancels in the ratio) whenever the gradient mean is ~0.
+  every tracked layer the norm of the gradient of its weight: ``norm`` (one of :data:`NORMS`)
+  is the standard deviation by default (what the authors' implementation stores, supplement
+  §1.2) or the L2 norm (what Algorithm 2 says). For a tensor of ``n`` entries with mean ``m``,
+  ``std² = l2²/n - m²``, so the two agree up to the constant ``√n`` per layer (which cancels
+  in the ratio) whenever the gradient mean is ~0.
 * Algorithm 3 (:meth:`GradientHistory.weight`): per layer, exponentially smooth each
   loss's history, keep the last N entries, take the ratios numerator/denominator; then reduce.
 
@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-NORMS = ("std", "l2")
+NORMS = ("std", "l2")  # authors' code (the default), Algorithm 2's text
 POLICIES = ("gradnorm", "fixed")  # Algorithms 2-3 (§3.3), or γ_G, γ_E held fixed
 REDUCES = ("pooled-median", "mean", "median")  # the default first
 DEFAULT_SMOOTHING = 0.95  # authors' code: EWMA with α = 0.05 (the paper gives no value)
@@ -84,42 +84,38 @@ class GradientHistory:
             if select(name, m) and isinstance(getattr(m, "weight", None), torch.Tensor))
         if not self.params:
             raise ValueError("no layer of the module is tracked")
-        # history[loss][norm][layer] -> one value per record() call (NaN = layer not reached)
-        self.history: dict[str, dict[str, dict[str, list[float]]]] = {}
+        # history[loss][layer] -> one value per record() call (NaN = layer not reached)
+        self.history: dict[str, dict[str, list[float]]] = {}
 
     def __len__(self) -> int:
         """Number of losses with a history."""
         return len(self.history)
 
     def record(self, loss_name: str) -> None:
-        """Algorithm 2: append the std and L2 norm of every tracked layer's current ``.grad``.
+        """Algorithm 2: append the norm (``self.norm``) of every tracked layer's current ``.grad``.
         A loss that reaches none of the tracked layers (every ``.grad`` None) is not recorded."""
         grads = [p.grad for p in self.params.values()]
         if all(g is None for g in grads):
             return
-        entry = self.history.setdefault(
-            loss_name, {n: {layer: [] for layer in self.params} for n in NORMS})
-        present = [g.detach() if g.dtype == torch.float64 else g.detach().float()
-                   for g in grads if g is not None]
-        if present:  # one device sync for all layers
-            stats = torch.stack([torch.stack([g.std(correction=0), torch.linalg.vector_norm(g)])
-                                 for g in present]).tolist()
-        it = iter(stats if present else [])
+        entry = self.history.setdefault(loss_name, {layer: [] for layer in self.params})
+        present = [g.detach() if g.dtype == torch.float64 else g.detach().float() for g in grads if g is not None]
+        # (norm, L2 norm) per layer, in one device sync; the L2 norm tells an all-zero gradient
+        norm = (lambda g: g.std(correction=0)) if self.norm == "std" else torch.linalg.vector_norm
+        values = iter(torch.stack([torch.stack([norm(g), g.abs().amax()]) for g in present]).tolist())
         for layer, g in zip(self.params, grads):
-            std, l2 = next(it) if g is not None else (math.nan, math.nan)
-            if l2 == 0.0:
-                std = l2 = math.nan  # an all-zero gradient: the loss does not reach this layer
-            for name, value in (("std", std), ("l2", l2)):
-                series = entry[name][layer]
-                series.append(value)
-                if self.max_history is not None:
-                    del series[:-self.max_history]  # keep the last max_history records
+            value, largest = next(values) if g is not None else (math.nan, math.nan)
+            if largest == 0.0:
+                value = math.nan  # an all-zero gradient: the loss does not reach this layer
+            series = entry[layer]
+            series.append(value)
+            if self.max_history is not None:
+                del series[:-self.max_history]  # keep the last max_history records
 
     def _series(self, loss_name: str) -> dict[str, list[float]]:
         if loss_name not in self.history:
             known = ", ".join(self.history) or "none"
             raise ValueError(f"no gradient history for loss {loss_name!r} (recorded: {known})")
-        return self.history[loss_name][self.norm]
+        return self.history[loss_name]
 
     def layer_ratios(self, numerator: str, denominator: str, *, last_n: int = DEFAULT_LAST_N,
                      smoothing: float = DEFAULT_SMOOTHING) -> dict[str, list[float]]:
@@ -172,28 +168,30 @@ class GradientHistory:
                 "history": copy.deepcopy(self.history)}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore the norm choice and the history; the tracked layers must be the same."""
+        """Restore the history; the tracked layers and the norm must be the same. A state saved
+        when both norms were recorded (``history[loss][norm][layer]``) gives this one's norm."""
         if list(state["layers"]) != list(self.params):
             raise ValueError("state was saved for different layers: "
                              f"{list(state['layers'])} vs {list(self.params)}")
-        if state["norm"] not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {state['norm']!r}")
-        self.norm = state["norm"]
+        history = copy.deepcopy(dict(state["history"]))
+        if any(set(series) == set(NORMS) for series in history.values()):  # both norms recorded
+            history = {loss: series[self.norm] for loss, series in history.items()}
+        elif state["norm"] != self.norm:
+            raise ValueError(f"state records the {state['norm']!r} norm, this history the {self.norm!r} norm")
         self.max_history = state.get("max_history", self.max_history)
-        self.history = copy.deepcopy(dict(state["history"]))
+        self.history = history
 
 
 def record_losses(histories: GradientHistory | Iterable[GradientHistory],
                   losses: Mapping[str, torch.Tensor],
-                  params: Iterable[torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, ...]]:
+                  params: Iterable[torch.Tensor]) -> None:
     """Algorithm 1, lines 10-12: for each loss, reset gradients, backpropagate, record.
 
     ``params`` are the parameters the losses train (e.g. G's and E's); they must include every
     layer the histories track. Gradients are computed with ``torch.autograd.grad`` (graph
     retained, so the caller can backpropagate the same losses afterwards), so parameters not
     in ``params`` (e.g. the critics') keep their ``.grad`` untouched. On return the ``.grad``
-    of ``params`` is None. Returns ``{loss name: gradients in the order of params}``, which
-    the caller may combine (``γ·g_rec + g_adv``) instead of backpropagating again.
+    of ``params`` is None.
 
     Example: ``record_losses([hist_G, hist_E], {"adv_G": l_g, "adv_E": l_e, "rec": l_rec},
     [*G.parameters(), *E.parameters()])``, then ``hist_G.weight("adv_G", "rec")``.
@@ -205,7 +203,6 @@ def record_losses(histories: GradientHistory | Iterable[GradientHistory],
         missing = [name for name, p in h.params.items() if p.requires_grad and id(p) not in ids]
         if missing:
             raise ValueError(f"tracked layers not among params: {missing}")
-    grads_by_loss = {}
     try:
         for name, loss in losses.items():
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -213,8 +210,6 @@ def record_losses(histories: GradientHistory | Iterable[GradientHistory],
                 p.grad = g
             for h in histories:
                 h.record(name)
-            grads_by_loss[name] = grads
     finally:
         for p in params:
             p.grad = None
-    return grads_by_loss

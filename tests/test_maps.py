@@ -59,7 +59,7 @@ def test_the_map_is_eq4_per_position():
     fx, fy = (torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     mean, std = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
     nx, ny = (fx - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), (fy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    m = losses.rel_perc_l1_map(fx, fy, mean, std, eps=1e-6)
+    m = losses.rel_perc_l1_torch(fx, fy, mean, std, 1e-6, per_position=True)
     for n in range(2):
         den = nx[n].abs().sum() + 1e-6
         for i in range(3):

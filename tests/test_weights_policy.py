@@ -105,14 +105,14 @@ def test_smoothing_and_last_n_by_hand():
         hist.weight("num", "den", smoothing=1.0)
 
 
-def test_records_both_std_and_l2():
+def test_records_the_chosen_norm_only():
     module = Layers(1)
     grad = torch.tensor([[3.0, -1.0, 0.5, 2.0]] * 5, dtype=torch.float64)
     module.fcs[0].weight.grad = grad
-    hist = GradientHistory(module)           # norm="std" by default
-    hist.record("a")
-    assert hist.history["a"]["std"]["fcs.0"] == [pytest.approx(grad.std(correction=0).item())]
-    assert hist.history["a"]["l2"]["fcs.0"] == [pytest.approx(grad.norm().item())]
+    std, l2 = GradientHistory(module), GradientHistory(module, norm="l2")  # norm="std" by default
+    std.record("a"), l2.record("a")
+    assert std.norm == "std" and std.history == {"a": {"fcs.0": [pytest.approx(grad.std(correction=0).item())]}}
+    assert l2.history == {"a": {"fcs.0": [pytest.approx(grad.norm().item())]}}
 
 
 def test_state_dict_round_trip():
@@ -125,8 +125,11 @@ def test_state_dict_round_trip():
     buf = io.BytesIO()
     torch.save(hist.state_dict(), buf)
     buf.seek(0)
-    resumed = GradientHistory(net2)          # constructed with the default norm
-    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    state = torch.load(buf, weights_only=True)
+    with pytest.raises(ValueError, match="'l2' norm, this history the 'std' norm"):
+        GradientHistory(net2).load_state_dict(state)   # the default norm: another history
+    resumed = GradientHistory(net2, norm="l2")
+    resumed.load_state_dict(state)
     assert resumed.norm == "l2" and resumed.history == hist.history
     assert resumed.weight("a", "b") == hist.weight("a", "b")
     net2.load_state_dict(net.state_dict())
@@ -137,6 +140,18 @@ def test_state_dict_round_trip():
     assert resumed.weight("a", "b", reduce="median") == hist.weight("a", "b", reduce="median")
     with pytest.raises(ValueError, match="different layers"):
         GradientHistory(Layers(2)).load_state_dict(hist.state_dict())
+
+
+def test_loads_a_state_that_recorded_both_norms():
+    """Checkpoints written when every record stored both norms (history[loss][norm][layer])."""
+    old = {"norm": "std", "layers": ["fcs.0"], "max_history": 200,
+           "history": {"a": {"std": {"fcs.0": [1.0, 2.0]}, "l2": {"fcs.0": [5.0, 9.0]}},
+                       "b": {"std": {"fcs.0": [4.0, 4.0]}, "l2": {"fcs.0": [3.0, 3.0]}}}}
+    for norm, want in (("std", [1.0, 2.0]), ("l2", [5.0, 9.0])):
+        hist = GradientHistory(Layers(1), norm=norm)
+        hist.load_state_dict(old)
+        assert hist.history["a"] == {"fcs.0": want}
+    assert hist.weight("a", "b", smoothing=0.0, reduce="mean") == pytest.approx((5 / 3 + 3) / 2)
 
 
 def test_errors():
@@ -162,7 +177,7 @@ def test_losses_reaching_only_some_layers():
             net.zero_grad(set_to_none=zero_to_none)
             loss.backward(retain_graph=True)
             hist.record(name)
-    for layer, values in hist.history["a"]["std"].items():
+    for layer, values in hist.history["a"].items():
         assert all(math.isnan(v) for v in values) == (layer == "head_b")
     per_layer = hist.layer_weights("a", "b")
     assert set(per_layer) == {"conv"} and math.isfinite(per_layer["conv"])
@@ -188,12 +203,13 @@ def test_record_losses_on_piad_networks():
     for p in m.DX.parameters():
         p.grad = torch.ones_like(p)
     params = [*m.G.parameters(), *m.E.parameters()]
-    grads = record_losses([hist_g, hist_e], losses, params)
+    assert record_losses([hist_g, hist_e], losses, params) is None
     assert all(p.grad is None for p in params)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in m.DX.parameters())  # untouched
-    expected = torch.autograd.grad(losses["rec"], params, retain_graph=True)
-    assert all(torch.equal(a, b) for a, b in zip(grads["rec"], expected))
-    assert all(g is None for g in grads["adv_G"][len(list(m.G.parameters())):])  # E not reached
+    expected = torch.autograd.grad(losses["rec"], [*hist_g.params.values(), *hist_e.params.values()],
+                                   retain_graph=True)
+    recorded = [v[-1] for h in (hist_g, hist_e) for v in h.history["rec"].values()]
+    assert recorded == pytest.approx([g.std(correction=0).item() for g in expected], rel=1e-6)
     gamma_g, gamma_e = hist_g.weight("adv_G", "rec"), hist_e.weight("adv_E", "rec")
     assert math.isfinite(gamma_g) and gamma_g > 0 and math.isfinite(gamma_e) and gamma_e > 0
     assert "adv_E" not in hist_g.history and "adv_G" not in hist_e.history   # they reach no layer there
@@ -210,7 +226,7 @@ def test_history_keeps_the_last_records_and_smooths_from_the_oldest_kept():
     for a in (2.0, 4.0, 8.0):   # the first record falls out of the history
         _set_grads(module, [a]), hist.record("num")
         _set_grads(module, [1.0]), hist.record("den")
-    assert hist.history["num"]["l2"]["fcs.0"] == pytest.approx([4.0, 8.0])
+    assert hist.history["num"]["fcs.0"] == pytest.approx([4.0, 8.0])
     # smoothing restarts from 4 (the oldest record kept): s = [4, 6] -> pooled median 5
     assert hist.weight("num", "den", smoothing=0.5, last_n=10) == pytest.approx(5.0)
     everything = GradientHistory(module, norm="l2", max_history=None)

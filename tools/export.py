@@ -7,7 +7,7 @@ program written by :func:`export_scorer` (``python evaluate.py --checkpoint RUN/
 E, G, the VGG-19 up to relu4_2 with its input normalisation, the statistics μ, σ of eq. (3) and
 eq. (4). Its module takes a float batch (N, C, S, S) in [0, 1] at the run's image size S and
 returns ``(scores (N,), maps (N, S/8, S/8))``: each map is eq. (4) position by position and sums
-to its score (:func:`losses.rel_perc_l1_map`). Loading it needs torch only::
+to its score (:func:`losses.rel_perc_l1_torch`, ``per_position=True``). Loading it needs torch only::
 
     scorer = torch.export.load("scorer.pt2").module()
     scores, maps = scorer(images)  # images: (N, C, S, S) float32 in [0, 1]
