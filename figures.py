@@ -264,7 +264,8 @@ def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: s
 CURVE_PANELS = (  # (title, log.csv columns): a panel is drawn where its columns hold values
     ("critic losses, eq. (5)", ("loss_dx", "loss_dz")),
     ("adversarial losses, eq. (6)", ("adv_g", "adv_e")),
-    ("reconstruction L_rec, eq. (7) (latent-norm: cycle)", ("rec", "cycle")),
+    ("reconstruction loss L_rec, eq. (7)", ("rec",)),
+    ("latent-norm: cycle loss", ("cycle",)),
     ("γ_G, γ_E (§3.3, Algorithms 2-3)", ("gamma_g", "gamma_e")),
     ("progressive growing: level of detail", ("lod",)),
     ("progressive growing: thousands of images shown", ("kimg",)),
