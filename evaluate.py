@@ -10,7 +10,8 @@ is the training loss for PIAD and ``latent-norm`` for ``--method latent-norm``.
 Writes to the run folder: ``metrics.json`` (ROC AUC of every score and the run's settings),
 ``scores.csv`` (one row per test image), ``roc.png``, ``reconstructions.png`` (x above G(E(x)),
 normal then anomalous, as Fig. 4), ``extremes.png`` (least and most anomalous test images and the maps of the latter,
-as Fig. 5) and, for latent-norm runs, ``latent_norms.png`` (histogram of ‖E(x)‖₂).
+as Fig. 5), ``curves.png`` (log.csv's losses and γ over the iterations) and, for latent-norm runs,
+``latent_norms.png`` (histogram of ‖E(x)‖₂).
 
 ``python evaluate.py --checkpoint RUN/checkpoint.pt [--images DIR]`` re-evaluates a saved run,
 or scores a folder of new, unlabelled images and writes their anomaly maps (``piad.anomaly_map``:
@@ -179,6 +180,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     if config.method == "latent-norm":
         latent_norm.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
                                       title=f"{config.dataset}, normal {data.normal}")
+    figures.plot_curves(run / "curves.png", run / "log.csv")  # the run's training curves, where its log is
     return metrics
 
 
@@ -287,6 +289,8 @@ def _main(argv) -> None:
                                    image_size=cfg.image_size, preprocess=cfg.preprocess)
     metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg,
                            extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint)})
+    if out.resolve() != Path(a.checkpoint).resolve().parent:  # --out elsewhere: the log is beside the checkpoint
+        figures.plot_curves(out / "curves.png", Path(a.checkpoint).parent / "log.csv")
     print(json.dumps(metrics, indent=2))
 
 

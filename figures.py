@@ -4,28 +4,53 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
 
 * Fig. 1 and Fig. 3 (right), §3.1: a loss between an image and itself shifted by 5 pixels as
   the contrast falls (:func:`reduce_contrast`, :func:`contrast_curve`): the perceptual loss
-  (eq. 2) drops with the contrast, relative-perceptual-L1 (eq. 4) hardly moves.
+  (eq. 2) drops with the contrast, relative-perceptual-L1 (eq. 4) much less; and the L1 norm of
+  the VGG-19 features, which falls with it (:func:`feature_l1_curve`). ``python figures.py paper
+  --out docs`` redraws both with the real ImageNet VGG-19 on scikit-learn's two photos
+  (:func:`contrast_study`, :func:`plot_paper`: ``fig1_contrast.png``, ``fig3_feature_l1.png``,
+  ``contrast.json``).
 * Fig. 4, §4: images x above their reconstructions G(E(x)), normal then anomalous
   (:func:`plot_reconstructions`, ``reconstructions.png``).
 * Fig. 5, §4: the least and the most anomalous test images by a score (:func:`plot_extremes`,
   ``extremes.png``), with the anomaly maps of the most anomalous ones (an extension).
 * ROC curves of every score with their ROC AUC (:func:`plot_roc`, ``roc.png``).
+* §3.3: a run's training curves from its ``log.csv``, the losses and the γ_G, γ_E that the
+  gradient-normalizing policy chose (:func:`plot_curves`, ``curves.png``).
 
 Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overlay`) and ROC AUC
 against the fraction of anomalies in the training set (:func:`plot_contamination`,
 ``auroc_vs_contamination.png``). Berg et al.'s histograms of latent norms are
 ``berg.latent_norm.plot_latent_norms`` (it draws with :func:`_pyplot` and :func:`_save`).
 
-matplotlib is imported on first use, with its file-only Agg backend; this module imports no
-other module of the project.
+matplotlib is imported on first use, with its file-only Agg backend; of the project this module
+imports only ``errors``, ``readers``, ``features``, ``losses`` and ``data`` (for Fig. 1 and Fig. 3).
 """
 from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import data
+import features
+import losses
+import readers
+from errors import UserError, add_debug_flag, run_cli, user_errors
+
 # ---------------------------------------------------------------------------------------------
 # Contrast robustness (Fig. 1 and Fig. 3, right).
+
+SHIFT = 5  # Fig. 1 (a): "the same one shifted by 5 pixels"
+LEVELS = tuple(i / 10 for i in range(11))  # Fig. 3 (right): 0.0 the original ... 1.0 a flat grey image
+PAIR_LEVELS = (0.0, 0.2, 0.4)  # Fig. 1 (a), (b), (c) (Fig. 3's caption: 0.2 is 1b, 0.4 is 1c)
+PAPER_LOSSES = ("perc", "rel-perc-l1")  # the two losses of Fig. 1
+# The paper's image is an LSUN one, which its models see at 64×64 (§4): by default the photos are
+# prepared as LSUN's training images are (shorter side resized, centre square) at that size.
+PAPER_IMAGE_SIZE = data.DATASETS["lsun"].image_sizes[0]
+PAPER_FILES = ("fig1_contrast.png", "fig3_feature_l1.png", "contrast.json")  # what `paper` writes
 
 
 def reduce_contrast(img: torch.Tensor, level: float) -> torch.Tensor:
@@ -39,25 +64,69 @@ def reduce_contrast(img: torch.Tensor, level: float) -> torch.Tensor:
     return img * (1.0 - level)
 
 
-def contrast_curve(image: torch.Tensor, losses: dict, levels, *, shift: int = 5) -> dict:
+def shifted_pair(x: torch.Tensor, shift: int = SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fig. 1 (a): the image and itself shifted ``shift`` pixels to the left (both cropped to the
+    columns they share)."""
+    return x[..., :, :-shift], x[..., :, shift:]
+
+
+def contrast_curve(image: torch.Tensor, losses: dict, levels, *, shift: int = SHIFT) -> dict:
     """Loss between ``image`` and itself shifted by ``shift`` pixels, as contrast decreases.
 
-    ``losses``: name -> ``losses.ReconstructionLoss`` (e.g. perc and rel-perc-l1). Returns
-    ``{"levels": [...], name: [value per level], name + "_relative": [value / value at level 0],
-    "weights": ...}``.
+    ``losses``: name -> ``losses.ReconstructionLoss`` (e.g. perc and rel-perc-l1); losses on one
+    VGG share its features. Returns ``{"levels": [...], name: [value per level], name +
+    "_relative": [value / value at level 0], "weights": ...}``.
     """
-    out: dict = {"levels": list(levels)}
+    out: dict = {"levels": list(levels), **{name: [] for name in losses}}
     with torch.no_grad():
-        for name, loss in losses.items():
-            vals = []
-            for level in levels:
-                x = reduce_contrast(image, level)
-                a, b = x[..., :, :-shift], x[..., :, shift:]  # the image and itself shifted
-                vals.append(float(loss(a, b, reduction="mean")))
-            out[name] = vals
-            out[name + "_relative"] = [v / vals[0] for v in vals]
-            out["weights"] = loss.weights_id
+        for level in levels:
+            a, b = shifted_pair(reduce_contrast(image, level), shift)
+            feats: dict = {}  # id(VGG) -> (f(a), f(b)): one forward per image and level
+            for name, loss in losses.items():
+                kw = {}
+                if loss.features is not None:
+                    if id(loss.features) not in feats:
+                        feats[id(loss.features)] = (loss.real_features(a), loss.features(b))
+                    kw = dict(zip(("fx", "fy"), feats[id(loss.features)]))
+                out[name].append(float(loss(a, b, reduction="mean", **kw)))
+    for name, loss in losses.items():
+        out[name + "_relative"] = [v / out[name][0] for v in out[name]]
+        out["weights"] = loss.weights_id
     return out
+
+
+@torch.no_grad()
+def feature_l1_curve(image: torch.Tensor, vgg, levels) -> list[float]:
+    """Fig. 3 (right): the L1 norm of the VGG-19 features, ``||f(x)||_1 / (C·H·W)`` (relu4_2,
+    not normalised by eq. 3), of ``image`` at each contrast level."""
+    return [float(vgg(reduce_contrast(image, level)).abs().mean()) for level in levels]
+
+
+def paper_photos(size: int = PAPER_IMAGE_SIZE) -> dict[str, torch.Tensor]:
+    """scikit-learn's two bundled photos (china.jpg, flower.jpg) prepared as training images are
+    (``readers.prepare``: shorter side resized to ``size``, centre square), ``{name: (1, 3, size, size)}``."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    return {Path(f).name: readers.prepare(im, size, 3, preprocess="float")[None]
+            for f, im in zip(photos.filenames, photos.images)}
+
+
+def contrast_study(vgg, size: int = PAPER_IMAGE_SIZE) -> dict:
+    """The numbers of Fig. 1 and Fig. 3 (right) on :func:`paper_photos`: for each photo the
+    :data:`PAPER_LOSSES` between it and itself shifted by :data:`SHIFT` pixels (:func:`contrast_curve`)
+    and the features' L1 norm (:func:`feature_l1_curve`) at every level of :data:`LEVELS`, with the
+    VGG-19 ``vgg`` (a ``features.VGG19Features``) and the statistics
+    ``features.select_stats("auto", vgg)`` gives for its weights."""
+    stats = features.select_stats("auto", vgg)
+    fns = {kind: losses.ReconstructionLoss(kind=kind, features=vgg, stats=stats) for kind in PAPER_LOSSES}
+    images = {}
+    for name, x in paper_photos(size).items():
+        curve = contrast_curve(x, fns, LEVELS)
+        images[name] = {**{k: curve[k] for k in fns}, **{k + "_relative": curve[k + "_relative"] for k in fns},
+                        "feature_l1": feature_l1_curve(x, vgg, LEVELS)}
+    return {"weights": vgg.weights_id, "stats": stats.source, "layer": vgg.layer, "shift": SHIFT,
+            "image_size": size, "levels": list(LEVELS), "pair_levels": list(PAIR_LEVELS), "images": images}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +260,62 @@ def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: s
     return w * k, h * k
 
 
+# Training curves of a run (§3.3): log.csv's losses and the γ_G, γ_E the policy chose.
+
+CURVE_PANELS = (  # (title, log.csv columns): a panel is drawn where its columns hold values
+    ("critic losses, eq. (5)", ("loss_dx", "loss_dz")),
+    ("adversarial losses, eq. (6)", ("adv_g", "adv_e")),
+    ("reconstruction loss L_rec, eq. (7)", ("rec",)),
+    ("latent-norm: cycle loss", ("cycle",)),
+    ("γ_G, γ_E (§3.3, Algorithms 2-3)", ("gamma_g", "gamma_e")),
+    ("progressive growing: level of detail", ("lod",)),
+    ("progressive growing: thousands of images shown", ("kimg",)),
+)
+
+
+def read_log(path) -> dict[str, np.ndarray]:
+    """A run's ``log.csv`` as ``{column: float array}`` (a blank cell is NaN), only the columns
+    that hold at least one number; ``{}`` when the file has no rows."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cols = {k: np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows])
+            for k in (rows[0] if rows else ())}
+    return {k: v for k, v in cols.items() if np.isfinite(v).any()}
+
+
+def plot_curves(path, log_csv) -> list[tuple[str, list[str]]]:
+    """``curves.png``: the columns of ``log_csv`` (a run's ``log.csv``) over the iterations, one
+    panel per entry of :data:`CURVE_PANELS` that the log holds (a PIAD run: losses and γ; a
+    latent-norm run: its losses, and lod, kimg when it grows). Returns the panels drawn, (title,
+    columns); none, and nothing written, when there is no such file or it has no rows."""
+    log_csv = Path(log_csv)
+    cols = read_log(log_csv) if log_csv.is_file() else {}
+    panels = [(title, [c for c in names if c in cols]) for title, names in CURVE_PANELS]
+    panels = [(title, names) for title, names in panels if names]
+    if "iteration" not in cols or not panels:
+        return []
+    rows = -(-len(panels) // 2)
+    fig, axes = _pyplot().subplots(rows, 2, figsize=(11, 3 * rows), squeeze=False)
+    for ax, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            ok = np.isfinite(cols[name])
+            steps = name in ("gamma_g", "gamma_e", "lod")  # held between updates: drawn as steps
+            ax.plot(cols["iteration"][ok], cols[name][ok], lw=1.2, label=name, drawstyle="steps-post" if steps else "default")
+        if title.startswith("γ") and all((cols[n][np.isfinite(cols[n])] > 0).all() for n in names):
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{log_csv.parent.name}: log.csv, {len(cols['iteration'])} rows", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return panels
+
+
 def contamination_curves(rows: list[dict]) -> dict[str, tuple[list, list, list]]:
     """``{variant: (P values, mean ROC AUC, sample std)}`` over the classes and seeds of ``rows``,
     one per finished cell with its ``variant`` label, ``contamination`` P and ``roc_auc`` (the
@@ -207,6 +332,58 @@ def contamination_curves(rows: list[dict]) -> dict[str, tuple[list, list, list]]
     return curves
 
 
+def _show(x: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]."""
+    return _grid([x])
+
+
+def plot_paper(out, study: dict, photos: dict[str, torch.Tensor]) -> list[Path]:
+    """Fig. 1 and Fig. 3 (right) of :func:`contrast_study`'s numbers into the folder ``out``
+    (:data:`PAPER_FILES`): Fig. 1's three pairs (the first photo, and itself shifted, at
+    :data:`PAIR_LEVELS`) with both losses, above both losses relative to the original's over all
+    levels; Fig. 3 (right) the features' L1 norm over the levels; and the numbers as JSON."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig1, fig3, numbers = (out / f for f in PAPER_FILES)
+    plt = _pyplot()
+    levels, names, shift = study["levels"], list(study["images"]), study["shift"]
+    first, curves = names[0], study["images"][names[0]]
+    fig = plt.figure(figsize=(12, 6.8))
+    grid = fig.add_gridspec(2, len(study["pair_levels"]), height_ratios=(1, 1.1))
+    for col, (tag, level) in enumerate(zip("abc", study["pair_levels"])):
+        i = levels.index(level)
+        a, b = shifted_pair(reduce_contrast(photos[first], level), shift)
+        gap = torch.ones(*a.shape[:-1], 4)
+        ax = fig.add_subplot(grid[0, col])
+        ax.imshow(_show(torch.cat([a, gap, b], dim=-1)))
+        ax.set_axis_off()
+        what = "original" if level == 0 else f"contrast reduced by {level:.1f}"
+        ax.set_title(f"({tag}) {what}, shifted by {shift} px\n" + "\n".join(
+            f"{k} = {curves[k][i]:.4g} ({100 * (curves[k + '_relative'][i] - 1):+.0f}%)" for k in PAPER_LOSSES),
+            fontsize=9)
+    ax = fig.add_subplot(grid[1, :])
+    for name, style in zip(names, ("-", "--", ":")):
+        for k, colour in zip(PAPER_LOSSES, ("C3", "C0")):
+            ax.plot(levels, study["images"][name][k + "_relative"], style, color=colour, marker="o", ms=3,
+                    label=f"{k}, {name}")
+    ax.set(xlabel="contrast reduction (0 = original, 1 = flat grey)", ylabel="loss / loss of the original pair",
+           title=f"loss between an image and itself shifted by {shift} px ({study['weights']}, "
+                 f"{study['layer']}, {study['image_size']}×{study['image_size']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, fig1)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, style in zip(names, ("-", "--", ":")):
+        ax.plot(levels, study["images"][name]["feature_l1"], style, color="k", marker="o", ms=3, label=name)
+    ax.set(xlabel="contrast reduction (0 = original, 1 = flat grey)", ylabel="||f(x)||₁ / (C·H·W)",
+           title=f"L1 norm of VGG-19 {study['layer']} features", ylim=(0, None))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, fig3)
+    numbers.write_text(json.dumps(study, indent=2))
+    return [fig1, fig3, numbers]
+
+
 def plot_contamination(path, rows: list[dict], title: str) -> None:
     """:func:`contamination_curves` of ``rows`` as error bars vs. contamination P, one line per variant."""
     fig, ax = _pyplot().subplots(figsize=(5, 4))
@@ -215,3 +392,43 @@ def plot_contamination(path, rows: list[dict], title: str) -> None:
     ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC", title=title)
     ax.legend()
     _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: the paper's figures that need no trained model.
+
+
+def _main(argv) -> None:
+    p = argparse.ArgumentParser(prog="figures.py", description="Redraw the paper's figures that need no trained model.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("paper", help="Fig. 1 and Fig. 3 (right): perc and rel-perc-l1 as the contrast falls")
+    s.add_argument("--out", default="docs", help="output folder (default: docs)")
+    s.add_argument("--vgg-weights", default="caffe", help="|".join(features.WEIGHTS) + "|PATH (default: caffe)")
+    s.add_argument("--image-size", type=int, default=PAPER_IMAGE_SIZE,
+                   help=f"side of the photos' centre square (default: {PAPER_IMAGE_SIZE})")
+    add_debug_flag(s)
+    args = p.parse_args(argv)
+    if args.image_size < 32:
+        raise UserError(f"--image-size must be at least 32 (VGG-19 relu4_2 sees 1/8 of it, after a "
+                        f"{SHIFT}-pixel shift), got {args.image_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    with user_errors(OSError, RuntimeError, ValueError, prefix="--vgg-weights: "):
+        vgg = features.VGG19Features("relu4_2", args.vgg_weights)
+    study = contrast_study(vgg, args.image_size)
+    for path in plot_paper(out, study, paper_photos(args.image_size)):
+        print(f"wrote {path}")
+    at = [LEVELS.index(level) for level in PAIR_LEVELS[1:]]
+    for name, c in study["images"].items():  # e.g. "china.jpg: perc x0.64 / x0.36, ..."
+        print(f"{name}, loss / loss of the original at contrast reductions {PAIR_LEVELS[1:]}: " + ", ".join(
+            f"{k} " + " / ".join(f"x{c[k + '_relative'][i]:.2f}" for i in at) for k in PAPER_LOSSES))
+
+
+def main(argv=None) -> None:
+    """``python figures.py paper``: mistakes end with ``error: ...`` and exit status 2."""
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()
