@@ -111,8 +111,9 @@ def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: f
     mean, std = mean.to(fx.device), std.to(fx.device)
     if use_ext:
         values = fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean, std, eps)
-    else:
-        values = rel_perc_l1_torch(fx, fy, mean, std, eps)
+    else:  # bf16/half features (--precision bf16) summed in fp32, as the fused op does
+        wide = torch.promote_types(fx.dtype, torch.float32)
+        values = rel_perc_l1_torch(fx.to(wide), fy.to(wide), mean, std, eps)
     _log_choice(fx.device.type, "fused" if use_ext else "pytorch")
     return _reduce(values, reduction)
 

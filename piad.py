@@ -381,6 +381,8 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     alpha = torch.rand(shape, generator=generator, device=dev, dtype=real.dtype).to(real.device)
     x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)  # (B, ...)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    # The norm in fp32 at least, also under bf16 autocast (--precision): a no-op for fp32/fp64.
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
     return (grad.flatten(1).norm(2, dim=1) - 1).square().mean()
 
 
