@@ -9,6 +9,7 @@ the supplement's tables are not here: they belong to the dataset's preset (``pia
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -27,6 +28,7 @@ from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, N
 
 METHODS = ("piad", "latent-norm")
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
+PRECISIONS = ("fp32", "bf16")  # of the training step (train.PIADTrainer.step)
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
@@ -40,6 +42,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise errors.UserError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
     return torch.device(name)
+
+
+def bf16_unsupported(device: torch.device) -> str | None:
+    """Why ``--precision bf16`` cannot run at speed on ``device`` (None: it can): a CPU needs
+    AVX-512 BF16 or AMX (else oneDNN emulates bf16, slower than fp32), a GPU native bf16 (sm80+)."""
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported(including_emulation=False) else \
+            f"{torch.cuda.get_device_name(device)} has no native bf16 (sm80+ has)"
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return "this CPU has neither AVX-512 BF16 nor AMX (bf16 would be emulated, slower than fp32)"
 
 
 def knob(default, help: str, choices: tuple | None = None):
@@ -90,6 +103,8 @@ class TrainConfig:
     cache_features: str = knob("auto", "compute the training images' VGG features once (auto: when each "
                                        "is seen more than twice)", ("auto", "on", "off"))
     channels_last: bool = knob(True, "NHWC tensors for every conv net (same maths, faster kernels)")
+    precision: str = knob("fp32", "training step arithmetic: fp32, or bf16 autocast of G, E, D_X, D_Z, VGG-19 (fp32 "
+                                  "weights, Adam, penalty norm, γ statistics, eq. (4) sums; --method piad only)", PRECISIONS)
     checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)")
     log_every: int = knob(10, "iterations between rows of log.csv")
     tensorboard: bool = knob(False, "also write the logged losses and γ, and reconstruction grids, to RUN/tb/ "
@@ -162,6 +177,14 @@ class TrainConfig:
                 resolve_device(self.device)
             except errors.UserError as exc:
                 bad.append(str(exc))
+        if self.precision == "bf16" and self.method != "piad":
+            bad.append(f"--precision bf16 trains --method piad only (--method {self.method} trains in fp32); "
+                       "use --precision fp32")
+        elif self.precision == "bf16" and self.device in DEVICES:
+            with contextlib.suppress(errors.UserError):  # a missing device is reported above
+                why = bf16_unsupported(resolve_device(self.device))
+                if why:
+                    bad.append(f"--precision bf16: {why}; use --precision fp32")
         if self.vgg_weights not in features.WEIGHTS and not Path(self.vgg_weights).is_file():
             bad.append(f"--vgg-weights {self.vgg_weights!r}: no such file; give {', '.join(features.WEIGHTS)} "
                        "or the path of a VGG-19 state-dict file")

@@ -40,7 +40,13 @@ def _check_inputs(fx, fy, mean, std, eps):
 
 def _fake_forward(fx, fy, mean, std, eps):
     _check_inputs(fx, fy, mean, std, eps)
-    return fx.new_empty(fx.shape[0])
+    return fx.new_empty(fx.shape[0], dtype=loss_dtype(fx.dtype))
+
+
+def loss_dtype(features: torch.dtype) -> torch.dtype:
+    """The loss' dtype for features of dtype ``features``: the kernels' accumulation type (csrc/
+    rel_perc_l1.h), float32 for bf16 and half, so eq. (4)'s reduction is never below fp32."""
+    return torch.promote_types(features, torch.float32)
 
 
 def _fake_backward(grad, fx, fy, mean, std, eps):

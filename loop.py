@@ -29,7 +29,7 @@ from config import TrainConfig
 from errors import Diverged, Interrupted
 
 LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e",
-              "lod", "kimg")  # lod, kimg: progressive growing (--networks pgan)
+              "lod", "kimg", "gp_dx", "gp_dz")  # lod, kimg: progressive growing (--networks pgan); gp: eq. (5)'s penalties
 
 
 def _first_nonfinite(bad_at, values: dict, it: int):

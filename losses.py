@@ -86,8 +86,9 @@ def relative_perceptual_l1(fx, fy, mean, std, *, reduction: str = "mean", eps: f
         raise RuntimeError(f"impl='ext' but the fused op is not built for {fx.device.type}; "
                            "reinstall with `pip install --no-build-isolation -e .`")
     mean, std = mean.to(fx.device), std.to(fx.device)
+    wide = torch.promote_types(fx.dtype, torch.float32)  # --precision bf16: PyTorch sums in fp32, as the op does
     values = (fused_op.rel_perc_l1(fx, fy.to(fx.dtype), mean, std, eps) if use_ext  # the fused op of csrc/
-              else rel_perc_l1_torch(fx, fy, mean, std, eps))                    # or eq. (3)-(4) above
+              else rel_perc_l1_torch(fx.to(wide), fy.to(wide), mean, std, eps))  # or eq. (3)-(4) above
     _log_choice(fx.device.type, "fused" if use_ext else "pytorch")
     return _reduce(values, reduction)
 

@@ -390,13 +390,16 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     alpha = torch.rand(shape, generator=generator, device=dev, dtype=real.dtype).to(real.device)
     x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)  # (B, ...)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    # The norm in fp32 at least, also under bf16 autocast (--precision): a no-op for fp32/fp64.
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
     return (grad.flatten(1).norm(2, dim=1) - 1).square().mean()
 
 
 def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
                 fake: torch.Tensor, *, gp_weight: float = 10.0, drift: float = 1e-3,
-                drift_fake: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Eq. (5) plus the drift term of supplement §1, a 0-d tensor.
+                drift_fake: bool = True, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (5) plus the drift term of supplement §1, and its gradient penalty (detached, for log.csv).
 
     ``E[D(fake)] - E[D(real)] + λ·GP + drift·(E[D(real)^2] + E[D(fake)^2])``, the last term on
     real samples only with ``drift_fake=False`` (:attr:`PIADConfig.drift_fake` chooses).
@@ -407,7 +410,7 @@ def critic_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
     d_real, d_fake = critic(real), critic(fake)                    # (B,), (B,)
     gp = gradient_penalty(critic, real, fake, generator=generator)
     drift_term = d_real.square().mean() + (d_fake.square().mean() if drift_fake else 0.0)
-    return d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term  # eq. (5)
+    return d_fake.mean() - d_real.mean() + gp_weight * gp + drift * drift_term, gp.detach()  # eq. (5)
 
 
 def adversarial_loss(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor | None,

@@ -22,6 +22,7 @@ fused op of ``csrc/`` when built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import sys
@@ -64,6 +65,37 @@ class Sampler:
         return x.to(self.device, memory_format=self.memory_format, non_blocking=True), fx
 
 
+def _in_precision(step):
+    """``PIADTrainer.step`` in the run's ``--precision`` (``TrainConfig.precision``), decided here.
+
+    bf16: the step runs under ``torch.autocast(device, torch.bfloat16)``, so G, E, D_X, D_Z and the
+    VGG-19 compute in bf16 while the weights, their gradients and Adam's state stay fp32 (autocast
+    casts each weight on its way into a convolution or dense layer). Stays fp32 inside the region,
+    each said where it is computed: the gradient penalty's norm (``piad.gradient_penalty``), the γ
+    policy's gradient statistics (``weights_policy.GradientHistory.record``, on the fp32 parameter
+    gradients) and eq. (4)'s sums (the fused op accumulates in fp32 and returns fp32); eq. (6)'s
+    means of the critics' bf16 outputs are bf16 (their gradient, 1/B each, is exact). Evaluation
+    runs outside the step, in fp32. The bf16 copies of the weights that autocast caches in the
+    region are dropped after every optimizer step (:func:`_drop_stale_casts`).
+    """
+    @functools.wraps(step)
+    def in_precision(self, *args, **kwargs):
+        if self.cfg.precision == "fp32":
+            return step(self, *args, **kwargs)
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return step(self, *args, **kwargs)
+    return in_precision
+
+
+def _drop_stale_casts(*optimizers) -> None:
+    """Autocast caches the bf16 cast of each trainable weight for the rest of its region, keyed by
+    the tensor, not its values: after an optimizer step updates the weights in place, the cache
+    would feed the old ones to the next critic step. Each optimizer step clears it."""
+    for opt in optimizers:
+        opt.register_step_post_hook(lambda *_: torch.clear_autocast_cache())
+
+
 class PIADTrainer:
     """One iteration of Algorithm 1 per :meth:`step`, written as the paper writes it."""
 
@@ -78,19 +110,21 @@ class PIADTrainer:
         self.hist_g = weights_policy.GradientHistory(model.G, norm=cfg.policy_norm, max_history=cfg.policy_history)
         self.hist_e = weights_policy.GradientHistory(model.E, norm=cfg.policy_norm, max_history=cfg.policy_history)
         self.gamma_g, self.gamma_e = cfg.gamma_g, cfg.gamma_e
+        _drop_stale_casts(self.opt_d, self.opt_ge)
 
     def critic_step(self, x, z) -> dict:
         m, p = self.model, self.model.config
         with torch.no_grad():
             x_fake, z_fake = m.G(z), m.E(x)
         kw = dict(gp_weight=p.gp_weight, drift=p.drift, drift_fake=p.drift_fake)
-        loss_dx = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
-        loss_dz = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
+        loss_dx, gp_dx = piad.critic_loss(m.DX, x, x_fake, **kw)  # eq. (5)
+        loss_dz, gp_dz = piad.critic_loss(m.DZ, z, z_fake, **kw)  # eq. (5) for D_Z
         self.opt_d.zero_grad(set_to_none=True)
         (loss_dx + loss_dz).backward()  # Alg. 1 line 5
         self.opt_d.step()
-        return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach()}
+        return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach(), "gp_dx": gp_dx, "gp_dz": gp_dz}
 
+    @_in_precision
     def step(self, it: int, sample, *, log: bool = True) -> dict:
         """Algorithm 1, one iteration (``log``: the loop's flag for logged iterations; the step
         is the same on every one). Lines 16-17 give G ``γ_G·∇L_rec + ∇L_adv(G)`` and E
@@ -202,7 +236,8 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     return evaluate.evaluate_run(run.dir, model=run.model, data=ds, rec_loss=run.rec_loss, config=cfg,
                                  extra={"iterations": run.iterations, "train_time_s": round(run.train_time(), 1),
                                         "device": str(run.device), "contamination": ds.contamination,
-                                        "threads": torch.get_num_threads(), **run.extra})
+                                        "threads": torch.get_num_threads(), "precision": cfg.precision,
+                                        **run.extra})
 
 
 def _load(cfg: TrainConfig) -> data_mod.AnomalyData:

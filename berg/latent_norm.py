@@ -141,8 +141,8 @@ class LatentNormTrainer:
         m = self.model
         with torch.no_grad():
             x_fake = m.G(sample_prior(m, x.shape[0]))  # loss.py D_wgangp_acgan: the 0.1 prior
-        loss = piad.critic_loss(m.image_critic, x, x_fake, gp_weight=self.gp_weight, drift=self.drift,
-                                drift_fake=False)  # eq. (5); loss.py: drift on real scores only
+        loss, _ = piad.critic_loss(m.image_critic, x, x_fake, gp_weight=self.gp_weight, drift=self.drift,
+                                   drift_fake=False)  # eq. (5); loss.py: drift on real scores only
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()

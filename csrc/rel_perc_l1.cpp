@@ -115,15 +115,15 @@ at::Tensor rel_perc_l1_cpu(const at::Tensor& fx, const at::Tensor& fy, const at:
                            const at::Tensor& std, double eps) {
   const Inputs in = prepare({}, fx, fy, mean, std, eps);
   const Layout& l = in.l;
-  at::Tensor out = at::empty({l.N}, fx.options());
+  at::Tensor out = at::empty({l.N}, fx.options().dtype(in.mean.scalar_type()));  // acc_t (header)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fx.scalar_type(), "rel_perc_l1_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t *x = in.x.const_data_ptr<scalar_t>(), *y = in.y.const_data_ptr<scalar_t>();
     const A *mp = in.mean.const_data_ptr<A>(), *ip = in.inv.const_data_ptr<A>();
-    scalar_t* o = out.data_ptr<scalar_t>();
+    A* o = out.data_ptr<A>();
     for_each_sample(l, [&](int64_t n) {
       const auto [num, den] = sample_sums<true>(x + n * l.K, y + n * l.K, mp, ip, l);
-      o[n] = static_cast<scalar_t>(num / (den + eps));  // eq. (4)
+      o[n] = static_cast<A>(num / (den + eps));  // eq. (4)
     });
   });
   return out;

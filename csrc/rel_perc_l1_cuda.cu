@@ -20,10 +20,11 @@ constexpr int kThreads = 256;
 // One block per sample n = blockIdx.x; each thread sums a fixed strided subset of its elements,
 // num = sum |fx~ - fy~| = |fx - fy| / std (forward only) and den = sum |fx~| = |fx - mean| / std,
 // eq. (3)-(4), and cub::BlockReduce adds the threads' sums. Forward (grad == nullptr):
-// loss[n] = num / (den + eps), eq. (4). Backward: grad_fx = g[n] / (den + eps) * sign(fx - fy) / std.
+// loss[n] = num / (den + eps), eq. (4), into `loss` (acc_t). Backward: grad_fx = g[n] / (den + eps)
+// * sign(fx - fy) / std, into `out` (the features' dtype).
 template <typename T, typename A>
 __global__ void rel_perc_l1_kernel(const A* grad, const T* x, const T* y, const A* mean, const A* inv,
-                                   Layout l, double eps, T* out) {
+                                   Layout l, double eps, A* loss, T* out) {
   using Reduce = cub::BlockReduce<A, kThreads>;
   __shared__ typename Reduce::TempStorage tmp[2];
   __shared__ A scale;
@@ -36,7 +37,7 @@ __global__ void rel_perc_l1_kernel(const A* grad, const T* x, const T* y, const 
     ad += ::fabs(xv - mean[c]) * inv[c];
   }
   const A num = Reduce(tmp[0]).Sum(an), den = Reduce(tmp[1]).Sum(ad);  // valid in thread 0
-  if (threadIdx.x == 0 && !grad) out[blockIdx.x] = static_cast<T>(num / (den + static_cast<A>(eps)));
+  if (threadIdx.x == 0 && !grad) loss[blockIdx.x] = num / (den + static_cast<A>(eps));
   if (threadIdx.x == 0 && grad) scale = grad[blockIdx.x] / (den + static_cast<A>(eps));
   if (!grad) return;  // the same for the whole block
   __syncthreads();
@@ -51,7 +52,8 @@ at::Tensor launch(const at::Tensor& grad, const at::Tensor& fx, const at::Tensor
                   const at::Tensor& mean, const at::Tensor& std, double eps) {
   const Inputs in = prepare(grad, fx, fy, mean, std, eps);
   const c10::cuda::CUDAGuard guard(fx.device());
-  at::Tensor out = grad.defined() ? at::empty_like(in.x) : at::empty({in.l.N}, fx.options());
+  at::Tensor out = grad.defined() ? at::empty_like(in.x)
+                                  : at::empty({in.l.N}, fx.options().dtype(in.mean.scalar_type()));  // acc_t
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fx.scalar_type(), "rel_perc_l1_cuda", [&] {
     using A = acc_t<scalar_t>;
     const at::Tensor g = grad.defined() ? grad.to(in.mean.scalar_type()).contiguous() : at::Tensor();
@@ -59,7 +61,7 @@ at::Tensor launch(const at::Tensor& grad, const at::Tensor& fx, const at::Tensor
     rel_perc_l1_kernel<<<in.l.N, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.defined() ? g.const_data_ptr<A>() : nullptr, in.x.const_data_ptr<scalar_t>(),
         in.y.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<A>(), in.inv.const_data_ptr<A>(), in.l,
-        eps, out.data_ptr<scalar_t>());
+        eps, grad.defined() ? nullptr : out.data_ptr<A>(), grad.defined() ? out.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad.defined() ? in.as_fx(out) : out;

@@ -63,10 +63,10 @@ def compare(fx, fy, mean, std, eps=EPS, tol=None, ref_dtype=None, layout="contig
     ra, rb = fx.detach().to(rd).requires_grad_(), fy.detach().to(rd).requires_grad_()
     out = fused_op.rel_perc_l1(relayout(a, layout), relayout(b, layout, 1), mean, std, eps)
     ref = rel_perc_l1_torch(ra, rb, mean, std, eps)
-    assert out.shape == (fx.shape[0],) and out.dtype == fx.dtype
+    assert out.shape == (fx.shape[0],) and out.dtype == fused_op.loss_dtype(fx.dtype)  # bf16, half: float32
     torch.testing.assert_close(out.to(rd), ref, **tol)
     g = torch.rand(fx.shape[0], dtype=rd, device=fx.device) + 0.5
-    ga, gb = torch.autograd.grad(out, (a, b), g.to(fx.dtype))
+    ga, gb = torch.autograd.grad(out, (a, b), g.to(out.dtype))
     gra, grb = torch.autograd.grad(ref, (ra, rb), g)
     scale = gra.abs().max().item() if gra.numel() else 0.0  # atol relative to the gradient size
     kw = dict(rtol=tol["rtol"], atol=tol["rtol"] * scale)
@@ -159,6 +159,31 @@ def test_opcheck(shape, lay, dtype):
     torch.library.opcheck(op, (fx, fy, mean, std, EPS))
     grad = torch.rand(shape[0], dtype=dtype, requires_grad=True)
     torch.library.opcheck(op_bw, (grad, fx.detach(), fy.detach(), mean, std, EPS))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,lay", [((2, 3, 4, 5), "contiguous"), ((4, 512, 4, 4), "channels_last"),
+                                       ((3, 4), "contiguous")], ids=str)
+def test_opcheck_reduced_precision(shape, lay, dtype):
+    """bf16 (--precision bf16) and half features: the fake kernels give the real kernels' dtypes
+    (float32 loss, gradients in the features' dtype), autograd included."""
+    fx, fy, mean, std = (t.to(dtype) if i < 2 else t for i, t in enumerate(make(shape, torch.float32, gap=1e-2)))
+    fx, fy = relayout(fx, lay).requires_grad_(), relayout(fy, lay, 1).requires_grad_()
+    torch.library.opcheck(op, (fx, fy, mean, std, EPS))
+    torch.library.opcheck(op_bw, (torch.rand(shape[0]), fx.detach(), fy.detach(), mean, std, EPS))
+    assert op(fx, fy, mean, std, EPS).dtype == torch.float32
+    assert op_bw(torch.rand(shape[0]), fx, fy, mean, std, EPS).dtype == dtype
+
+
+def test_bf16_sums_are_fp32():
+    """Eq. (4)'s reduction over bf16 features of a 32×32 image's relu4_2 (and a larger map) is the
+    float32 formula on the same bf16 values to float32 rounding, not to bf16's: the sums are fp32."""
+    for shape in ((32, 512, 4, 4), (4, 512, 16, 16)):
+        fx, fy, mean, std = make(shape, torch.float32, seed=3)
+        fx, fy = fx.bfloat16(), fy.bfloat16()
+        ref = rel_perc_l1_torch(fx.double(), fy.double(), mean.double(), std.double(), EPS)
+        out = op(fx.to(memory_format=torch.channels_last), fy.to(memory_format=torch.channels_last), mean, std, EPS)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0)  # bf16 sums would be off by ~1e-2
 
 
 def test_gradcheck():

@@ -274,16 +274,17 @@ def test_critic_loss_linear_by_hand():
     drift_real = (4.05 ** 2 + 1.05 ** 2) / 2               # paper: E[D(x)^2] on real samples
     drift = drift_real + (0.45 ** 2 + 2.45 ** 2) / 2       # authors' code: + E[D(x~)^2] (default)
     expected = sum(d_fake) / 2 - sum(d_real) / 2 + 10.0 * gp + 0.001 * drift   # eq. (5)
-    loss = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001)
+    loss, logged_gp = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001)
+    assert logged_gp.item() == pytest.approx(gp, rel=1e-12) and not logged_gp.requires_grad  # for log.csv
     assert loss.dim() == 0 and loss.item() == pytest.approx(expected, rel=1e-12)
-    paper = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001, drift_fake=False)
+    paper, _ = piad.critic_loss(critic, real, fake, gp_weight=10.0, drift=0.001, drift_fake=False)
     assert paper.item() == pytest.approx(expected - 0.001 * (drift - drift_real), rel=1e-12)
     # each term on its own: the Wasserstein estimate, the penalty's weight, the drift's weight
-    wasserstein = piad.critic_loss(critic, real, fake, gp_weight=0.0, drift=0.0)
+    wasserstein, _ = piad.critic_loss(critic, real, fake, gp_weight=0.0, drift=0.0)
     assert wasserstein.item() == pytest.approx(sum(d_fake) / 2 - sum(d_real) / 2, rel=1e-12)
-    assert (piad.critic_loss(critic, real, fake, gp_weight=1.0, drift=0.0) - wasserstein).item() == \
+    assert (piad.critic_loss(critic, real, fake, gp_weight=1.0, drift=0.0)[0] - wasserstein).item() == \
         pytest.approx(gp, rel=1e-12)
-    assert (piad.critic_loss(critic, real, fake, gp_weight=0.0, drift=1.0) - wasserstein).item() == \
+    assert (piad.critic_loss(critic, real, fake, gp_weight=0.0, drift=1.0)[0] - wasserstein).item() == \
         pytest.approx(drift, rel=1e-12)
     loss.backward()
     assert fake.grad is None and critic.w.grad is not None   # fake is detached inside
@@ -311,11 +312,11 @@ def test_adversarial_loss_sign_and_graph():
 def test_critic_loss_on_image_critic_backprops():
     m = piad.PIAD(config=piad.preset("mnist"), channels=1)
     x = torch.randn(4, 1, 32, 32)
-    loss = piad.critic_loss(m.DX, x, m.G(m.sample_latent(4)))
+    loss, _ = piad.critic_loss(m.DX, x, m.G(m.sample_latent(4)))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.DX.parameters())
     assert all(p.grad is None for p in m.G.parameters())
-    loss = piad.critic_loss(m.DZ, m.sample_latent(4), m.E(x))
+    loss, _ = piad.critic_loss(m.DZ, m.sample_latent(4), m.E(x))
     loss.backward()
     assert all(p.grad is not None for p in m.DZ.parameters())
     assert all(p.grad is None for p in m.E.parameters())

@@ -284,3 +284,96 @@ def test_fallback_trains_mnist_5k_when_mnist_cannot_be_had(tmp_path, monkeypatch
     assert metrics["dataset"] == "mnist-5k"
     state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["config"]["dataset"] == "mnist-5k" and state["config"]["fallback"] is None
+
+
+# --------------------------------------------------------------------------- --precision (issue 26)
+def _bf16_trainer(precision: str, *, loss: str = "rel-perc-l1"):
+    import data
+    import piad
+
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits", "3")
+    cfg = train.TrainConfig(loss=loss, precision=precision, n_weight=1, policy_at_start=True)
+    model = piad.PIAD(config=piad.preset("mnist"), channels=1).to(memory_format=torch.channels_last)
+    rec = losses.build_loss(cfg.loss, weights="random", stats="sklearn")[0] if loss != "mse" else \
+        losses.build_loss(cfg.loss)[0]
+    return train.PIADTrainer(model, rec, cfg), train.Sampler(ds.train, 8, "cpu", seed=0, channels_last=True)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_is_honoured_by_the_step(precision, dtype):
+    """The step itself runs G, E, D_X, D_Z and VGG-19 in the run's precision (forward hooks see the
+    activations), with fp32 weights, gradients and Adam state, fp32 losses and a finite γ."""
+    trainer, sampler = _bf16_trainer(precision)
+    seen = {}
+    nets = {"G": trainer.model.G, "E": trainer.model.E, "DX": trainer.model.DX, "DZ": trainer.model.DZ,
+            "VGG": trainer.rec_loss.features}
+    for name, net in nets.items():
+        net.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, set()).add(out.dtype))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    out = trainer.step(0, sampler)  # γ measured (n_weight 1, from iteration 0)
+    assert seen == {name: {dtype} for name in nets}
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
+    # kept fp32: the penalties (their norm), eq. (4) (the fused op's sums), the critics' total loss
+    assert {out[k].dtype for k in ("loss_dx", "loss_dz", "gp_dx", "gp_dz", "rec")} == {torch.float32}
+    assert {out[k].dtype for k in ("adv_g", "adv_e")} == {dtype}  # means of the critics' outputs
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(s.dtype == torch.float32 for st in trainer.opt_ge.state.values() for s in st.values() if s.dim())
+    assert out["gamma_g"] > 0 and out["gamma_e"] > 0 and out["gamma_g"] != 1.0
+    assert not torch.is_autocast_enabled("cpu")  # the region ends with the step
+    after = trainer.model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+
+
+def _first_conv_calls(trainer, sampler) -> list:
+    """(output, what the first convolution of D_X gives from its input and its weights at that call)
+    for every call of that convolution in one bf16 step."""
+    conv = next(m for m in trainer.model.DX.modules() if isinstance(m, torch.nn.Conv2d))
+    calls = []
+
+    def hook(mod, inp, out):
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            fresh = torch.nn.functional.conv2d(inp[0].bfloat16(), mod.weight.bfloat16(), mod.bias.bfloat16(),
+                                               mod.stride, mod.padding)
+        calls.append((out.detach().float(), fresh.float()))
+    handle = conv.register_forward_hook(hook)
+    trainer.step(1, sampler, log=False)
+    handle.remove()
+    return calls
+
+
+def test_bf16_critic_steps_see_the_updated_weights(monkeypatch):
+    """Autocast caches its bf16 weight casts for the whole step: without the cache cleared after each
+    optimizer step, the second critic step would run on the weights from before the first update."""
+    trainer, sampler = _bf16_trainer("bf16", loss="mse")
+    calls = _first_conv_calls(trainer, sampler)
+    assert len(calls) >= 6  # 2 critic steps x (real, fake, penalty) and the G/E step
+    assert all(torch.equal(out, fresh) for out, fresh in calls)
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: None)  # the stale cache: detected
+    trainer, sampler = _bf16_trainer("bf16", loss="mse")
+    assert not all(torch.equal(out, fresh) for out, fresh in _first_conv_calls(trainer, sampler))
+
+
+def test_precision_recorded_and_resume_refuses_a_switch(tmp_path):
+    cfg = _cfg(tmp_path, iterations=2, precision="bf16", evaluate=True, vgg_weights="random", stats="sklearn",
+               loss="rel-perc-l1")
+    metrics = train.train(cfg)
+    assert metrics["precision"] == "bf16"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"] == "bf16"
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["precision"] == "bf16"
+    with pytest.raises(train.UserError, match=r"--precision 'fp32' \(checkpoint: 'bf16'\)"):
+        train.train(cfg, resume=True, iterations=3, precision="fp32")
+    assert "precision" not in train.TrainConfig.RESUMABLE
+
+
+def test_bf16_on_a_cpu_without_it_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "digits", "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--precision fp32" in err[0]
+    assert "AVX-512 BF16" in err[0]
+    with pytest.raises(train.UserError, match="--method piad only"):
+        train.TrainConfig(method="latent-norm", precision="bf16").validate()
