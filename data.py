@@ -20,6 +20,8 @@ Choices the paper leaves open, and where we follow the authors' code, are stated
 made (:func:`gpnd_split`, the LSUN and CelebA loaders; resampling and rounding: readers.py) and
 listed in docs/deviations.md. ``contamination`` (a fraction P of anomalies in training) is an
 extension; ``digits`` and ``mnist-5k`` are offline stand-ins (``gpnd``); ``folder`` sets stay in memory.
+``calibration`` (held-out normal training images for a decision threshold, :func:`hold_out_calibration`)
+is an extension too, empty unless asked for.
 """
 from __future__ import annotations
 

@@ -192,6 +192,8 @@ def f1_max_oracle(score: np.ndarray, labels: np.ndarray) -> float:
     can attain it on new images (named ``f1_max_oracle`` wherever it is reported)."""
     from sklearn.metrics import precision_recall_curve
 
+    if not np.isfinite(score).all():
+        return float("nan")
     p, r, _ = precision_recall_curve(labels, score)
     f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
     return float(f1.max())
@@ -264,11 +266,16 @@ def scoring_state(model, data, feature_loss, config) -> dict:
     reference images (:func:`critic_reference`) and, with a calibration set, the threshold
     (:func:`calibrate`) of the primary score on it; ``threshold`` None without one."""
     reference = critic_reference(model, data.train, batch_size=config.batch_size, seed=config.seed)
-    threshold = None
-    if data.calibration is not None:
-        cal, _ = compute_scores(model, data.calibration, feature_loss, reference=reference)
-        threshold = calibrate(cal[primary_score(config)], config.target_fpr, primary_score(config))
-    return {"reference": reference, "threshold": threshold}
+    if data.calibration is None:
+        return {"reference": reference, "threshold": None,
+                "note": "no calibration set (--calibration 0): no threshold, no decisions"}
+    cal, _ = compute_scores(model, data.calibration, feature_loss, reference=reference)
+    try:
+        return {"reference": reference, "threshold": calibrate(cal[primary_score(config)], config.target_fpr,
+                                                               primary_score(config))}
+    except ValueError as exc:  # after training: said, and no threshold, rather than no evaluation
+        warnings.warn(str(exc))
+        return {"reference": reference, "threshold": None, "note": str(exc)}
 
 
 def store_scoring(path, scoring: dict) -> None:
@@ -288,8 +295,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     prior = latent_norm.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
     feature_loss = _feature_loss(rec_loss, config, data, model)
     if scoring is None:
-        with errors.user_errors(ValueError, prefix="--calibration: "):
-            scoring = scoring_state(model, data, feature_loss, config)
+        scoring = scoring_state(model, data, feature_loss, config)
         if checkpoint_path is not None and Path(checkpoint_path).is_file():
             store_scoring(checkpoint_path, scoring)
     scores, labels = compute_scores(model, data.test, feature_loss, reference=scoring["reference"],
@@ -301,8 +307,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
         "roc_auc": aucs[main], "average_precision": aps[main], "score": main, "roc_auc_per_score": aucs,
         "average_precision_per_score": aps, "f1_max_oracle": f1_max_oracle(scores[main], labels),  # test labels
         "threshold": None if threshold is None else {**threshold, **decision_metrics(anomalous, labels)},
-        **({} if threshold else {"threshold_note": "no calibration set (--calibration 0): no threshold, "
-                                                   "no decisions"}),
+        **({} if threshold else {"threshold_note": scoring.get("note", "no threshold stored")}),
         "dataset": config.dataset, "normal": data.normal, "method": config.method, "loss": config.loss,
         "seed": config.seed, "contamination": data.contamination, "protocol": data.protocol,
         "weights_policy": config.weights_policy, "vgg_weights": getattr(rec_loss, "weights_id", None),
@@ -395,9 +400,11 @@ def _main(argv) -> None:
                                 description="Evaluate a trained PIAD checkpoint, or score new images.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", default=None, help="folder of images to score (no labels needed); writes "
-                   "scores_NAME.csv, maps_NAME.npz, overlays_NAME/ and extremes_NAME.png")
+                   "scores_NAME.csv (with anomalous 0/1 when the run has a threshold), maps_NAME.npz, "
+                   "overlays_NAME/ and extremes_NAME.png")
     p.add_argument("--export", default=None, metavar="FILE.pt2",
-                   help="write the scorer (preprocessing, E, G, VGG, eq. (4)) as one torch.export program")
+                   help="write the scorer (preprocessing, E, G, VGG, eq. (4), the threshold's decision) as one "
+                        "torch.export program")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=DEVICES)

@@ -3,7 +3,9 @@
 ``python train.py --dataset mnist --normal 8`` trains PIAD on the normal class and writes,
 in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
 ``log.csv`` (every loss and γ_G, γ_E), and the evaluation outputs of ``evaluate.py``
-(``metrics.json``, ``scores.csv``, ``roc.png``, ``reconstructions.png``, ``extremes.png``).
+(``metrics.json``, ``scores.csv``, ``roc.png``, ``pr.png``, ``reconstructions.png``, ``extremes.png``);
+with ``--calibration F`` a seeded fraction F of the normal training images is held out before
+training (``data.hold_out_calibration``) and gives the decision threshold (``evaluate.calibrate``).
 ``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
 variant of Berg et al. (module ``berg.latent_norm``) on the same networks instead.
 
