@@ -35,6 +35,7 @@ import losses
 import piad
 import train
 from berg import pgan
+from tools import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -335,6 +336,21 @@ def test_scores_csv_images_and_the_exported_scorer_give_identical_decisions(fold
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["threshold"] == metrics["threshold"]
     assert {k: int(r["anomalous"]) for k, r in _rows(tmp_path / "again" / "scores.csv").items()} == flagged
+
+
+def test_the_checkpoint_records_its_commit_and_another_commit_is_said(folder_run, capsys):
+    import checkpoint
+
+    root, metrics = folder_run
+    state = checkpoint.load_checkpoint(root / "run" / "checkpoint.pt")
+    assert state["provenance"]["git_commit"] == metrics["provenance"]["git_commit"]
+    assert state["scoring"]["threshold"] == {k: v for k, v in metrics["threshold"].items() if not k.startswith("test_")}
+    provenance.warn_other_commit(state, "ckpt")
+    assert capsys.readouterr().err == ""
+    if metrics["provenance"]["git_commit"]:  # a clone: another commit is said in one line
+        provenance.warn_other_commit({"provenance": {"git_commit": "0" * 40}}, "ckpt")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("warning: ckpt was written by commit 000000000000")
 
 
 def test_without_calibration_no_threshold_is_invented(tmp_path):
