@@ -232,6 +232,29 @@ def test_no_min_max_normalisation_of_scores_anywhere():
     assert pattern.search("(s - s.min()) / (s.max() - s.min())")  # the idiom it looks for
 
 
+@pytest.mark.parametrize("kind", ["l1", "mse", "latent-norm"])
+def test_the_scorer_decides_with_the_thresholds_score(kind):
+    """The exported module's decision is the threshold's score above it: the map's distance, another
+    distance (``decide_by``) or ‖E(x)‖, as evaluate.decide on compute_scores' scores."""
+    from tools import export
+
+    torch.manual_seed(0)
+    model = piad.PIAD(config=piad.preset("mnist"), channels=1).eval()
+    ds = _images(10, 4)
+    scores, _ = evaluate.compute_scores(model, ds, losses.ReconstructionLoss(kind="mse"))
+    threshold = {"score": kind, "threshold": float(np.median(scores[kind]))}
+    l1 = losses.ReconstructionLoss(kind="l1", reduction="none", check_range=False)
+    decide_by = losses.ReconstructionLoss(kind="mse", reduction="none", check_range=False) if kind == "mse" else None
+    with torch.no_grad():
+        got, maps, anomalous = export.Scorer(model, l1, threshold, decide_by)((ds.images + 1) / 2)
+    np.testing.assert_allclose(got.numpy(), scores["l1"], rtol=1e-5)
+    np.testing.assert_array_equal(anomalous.numpy().astype(int), evaluate.decide(scores, threshold))
+    assert anomalous.sum() == 5
+    if kind == "mse":
+        with pytest.raises(ValueError, match="decide_by"):
+            export.Scorer(model, l1, threshold)
+
+
 # --- done when: a folder run's decisions, three ways ---------------------------------------------
 
 def _blob(rng, size=40):

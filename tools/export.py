@@ -76,8 +76,9 @@ def export_scorer(model: piad.PIAD, loss: losses.ReconstructionLoss, path, *, im
                   extra: dict | None = None) -> dict:
     """Writes the :class:`Scorer` of ``model``, ``loss`` (and ``threshold``, ``decide_by``) to
     ``path`` (``torch.export.save``), with a dynamic batch size; returns the settings stored beside it."""
-    scorer = copy.deepcopy(Scorer(model, loss, threshold, decide_by)).eval().requires_grad_(False)  # no graph
     device = next(model.parameters()).device
+    scorer = copy.deepcopy(Scorer(model, loss, threshold, decide_by)).to(device).eval()
+    scorer.requires_grad_(False)  # outputs carry no graph
     example = torch.rand(2, channels, image_size, image_size, device=device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with torch.no_grad():
