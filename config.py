@@ -79,6 +79,9 @@ class TrainConfig:
     preprocess: str = knob("authors", "image resampling: the authors' code's (PIL / scikit-image on 8-bit images, "
                                       "uint8 rounding) or antialiased bilinear on floats", data_mod.readers.PREPROCESS)
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
+    calibration: float = knob(0.0, "fraction of the normal training images held out (never trained on) to calibrate "
+                                   "a decision threshold; 0: none, no threshold (folder runs: 0.1 advised)")
+    target_fpr: float = knob(0.05, "false-positive rate on normal images the calibrated threshold aims at")
     method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (latent_norm.py)", METHODS)
     vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH")
     stats: str = knob("auto", "VGG feature statistics of eq. (3): " + "|".join(features.STATS_CHOICES) + "|PATH "
@@ -166,6 +169,9 @@ class TrainConfig:
              "must be a number with 0 <= s < 1")
         need(is_real(self.contamination) and 0 <= self.contamination < 1, "contamination",
              "must be a fraction with 0 <= P < 1")
+        need(is_real(self.calibration) and 0 <= self.calibration < 1, "calibration",
+             "must be a fraction with 0 <= F < 1")
+        need(is_real(self.target_fpr) and 0 < self.target_fpr < 1, "target_fpr", "must be a fraction with 0 < α < 1")
         for name in ("gamma_g", "gamma_e"):
             need(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
         need(is_real(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",

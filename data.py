@@ -20,10 +20,13 @@ Choices the paper leaves open, and where we follow the authors' code, are stated
 made (:func:`gpnd_split`, the LSUN and CelebA loaders; resampling and rounding: readers.py) and
 listed in docs/deviations.md. ``contamination`` (a fraction P of anomalies in training) is an
 extension; ``digits`` and ``mnist-5k`` are offline stand-ins (``gpnd``); ``folder`` sets stay in memory.
+``calibration`` (held-out normal training images for a decision threshold, :func:`hold_out_calibration`)
+is an extension too, empty unless asked for.
 """
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +101,7 @@ class AnomalyData:
     test_ids: list[str]       # one identifier per test item ("test:123" or a file path)
     contamination: float      # n_anomalous / len(train)
     info: dict = field(default_factory=dict)  # seed, source, counts, train_ids, contaminant_ids, ...
+    calibration: Dataset | None = None  # held-out normal training images (hold_out_calibration)
 
 
 @dataclass
@@ -343,6 +347,40 @@ def _folder(ctx: dict, root) -> AnomalyData:
                np.r_[np.zeros(len(test_n), np.int64), np.ones(len(test_a), np.int64)])
     test = TensorImages(torch.cat([test_n, test_a]), sp.test_labels)
     return _result(ctx, TensorImages(train_x, sp.train_labels), test, sp, groups[0], groups[1] + groups[2])
+
+
+CALIBRATION_STREAM = 27  # the calibration draw: default_rng([seed, 27]), apart from the protocols' draws
+
+
+def _subset(ds: Dataset, idx: np.ndarray) -> Dataset:
+    if isinstance(ds, TensorImages):
+        return TensorImages(ds.images[idx], ds.labels[idx])
+    if isinstance(ds, ImageFiles):
+        return ImageFiles([ds.paths[i] for i in idx], ds.labels[idx], image_size=ds.image_size,
+                          channels=ds.channels, crop=ds.crop, preprocess=ds.preprocess)
+    raise TypeError(f"cannot take a subset of {type(ds).__name__}")
+
+
+def hold_out_calibration(ds: AnomalyData, fraction: float, *, seed: int) -> AnomalyData:
+    """``ds`` with a seeded ``fraction`` of its normal training images (label 0) moved out of
+    ``train`` into ``calibration``: never trained on, and not the test set (which is untouched).
+    Not in the paper (an extension, ``--calibration``); ``fraction`` 0 returns ``ds`` itself, so
+    the protocols' training sets stay the authors' by default."""
+    if not fraction:
+        return ds
+    labels = np.asarray(ds.train.labels)
+    normal = np.flatnonzero(labels == 0)
+    n = round(fraction * len(normal))
+    if not 1 <= n < len(normal):
+        raise ValueError(f"calibration={fraction} of {len(normal)} normal training images holds out {n}: "
+                         "it must leave at least one image on each side")
+    held = np.sort(np.random.default_rng([seed, CALIBRATION_STREAM]).choice(normal, n, replace=False))
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    ids = ds.info.get("train_ids") or [f"train:{i}" for i in range(len(labels))]
+    info = {**ds.info, "train_ids": [ids[i] for i in keep], "calibration_ids": [ids[i] for i in held],
+            "n_calibration": n, "n_train_normal": len(normal) - n, "calibration_seed": [seed, CALIBRATION_STREAM]}
+    return dataclasses.replace(ds, train=_subset(ds.train, keep), calibration=_subset(ds.train, held), info=info,
+                               contamination=float(labels[keep].sum()) / len(keep))
 
 
 def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed: int = 0,

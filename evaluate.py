@@ -3,15 +3,22 @@
 For every test image one model gives several scores, all oriented so that higher means more
 anomalous: A(x) of eq. (1) with each reconstruction distance (``rel-perc-l1``, ``perc-l1``,
 ``perc`` of eq. 2, pixel ``l1`` and ``mse``) between x and G(E(x)); ``critic`` = -D_X(x) (the
-image critic scores real-looking images high; computed on test batches, so its minibatch-stddev
-feature sees the batch); and ``latent-norm`` = ‖E(x)‖₂ (Berg et al.'s score). The primary score
-is the training loss for PIAD and ``latent-norm`` for ``--method latent-norm``.
+image critic scores real-looking images high; its minibatch-stddev group is the image and fixed
+training images, :func:`critic_reference`); and ``latent-norm`` = ‖E(x)‖₂ (Berg et al.'s score).
+The primary score is the training loss for PIAD and ``latent-norm`` for ``--method latent-norm``.
+No score depends on the other images scored with it (no batch or test-set statistic).
 
-Writes to the run folder: ``metrics.json`` (ROC AUC of every score and the run's settings),
-``scores.csv`` (one row per test image), ``roc.png``, ``reconstructions.png`` (x above G(E(x)),
-normal then anomalous, as Fig. 4), ``extremes.png`` (least and most anomalous test images and the maps of the latter,
-as Fig. 5), ``curves.png`` (log.csv's losses and γ over the iterations) and, for latent-norm runs,
-``latent_norms.png`` (histogram of ‖E(x)‖₂).
+From a score to a decision (not in the paper): with ``--calibration F`` the threshold is an order
+statistic of the primary score of held-out normal training images (:func:`calibrate`); an image is
+``anomalous`` when its score exceeds it. Without a calibration set no threshold is made.
+
+Writes to the run folder: ``metrics.json`` (ROC AUC and average precision of every score, the
+threshold and its test FPR, TPR, precision, F1, the run's settings and provenance),
+``scores.csv`` (one row per test image; ``anomalous`` with a threshold), ``roc.png``, ``pr.png``,
+``reconstructions.png`` (x above G(E(x)), normal then anomalous, as Fig. 4), ``extremes.png``
+(least and most anomalous test images and the maps of the latter, as Fig. 5), ``curves.png``
+(log.csv's losses and γ over the iterations) and, for latent-norm runs, ``latent_norms.png`` (histogram of ‖E(x)‖₂). D_X's reference images and the
+threshold are stored in the checkpoint (``scoring``), so every later scoring uses the same ones.
 
 ``python evaluate.py --checkpoint RUN/checkpoint.pt [--images DIR]`` re-evaluates a saved run,
 or scores a folder of new, unlabelled images and writes their anomaly maps (``piad.anomaly_map``:
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import warnings
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import checkpoint
@@ -41,9 +50,11 @@ import losses
 import piad
 from berg import latent_norm, system
 from config import DEVICES, TrainConfig, resolve_device
-from tools import export
+from tools import export, provenance
 
 SCORES = (*losses.KINDS, "critic", "latent-norm")  # every distance of eq. (1), −D_X(x), ‖E(x)‖
+REFERENCE_STREAM = 28  # D_X's reference images: default_rng([seed, 28]) (data.CALIBRATION_STREAM: 27)
+SCORING_ORDER_SEED = 0  # compute_scores' order of items
 
 
 def _has_features(rec_loss) -> bool:
@@ -68,16 +79,18 @@ def map_loss(rec_loss) -> losses.ReconstructionLoss:
 
 @torch.no_grad()
 def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, batch_size: int = 256, device=None,
-                   centre: torch.Tensor | None = None, maps: bool = False) -> tuple[dict, np.ndarray]:
+                   centre: torch.Tensor | None = None, maps: bool = False,
+                   reference: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
     With ``maps``, ``scores["map"]`` holds the anomaly map of every image, (N, h, w), which sums to
     its score ``map_loss(rec_loss).kind`` (``piad.anomaly_map``).
 
     Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
-    ``centre``, ‖E(x) - centre‖: ``latent_norm.code_norms``) and -D_X(x). Items are scored
-    in a fixed random order (seed 0) and returned in dataset order: D_X's minibatch-stddev feature
-    sees its batch, and test sets are stored normal-first, so batches in storage order would let
-    the critic score depend on the label mix of its batch.
+    ``centre``, ‖E(x) - centre‖: ``latent_norm.code_norms``) and -D_X(x) (:func:`critic_score`:
+    with ``reference``, :func:`critic_reference`, no score depends on the batch; without it
+    D_X's minibatch stddev of PIAD's networks sees the batch). Items are scored in a fixed random
+    order (seed 0) and returned in dataset order (without ``reference``, batches in storage order,
+    normal first, would let the critic score depend on the label mix of its batch).
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -98,11 +111,11 @@ def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, bat
 
     out: dict[str, list] = {}
     labels = []
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SCORING_ORDER_SEED))
     for x, y in DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, shuffle=False, num_workers=0):
         x = x.to(device)
         batch = piad.anomaly_score(model, x, distances, batch_size=len(x))  # eq. (1)
-        batch["critic"] = -model.image_critic(x).flatten()
+        batch["critic"] = critic_score(model, x, reference)
         # (b, *latent_shape): one E pass for both norms; pgan: each image grouped with fixed
         # training images only (pgan.PGAN.encode), so no test image's code depends on another's
         z = model.encode(x)
@@ -118,6 +131,38 @@ def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, bat
             torch.cat(labels)[inverse].numpy())
 
 
+def critic_score(model, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """-D_X(x), (B,). PIAD's D_X (``piad.ImageCritic``) with ``reference`` (R, C, S, S): each image's
+    minibatch-stddev group is itself and the R reference images only (the layers before it are per
+    image; ``piad.MinibatchStdDev`` of group R + 1 over [h(x), h(ref) repeated], as
+    ``pgan.PGAN.encode`` groups E); pGAN models group D with their own ``reference`` images."""
+    dx, b = model.image_critic, x.shape[0]
+    at = [i for i, m in enumerate(dx) if isinstance(m, piad.MinibatchStdDev)] if isinstance(dx, nn.Sequential) else []
+    if reference is not None and at:
+        layers = list(dx)
+        body, head = nn.Sequential(*layers[:at[0]]), nn.Sequential(*layers[at[0] + 1:])
+        h, ref = body(x), body(reference.to(x.device, x.dtype))
+        grouped = piad.MinibatchStdDev(len(ref) + 1, layers[at[0]].eps)(torch.cat([h, ref.repeat_interleave(b, 0)]))
+        return -head(grouped[:b]).flatten()
+    if reference is None and getattr(model, "reference", None) is not None:  # pgan.PGAN: groups of 4
+        return -dx(torch.cat([x, model.reference.to(x.dtype).repeat_interleave(b, dim=0)]))[:b].flatten()
+    return -dx(x).flatten()
+
+
+def critic_reference(model, train, *, batch_size: int, seed: int) -> torch.Tensor | None:
+    """The training images that share each scored image's minibatch-stddev group in PIAD's D_X
+    (:func:`critic_score`): a group as D_X saw real images in training (the whole minibatch,
+    ``mbstd_group`` 0, or groups of ``mbstd_group``: ``piad.MinibatchStdDev``'s rule) less one,
+    drawn from ``train`` with ``default_rng([seed, REFERENCE_STREAM])``. None for other networks."""
+    if not isinstance(model, piad.PIAD):
+        return None
+    g = min(model.config.mbstd_group, batch_size) if model.config.mbstd_group > 0 else batch_size
+    group = batch_size if batch_size % g else g
+    rng = np.random.default_rng([seed, REFERENCE_STREAM])
+    idx = rng.choice(len(train), group - 1, replace=len(train) < group - 1)
+    return torch.stack([train[int(i)][0] for i in idx]) if len(idx) else torch.empty(0, *train[0][0].shape)
+
+
 def _stats_of(rec_loss) -> features.FeatureStats:
     f = rec_loss.features
     return features.FeatureStats(rec_loss.mean.cpu(), rec_loss.std.cpu(), f.weights_id, f.layer, 0)
@@ -130,6 +175,72 @@ def roc_aucs(scores: dict, labels: np.ndarray) -> dict:
         raise ValueError("the test set needs both normal and anomalous images for ROC AUC")
     return {k: float(roc_auc_score(labels, v)) if np.isfinite(v).all() else float("nan")
             for k, v in scores.items()}
+
+
+def average_precisions(scores: dict, labels: np.ndarray) -> dict:
+    """Average precision of every score, anomaly = positive: Σ_n (R_n − R_{n−1}) P_n over the
+    thresholds (``sklearn.metrics.average_precision_score``; no trapezoid, which would give a
+    constant detector (1 + prevalence) / 2)."""
+    from sklearn.metrics import average_precision_score
+
+    return {k: float(average_precision_score(labels, v)) if np.isfinite(v).all() else float("nan")
+            for k, v in scores.items()}
+
+
+def f1_max_oracle(score: np.ndarray, labels: np.ndarray) -> float:
+    """The best F1 over all thresholds of ``score``: chosen with the test labels, so no detector
+    can attain it on new images (named ``f1_max_oracle`` wherever it is reported)."""
+    from sklearn.metrics import precision_recall_curve
+
+    if not np.isfinite(score).all():
+        return float("nan")
+    p, r, _ = precision_recall_curve(labels, score)
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    return float(f1.max())
+
+
+def calibration_rank(n: int, target_fpr: float) -> int:
+    """k = ⌈(n + 1)(1 − α)⌉, α = ``target_fpr``: the threshold is the k-th smallest of n calibration
+    scores (the conformal quantile). A new normal image, exchangeable with the calibration images,
+    then scores above it with probability (n + 1 − k) / (n + 1) ≤ α. Raises ValueError when
+    k > n (fewer than (1 − α) / α calibration images)."""
+    k = math.ceil((n + 1) * (1 - target_fpr) - 1e-9)  # 1e-9: (n + 1)(1 − α) whole up to rounding
+    if k > n:
+        need = math.ceil((1 - target_fpr) / target_fpr - 1e-9)
+        raise ValueError(f"{n} calibration images are too few for --target-fpr {target_fpr:g} (at least "
+                         f"{need}): raise --calibration or --target-fpr")
+    return max(k, 1)
+
+
+def calibrate(scores: np.ndarray, target_fpr: float, score: str) -> dict:
+    """The threshold of ``score`` from its values on the calibration (normal) images: the
+    :func:`calibration_rank`-th smallest; an image is anomalous when its score is above it."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if not np.isfinite(s).all():
+        raise ValueError(f"non-finite {score} scores on the calibration images: no threshold")
+    n, k = len(s), calibration_rank(len(s), target_fpr)
+    return {"score": score, "threshold": float(s[k - 1]), "target_fpr": target_fpr, "n_calibration": n,
+            "rank": k, "expected_fpr": (n + 1 - k) / (n + 1),
+            "rule": "k-th smallest calibration score, k = ceil((n+1)(1-target_fpr)); anomalous: score > threshold",
+            "calibration_scores": {"min": float(s[0]), "median": float(np.median(s)), "mean": float(s.mean()),
+                                   "max": float(s[-1])}}
+
+
+def decide(scores: dict, threshold: dict | None) -> np.ndarray | None:
+    """0/1 per image: its ``threshold["score"]`` above ``threshold["threshold"]``; None without a threshold."""
+    return None if threshold is None else (scores[threshold["score"]] > threshold["threshold"]).astype(np.int64)
+
+
+def decision_metrics(anomalous: np.ndarray, labels: np.ndarray) -> dict:
+    """FPR, TPR, precision and F1 of 0/1 decisions against the labels (1 = anomalous); a ratio
+    with nothing to count (precision when nothing is flagged) is None."""
+    a, y = np.asarray(anomalous, bool), np.asarray(labels, bool)
+    tp, fp, fn, tn = int((a & y).sum()), int((a & ~y).sum()), int((~a & y).sum()), int((~a & ~y).sum())
+
+    def ratio(num, den):
+        return num / den if den else None
+    return {"test_fpr": ratio(fp, fp + tn), "test_tpr": ratio(tp, tp + fn), "test_precision": ratio(tp, tp + fp),
+            "test_f1": ratio(2 * tp, 2 * tp + fp + fn), "test_flagged": int(a.sum())}
 
 
 def _feature_loss(rec_loss, config, data, model):
@@ -150,8 +261,35 @@ def primary_score(config) -> str:
     return "latent-norm" if config.method == "latent-norm" else config.loss
 
 
-def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = None) -> dict:
-    """Scores the protocol's test set and writes every output file into ``run``."""
+def scoring_state(model, train, calibration, feature_loss, config) -> dict:
+    """What every later scoring of the run reuses (stored in its checkpoint as ``scoring``): D_X's
+    reference images (:func:`critic_reference`) and, with a calibration set, the threshold
+    (:func:`calibrate`) of the primary score on it; ``threshold`` None without one."""
+    reference = critic_reference(model, train, batch_size=config.batch_size, seed=config.seed)
+    if calibration is None:
+        return {"reference": reference, "threshold": None,
+                "note": "no calibration set (--calibration 0): no threshold, no decisions"}
+    cal, _ = compute_scores(model, calibration, feature_loss, reference=reference)
+    try:
+        return {"reference": reference, "threshold": calibrate(cal[primary_score(config)], config.target_fpr,
+                                                               primary_score(config))}
+    except ValueError as exc:  # after training: said, and no threshold, rather than no evaluation
+        warnings.warn(str(exc))
+        return {"reference": reference, "threshold": None, "note": str(exc)}
+
+
+def store_scoring(path, scoring: dict) -> None:
+    """Adds ``scoring`` (:func:`scoring_state`) to the checkpoint at ``path`` (atomically)."""
+    state = checkpoint.load_checkpoint(path)
+    state["scoring"] = scoring
+    checkpoint.save_checkpoint(Path(path), state)
+
+
+def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = None, scoring: dict | None = None,
+                 checkpoint_path=None) -> dict:
+    """Scores the protocol's test set and writes every output file into ``run``. ``scoring``: the
+    checkpoint's (:func:`scoring_state`); when None it is made and, with ``checkpoint_path``,
+    stored there."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     prior = latent_norm.encode_prior(model) if config.method == "latent-norm" else None  # z, E(G(z))
@@ -159,38 +297,60 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
     if system.resolution_note(seen):  # a pGAN stopped before its final resolution
         print(system.resolution_note(seen), file=sys.stderr, flush=True)
     feature_loss = _feature_loss(rec_loss, config, data, model)
-    scores, labels = compute_scores(model, test, feature_loss,
+    if scoring is None:
+        calibration = data.calibration
+        if calibration is not None and config.method == "latent-norm":
+            calibration = system.as_trained(model, calibration)[0]  # scored as the test images are
+        scoring = scoring_state(model, data.train, calibration, feature_loss, config)
+        if checkpoint_path is not None and Path(checkpoint_path).is_file():
+            store_scoring(checkpoint_path, scoring)
+    scores, labels = compute_scores(model, test, feature_loss, reference=scoring["reference"],
                                     centre=None if prior is None else prior[1].mean(0))  # E's image of 0
-    aucs = roc_aucs(scores, labels)
-    main = primary_score(config)
+    aucs, aps = roc_aucs(scores, labels), average_precisions(scores, labels)
+    main, threshold = primary_score(config), scoring["threshold"]
+    anomalous = decide(scores, threshold)
     metrics = {
-        "roc_auc": aucs[main], "score": main, "roc_auc_per_score": aucs,
+        "roc_auc": aucs[main], "average_precision": aps[main], "score": main, "roc_auc_per_score": aucs,
+        "average_precision_per_score": aps, "f1_max_oracle": f1_max_oracle(scores[main], labels),  # test labels
+        "threshold": None if threshold is None else {**threshold, **decision_metrics(anomalous, labels)},
+        **({} if threshold else {"threshold_note": scoring.get("note", "no threshold stored")}),
         "dataset": config.dataset, "normal": data.normal, "method": config.method, "loss": config.loss,
         "seed": config.seed, "contamination": data.contamination, "protocol": data.protocol,
         "weights_policy": config.weights_policy, "vgg_weights": getattr(rec_loss, "weights_id", None),
-        "n_train": len(data.train), "n_test": int(len(labels)), "n_test_anomalous": int(labels.sum()),
+        "n_train": len(data.train), "n_calibration": 0 if data.calibration is None else len(data.calibration),
+        "n_test": int(len(labels)), "n_test_anomalous": int(labels.sum()),
+        "seeds": {"seed": config.seed, "reseed": config.reseed, "calibration": data.info.get("calibration_seed"),
+                  "critic_reference": [config.seed, REFERENCE_STREAM], "scoring_order": SCORING_ORDER_SEED},
+        "provenance": provenance.record(next(model.parameters()).device),
         **seen, **(extra or {})}
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_scores_csv(run / "scores.csv", data.test_ids, scores, labels)
-    figures.plot_roc(run / "roc.png", scores, labels, aucs, title=f"{config.dataset}, normal {data.normal}")
+    write_scores_csv(run / "scores.csv", data.test_ids, scores, labels, anomalous=anomalous)
+    title = f"{config.dataset}, normal {data.normal}"
+    t = metrics["threshold"]
+    figures.plot_roc(run / "roc.png", scores, labels, aucs, title=title,
+                     mark=t and (main, t["test_fpr"], t["test_tpr"], t["threshold"]))
+    figures.plot_pr(run / "pr.png", scores, labels, aps, title=title,
+                    mark=t and (main, t["test_tpr"], t["test_precision"], t["threshold"]))
     figures.plot_reconstructions(run / "reconstructions.png", model, test, labels)
     amap = map_loss(feature_loss)
     figures.plot_extremes(run / "extremes.png", test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
                           map_fn=lambda idx, x: piad.anomaly_map(model, x, amap.map), map_kind=amap.kind)
     if config.method == "latent-norm":
-        latent_norm.plot_latent_norms(run / "latent_norms.png", scores, labels, prior,
-                                      title=f"{config.dataset}, normal {data.normal}")
+        latent_norm.plot_latent_norms(run / "latent_norms.png", scores, labels, prior, title=title)
     figures.plot_curves(run / "curves.png", run / "log.csv")  # the run's training curves, where its log is
     return metrics
 
 
-def write_scores_csv(path, ids, scores: dict, labels=None) -> None:
+def write_scores_csv(path, ids, scores: dict, labels=None, anomalous=None) -> None:
+    """One row per image: id, label (when known), anomalous (0/1, with a threshold), every score."""
     names = list(scores)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id"] + (["label"] if labels is not None else []) + names)
+        w.writerow(["id"] + (["label"] if labels is not None else []) + (["anomalous"] if anomalous is not None
+                                                                           else []) + names)
         for i, ident in enumerate(ids):
             w.writerow([ident] + ([int(labels[i])] if labels is not None else [])
+                       + ([int(anomalous[i])] if anomalous is not None else [])
                        + [f"{scores[k][i]:.6g}" for k in names])
 
 
@@ -246,9 +406,11 @@ def _main(argv) -> None:
                                 description="Evaluate a trained PIAD checkpoint, or score new images.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", default=None, help="folder of images to score (no labels needed); writes "
-                   "scores_NAME.csv, maps_NAME.npz, overlays_NAME/ and extremes_NAME.png")
+                   "scores_NAME.csv (with anomalous 0/1 when the run has a threshold), maps_NAME.npz, "
+                   "overlays_NAME/ and extremes_NAME.png")
     p.add_argument("--export", default=None, metavar="FILE.pt2",
-                   help="write the scorer (preprocessing, E, G, VGG, eq. (4)) as one torch.export program")
+                   help="write the scorer (preprocessing, E, G, VGG, eq. (4), the threshold's decision) as one "
+                        "torch.export program")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=DEVICES)
@@ -258,37 +420,53 @@ def _main(argv) -> None:
     if out.exists() and not out.is_dir():
         raise errors.UserError(f"--out {out} is a file, not a folder")
     state, cfg, model, rec_loss = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
+    provenance.warn_other_commit(state, a.checkpoint)
+    scoring = state.get("scoring")  # D_X's reference images and the threshold, once evaluated
+    threshold = (scoring or {}).get("threshold")
     if a.export:
+        kind = threshold and threshold["score"]
+        decide_by = None if kind in (None, "latent-norm", map_loss(rec_loss).kind) else _distance(rec_loss, kind)
         with errors.user_errors(OSError, prefix=f"--export {a.export}: "):
             meta = export.export_scorer(model, map_loss(rec_loss), a.export, image_size=state["image_size"],
-                                        channels=state["channels"], extra={"checkpoint": str(a.checkpoint),
-                                                                           "iteration": state["iteration"]})
+                                        channels=state["channels"], threshold=threshold, decide_by=decide_by,
+                                        extra={"checkpoint": str(a.checkpoint), "iteration": state["iteration"],
+                                               "preprocess": cfg.preprocess})
         print(f"wrote {a.export}: scores and {meta['distance']} maps of {meta['channels']}×{meta['image_size']}×"
-              f"{meta['image_size']} images in [0, 1]; load it with torch.export.load(path).module()")
+              f"{meta['image_size']} images in [0, 1]" + (", and decisions" if threshold else "")
+              + "; load it with torch.export.load(path).module()")
         return
     if a.images:
         with errors.user_errors(ValueError, OSError, prefix="--images: "):
             ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],
                                                    channels=state["channels"], preprocess=cfg.preprocess)
-        scores, _ = compute_scores(model, ds, rec_loss, maps=True)
+        if scoring is None and isinstance(model, piad.PIAD):
+            print("note: the checkpoint has no D_X reference images (the run was not evaluated): critic scores "
+                  "depend on the images scored together", file=sys.stderr)
+        scores, _ = compute_scores(model, ds, rec_loss, maps=True, reference=(scoring or {}).get("reference"))
         maps = scores.pop("map")
         out.mkdir(parents=True, exist_ok=True)
         name = Path(a.images).resolve().name
         path = out / f"scores_{name}.csv"
-        write_scores_csv(path, paths, scores)
+        anomalous = decide(scores, threshold)
+        write_scores_csv(path, paths, scores, anomalous=anomalous)
         write_maps(out, name, paths, maps, ds, scores, map_loss(rec_loss).kind, a.images)
         main_score = scores[primary_score(cfg)]
+        verdict = ("no threshold (the run had no --calibration): no decisions" if anomalous is None else
+                   f"{int(anomalous.sum())} anomalous ({threshold['score']} > {threshold['threshold']:.4g})")
         print(f"scored {len(paths)} images with {primary_score(cfg)} "
-              f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}) "
-              f"-> {path}; anomaly maps ({map_loss(rec_loss).kind}) -> {out / f'maps_{name}.npz'}, "
+              f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}), "
+              f"{verdict} -> {path}; anomaly maps ({map_loss(rec_loss).kind}) -> {out / f'maps_{name}.npz'}, "
               f"{out / f'overlays_{name}'}/, {out / f'extremes_{name}.png'}")
         return
     with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    image_size=cfg.image_size, preprocess=cfg.preprocess)
-    metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg,
-                           extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint)})
+        ds = data_mod.hold_out_calibration(ds, cfg.calibration, seed=cfg.seed)  # as train.py held it out
+    metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg, scoring=scoring,
+                           checkpoint_path=a.checkpoint,
+                           extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint),
+                                  "trained_with": state.get("provenance")})
     if out.resolve() != Path(a.checkpoint).resolve().parent:  # --out elsewhere: the log is beside the checkpoint
         figures.plot_curves(out / "curves.png", Path(a.checkpoint).parent / "log.csv")
     print(json.dumps(metrics, indent=2))

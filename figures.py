@@ -21,6 +21,8 @@ Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overla
 against the fraction of anomalies in the training set (:func:`plot_contamination`,
 ``auroc_vs_contamination.png``). Berg et al.'s histograms of latent norms are
 ``berg.latent_norm.plot_latent_norms`` (it draws with :func:`_pyplot` and :func:`_save`).
+Also not in the paper: precision-recall curves with their average precision (:func:`plot_pr`,
+``pr.png``), the calibrated threshold marked on both (:func:`mark_threshold`).
 
 matplotlib is imported on first use, with its file-only Agg backend; of the project this module
 imports only ``errors``, ``readers``, ``features``, ``losses`` and ``data`` (for Fig. 1 and Fig. 3).
@@ -157,8 +159,9 @@ def _grid(rows: list[torch.Tensor]) -> np.ndarray:
     return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
 
 
-def plot_roc(path, scores, labels, aucs, *, title="") -> None:
-    """ROC curve of every finite score, labelled with its ROC AUC (``aucs``)."""
+def plot_roc(path, scores, labels, aucs, *, title="", mark=None) -> None:
+    """ROC curve of every finite score, labelled with its ROC AUC (``aucs``); ``mark``: the
+    calibrated threshold's point (:func:`mark_threshold`, x = FPR, y = TPR)."""
     from sklearn.metrics import roc_curve
 
     fig, ax = _pyplot().subplots(figsize=(5, 5))
@@ -167,7 +170,35 @@ def plot_roc(path, scores, labels, aucs, *, title="") -> None:
             fpr, tpr, _ = roc_curve(labels, v)
             ax.plot(fpr, tpr, label=f"{k} ({aucs[k]:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    mark_threshold(ax, mark)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {title}")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def mark_threshold(ax, mark) -> None:
+    """``mark`` = (score name, x, y, threshold): the calibrated threshold as a point on that score's
+    curve (nothing when ``mark`` is None or a coordinate is undefined)."""
+    if mark and mark[1] is not None and mark[2] is not None:
+        name, x, y, t = mark
+        ax.plot([x], [y], "ko", ms=7, mfc="none", mew=1.5, label=f"{name} > {t:.4g} (calibrated)")
+
+
+def plot_pr(path, scores, labels, aps, *, title="", mark=None) -> None:
+    """Precision-recall curve of every finite score (anomaly = positive), labelled with its average
+    precision (``aps``), the chance level (the share of anomalies) dotted; ``mark``: the calibrated
+    threshold's point (:func:`mark_threshold`, x = recall (TPR), y = precision)."""
+    from sklearn.metrics import precision_recall_curve
+
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
+    for k, v in scores.items():
+        if np.isfinite(v).all():
+            precision, recall, _ = precision_recall_curve(labels, v)
+            ax.step(recall, precision, where="post", label=f"{k} (AP {aps[k]:.3f})")
+    ax.axhline(float(np.mean(labels)), color="k", ls=":", lw=0.8)
+    mark_threshold(ax, mark)
+    ax.set(xlabel="recall (true positive rate)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"precision-recall, {title}")
     ax.legend(fontsize=8)
     _save(fig, path)
 

@@ -23,7 +23,7 @@ import checkpoint
 import data as data_mod
 import errors
 import piad
-from tools import tblog
+from tools import provenance, tblog
 from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from config import TrainConfig
 from errors import Diverged, Interrupted
@@ -87,7 +87,7 @@ class Run:
             "preset": dataclasses.asdict(model.config), "channels": self.ds.channels,
             "image_size": self.ds.image_size, "model": model.state_dict(), "trainer": self.trainer.state_dict(),
             "sampler": self.sampler.gen.get_state(), "rng": checkpoint.rng_state(), "stats": self.stats_state,
-            "vgg_weights": self.rec_loss.weights_id, **extra})
+            "vgg_weights": self.rec_loss.weights_id, "provenance": provenance.record(self.device), **extra})
 
     def save_good(self, done: int) -> None:
         """checkpoint.pt is only ever written with finite losses and weights."""

@@ -3,7 +3,9 @@
 ``python train.py --dataset mnist --normal 8`` trains PIAD on the normal class and writes,
 in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
 ``log.csv`` (every loss and γ_G, γ_E), and the evaluation outputs of ``evaluate.py``
-(``metrics.json``, ``scores.csv``, ``roc.png``, ``reconstructions.png``, ``extremes.png``).
+(``metrics.json``, ``scores.csv``, ``roc.png``, ``pr.png``, ``reconstructions.png``, ``extremes.png``);
+with ``--calibration F`` a seeded fraction F of the normal training images is held out before
+training (``data.hold_out_calibration``) and gives the decision threshold (``evaluate.calibrate``).
 ``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
 variant of Berg et al. (module ``berg.latent_norm``) on the same networks instead.
 
@@ -234,6 +236,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     if not cfg.evaluate:
         return {"iterations": run.iterations, "train_time_s": run.train_time()}
     return evaluate.evaluate_run(run.dir, model=run.model, data=ds, rec_loss=run.rec_loss, config=cfg,
+                                 checkpoint_path=run.checkpoint,
                                  extra={"iterations": run.iterations, "train_time_s": round(run.train_time(), 1),
                                         "device": str(run.device), "contamination": ds.contamination,
                                         "threads": torch.get_num_threads(), "precision": cfg.precision,
@@ -246,9 +249,14 @@ def _load(cfg: TrainConfig) -> data_mod.AnomalyData:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
-        return data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                                     contamination=cfg.contamination, protocol=cfg.protocol,
-                                     download=cfg.download, image_size=cfg.image_size, preprocess=cfg.preprocess)
+        ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
+                                   contamination=cfg.contamination, protocol=cfg.protocol,
+                                   download=cfg.download, image_size=cfg.image_size, preprocess=cfg.preprocess)
+    with errors.user_errors(ValueError, prefix="--calibration: "):  # held out before training, checked here
+        ds = data_mod.hold_out_calibration(ds, cfg.calibration, seed=cfg.seed)
+        if ds.calibration is not None:
+            evaluate.calibration_rank(len(ds.calibration), cfg.target_fpr)
+    return ds
 
 
 def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, data_mod.AnomalyData, dict]:

@@ -94,14 +94,16 @@ def test_a_per_sample_function_is_refused_as_a_map_and_a_map_as_a_score():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A finished 2-iteration run with the rel-perc-l1 loss (random VGG) and a folder of images."""
+    """A finished 2-iteration run with the rel-perc-l1 loss (random VGG), a calibrated threshold, and a
+    folder of images."""
     from PIL import Image
 
     w = tmp_path_factory.mktemp("maps")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train.train(train.parse_args(["--dataset", "digits", "--normal", "3", "--batch-size", "8", "--vgg-weights",
-                                      "random", "--no-progress", "--iterations", "2", "--out", str(w / "run")]))
+                                      "random", "--no-progress", "--iterations", "2", "--calibration", "0.2",
+                                      "--out", str(w / "run")]))
     r = np.random.default_rng(0)
     (w / "imgs" / "sub").mkdir(parents=True)
     sizes = {"imgs/a.png": (40, 30), "imgs/sub/b.png": (20, 20, 3), "imgs/c.png": (200, 300, 3)}
@@ -147,8 +149,9 @@ sys.meta_path.insert(0, NoProject())
 extra = {"piad.json": ""}
 scorer = torch.export.load(sys.argv[1], extra_files=extra).module()
 x = torch.load(sys.argv[2])
-scores, maps = scorer(x)
-torch.save({"scores": scores, "maps": maps, "meta": json.loads(extra["piad.json"])}, sys.argv[2] + ".out")
+scores, maps, *decision = scorer(x)  # a run with a threshold also returns `anomalous`
+torch.save({"scores": scores, "maps": maps, "anomalous": decision[0] if decision else None,
+            "meta": json.loads(extra["piad.json"])}, sys.argv[2] + ".out")
 """
 
 
@@ -162,9 +165,10 @@ def test_the_exported_scorer_equals_evaluate_and_loads_with_torch_only(run, tmp_
     w, sizes = run
     ckpt = str(w / "run" / "checkpoint.pt")
     evaluate.main(["--checkpoint", ckpt, "--export", str(tmp_path / "scorer.pt2")])
-    _, _, model, rec_loss = evaluate.load_run(ckpt)
+    state, _, model, rec_loss = evaluate.load_run(ckpt)
     ds, paths = data.load_image_folder(str(w / "imgs"), image_size=32, channels=1)
     scores, _ = evaluate.compute_scores(model, ds, rec_loss, maps=True)  # what evaluate.py --images computes
+    threshold = state["scoring"]["threshold"]
     x01 = (ds.images + 1) / 2                                             # the same images in [0, 1]
     torch.save(x01, tmp_path / "x.pt")
     subprocess.run([sys.executable, "-c", LOAD_WITH_TORCH_ONLY, str(tmp_path / "scorer.pt2"), str(tmp_path / "x.pt"),
@@ -173,8 +177,10 @@ def test_the_exported_scorer_equals_evaluate_and_loads_with_torch_only(run, tmp_
     np.testing.assert_allclose(got["scores"].numpy(), scores["rel-perc-l1"], rtol=1e-5, atol=0)
     np.testing.assert_allclose(got["maps"].numpy(), scores["map"], rtol=1e-5, atol=1e-7)
     assert got["meta"]["image_size"] == 32 and got["meta"]["distance"] == "rel-perc-l1"
+    np.testing.assert_array_equal(got["anomalous"].numpy(), evaluate.decide(scores, threshold))  # the decisions
+    assert got["meta"]["threshold"] == threshold
     scorer = torch.export.load(tmp_path / "scorer.pt2").module()  # any batch size
-    one, _ = scorer(x01[1:2])
+    one, _, _ = scorer(x01[1:2])
     np.testing.assert_allclose(one.numpy(), scores["rel-perc-l1"][1:2], rtol=1e-5, atol=0)
 
 
