@@ -3,7 +3,7 @@
 Fashion-MNIST "bag" (class 8, the gpnd protocol of §4), the ImageNet (Caffe) VGG-19, 2,000
 iterations of Algorithm 1, seeds 0, 1 and 2, each trained twice: ``--precision fp32`` and
 ``--precision bf16`` (both with the default ``--channels-last``). Every run is its own process
-(``python train.py ... --threads 1``), one after the other; a run whose ``metrics.json`` exists is
+(``python train.py ... --threads 1``), ``--jobs`` of them at once; a run whose ``metrics.json`` exists is
 not run again, so the study continues where it stopped. Then:
 
 * ``bf16_study.json``: ROC AUC per seed and precision, mean ± std (over seeds, ddof 1), and the
@@ -12,7 +12,7 @@ not run again, so the study continues where it stopped. Then:
   standard deviation of the fp32 mean, or better;
 * ``bf16_study.png``: the trajectories, fp32 and bf16 side by side.
 
-    python docs/bf16_study.py [--runs runs/bf16_study] [--iterations 2000] [--seeds 0 1 2]
+    python docs/bf16_study.py [--runs runs/bf16_study] [--iterations 2000] [--seeds 0 1 2] [--jobs 2]
 
 (``--dataset digits --normal 3 --iterations 20 --vgg-weights random`` checks the script in a minute.)
 """
@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -122,8 +123,11 @@ def main(argv=None) -> dict:
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(HERE), help="folder of bf16_study.json and bf16_study.png")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each at one thread (at most the cores)")
     args = p.parse_args(argv)
-    runs = {(precision, seed): train_once(args, precision, seed) for seed in args.seeds for precision in PRECISIONS}
+    keys = [(precision, seed) for precision in PRECISIONS for seed in args.seeds]  # fp32 first: the longer runs
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each run is its own process
+        runs = dict(zip(keys, pool.map(lambda k: train_once(args, *k), keys)))
     result = summarise(args, runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

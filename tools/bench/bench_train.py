@@ -17,7 +17,6 @@ pipes x 8 lanes x 2) or 64 (AVX-512: 2 x 16 x 2); bf16 128 with AVX512_BF16 (2 V
     python tools/bench/bench_train.py [--preset mnist|cifar10] [--rounds 10] [--threads N] [--no-authors]
 """
 import argparse
-import importlib
 import os
 import re
 import statistics
@@ -41,7 +40,8 @@ import losses  # noqa: E402
 import piad  # noqa: E402
 import train  # noqa: E402
 
-AUTHORS = Path(os.environ.get("PIAD_AUTHORS_CODE", ROOT.parent / "shared" / "reference" / "ninatu-piad"))
+sys.path.insert(0, str(ROOT / "tests"))
+from test_parity import AUTHORS, _import_authors  # noqa: E402  (the authors' code as the parity test imports it)
 N_IMAGES = 512
 
 
@@ -73,36 +73,6 @@ def ours(preset: str, images, *, precision: str, channels_last: bool, vgg, stats
             it = next(count)
         trainer.step(it, sampler, log=it % 10 == 0)  # train.py logs every 10th
     return step
-
-
-class _NumPy2:
-    """``numpy`` as the authors' NumPy-1 code expects it (``np.array(x, copy=False)``)."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def array(obj, *args, copy=True, **kwargs):
-        return np.asarray(obj, *args, **kwargs) if copy is False else np.array(obj, *args, **kwargs)
-
-
-def _import_authors() -> dict:
-    """Their modules under their package name ``piad``, swapped into sys.modules only while imported."""
-    mine = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "piad" or k.startswith("piad.")}
-    stub = type(sys)("piad.logger")
-    stub.Logger = None
-    sys.path.insert(0, str(AUTHORS))
-    sys.modules["piad.logger"] = stub
-    try:
-        mods = {n: importlib.import_module(f"piad.{n}")
-                for n in ("networks", "adv_losses", "utils", "optimizer", "rec_losses", "feature_extractor", "train")}
-    finally:
-        sys.path.remove(str(AUTHORS))
-        for k in [k for k in sys.modules if k == "piad" or k.startswith("piad.")]:
-            del sys.modules[k]
-        sys.modules.update(mine)
-    mods["utils"].np = _NumPy2()
-    return mods
 
 
 def authors(preset: str, images, *, batch_size: int):
