@@ -221,7 +221,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     (:class:`Interrupted`); a non-finite loss keeps ``checkpoint.pt`` as the last good state,
     saves ``diverged.pt`` and raises :class:`Diverged`; any other exception in the loop leaves
     ``checkpoint.pt`` as it was and saves the state at the failure as ``crashed.pt``."""
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate().resolved()
     if cfg.threads:  # before any work: a run's floats depend on its thread count
         torch.set_num_threads(cfg.threads)
     cfg, ds, extra = _load_data(cfg)
@@ -258,7 +258,7 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, data_mod.AnomalyData, dic
             raise
         print(f"note: {cfg.dataset} cannot be had here; training on {cfg.fallback} instead (--fallback)",
               file=sys.stderr, flush=True)
-        alt = dataclasses.replace(cfg, dataset=cfg.fallback, fallback=None, protocol=None).validate()
+        alt = dataclasses.replace(cfg, dataset=cfg.fallback, fallback=None, protocol=None).validate().resolved()
         return alt, _load(alt), {"fallback_from": cfg.dataset}
 
 
