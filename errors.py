@@ -97,21 +97,12 @@ def run_cli(main, argv=None) -> None:
         raise SystemExit(code) from None
 
 
-def _numpy_globals() -> list:
-    """The numpy types inside numpy RNG states, which checkpoints of piad <= 0.1 stored."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = "", allow_numpy: bool = False):
+def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = ""):
     """``torch.load(path, weights_only=True)``: tensors and plain containers only.
 
     A file that holds pickled Python objects (which could run arbitrary code while loading) is
     refused before any of it runs: :class:`BadFile` naming the objects. A missing file raises
-    :class:`MissingFile`, a corrupt one :class:`BadFile`; ``fix`` is appended to the message.
-    ``allow_numpy`` also admits numpy arrays (old checkpoints' RNG states)."""
+    :class:`MissingFile`, a corrupt one :class:`BadFile`; ``fix`` is appended to the message."""
     path = Path(path)
     hint = f"; {fix}" if fix else ""
     if not path.exists():
@@ -119,8 +110,7 @@ def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = "", all
     if not path.is_file():
         raise BadFile(f"{what} {path} is not a file{hint}")
     try:
-        with torch.serialization.safe_globals(_numpy_globals() if allow_numpy else []):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():  # refused by the restricted unpickler
             found = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))

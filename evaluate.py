@@ -210,7 +210,7 @@ def saved_model(state: dict, device) -> piad.PIAD | pgan.PGAN:
     if method == "latent-norm" and state["config"].get("networks") == "pgan":  # berg/pgan.py; records lod
         model = pgan.PGAN(pgan.PGANConfig(**state["preset"]))
     else:
-        model = piad.PIAD(config=piad.PIADConfig.from_saved(state["preset"]), channels=state["channels"])
+        model = piad.PIAD(config=piad.PIADConfig(**state["preset"]), channels=state["channels"])
         if method == "latent-norm":
             latent_norm.use_pixel_norm(model)
     model.to(device).load_state_dict(state["model"])
