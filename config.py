@@ -82,9 +82,9 @@ class TrainConfig:
                                 group="data")
     image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes,
                                   group="data")
-    preprocess: str = knob("authors", "image resampling: the authors' code's (PIL / scikit-image on 8-bit images, "
-                                      "uint8 rounding) or antialiased bilinear on floats", data_mod.readers.PREPROCESS,
-                                      group="data")
+    preprocess: str = knob(data_mod.readers.PREPROCESS[0], "image resampling: the authors' code's (PIL / "
+                           "scikit-image on 8-bit images, uint8 rounding) or antialiased bilinear on floats",
+                           data_mod.readers.PREPROCESS, group="data")
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)", group="data")
     method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (latent_norm.py)", METHODS,
                        group="training")
