@@ -58,10 +58,15 @@ def _distance(rec_loss, kind: str, device=None) -> losses.ReconstructionLoss:
                                      check_range=False).to(device or rec_loss.mean.device)
 
 
-def map_loss(rec_loss) -> losses.ReconstructionLoss:
+def map_kind(rec_loss) -> str:
     """The distance of the anomaly maps: eq. (4) (``rel-perc-l1``) with the run's VGG features and
     statistics, whatever the training loss; pixel ``l1`` if the run has no VGG features."""
-    return _distance(rec_loss, "rel-perc-l1" if _has_features(rec_loss) else "l1")
+    return "rel-perc-l1" if _has_features(rec_loss) else "l1"
+
+
+def map_loss(rec_loss) -> losses.ReconstructionLoss:
+    """The loss that draws the anomaly maps, of kind :func:`map_kind`."""
+    return _distance(rec_loss, map_kind(rec_loss))
 
 
 @torch.no_grad()
@@ -69,7 +74,7 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
                    centre: torch.Tensor | None = None, maps: bool = False) -> tuple[dict, np.ndarray]:
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
     With ``maps``, ``scores["map"]`` holds the anomaly map of every image, (N, h, w), which sums to
-    its score ``map_loss(rec_loss).kind`` (``piad.anomaly_map``).
+    its score ``map_kind(rec_loss)`` (``piad.anomaly_map``).
 
     Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
     ``centre``, ‖E(x) - centre‖: ``latent_norm.code_norms``) and -D_X(x). Items are scored
@@ -83,7 +88,7 @@ def compute_scores(model, ds, rec_loss, *, batch_size: int = 256, device=None,
     feature_losses = ({k: _distance(rec_loss, k, device) for k in ("rel-perc-l1", "perc-l1", "perc")}
                       if _has_features(rec_loss) else {})
     pixel = {k: _distance(rec_loss, k) for k in losses.PIXEL_KINDS}
-    amap = (feature_losses["rel-perc-l1"] if feature_losses else pixel["l1"]) if maps else None  # map_loss's kind
+    amap = {**pixel, **feature_losses}[map_kind(rec_loss)] if maps else None  # one of the distances, reused
 
     def distances(x, xr) -> dict:  # every L(x, G(E(x))) of eq. (1), VGG features computed once
         out = {k: L(x, xr) for k, L in pixel.items()}
@@ -271,11 +276,11 @@ def _main(argv) -> None:
         name = Path(a.images).resolve().name
         path = out / f"scores_{name}.csv"
         write_scores_csv(path, paths, scores)
-        write_maps(out, name, paths, maps, ds, scores, map_loss(rec_loss).kind, a.images)
+        write_maps(out, name, paths, maps, ds, scores, map_kind(rec_loss), a.images)
         main_score = scores[primary_score(cfg)]
         print(f"scored {len(paths)} images with {primary_score(cfg)} "
               f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}) "
-              f"-> {path}; anomaly maps ({map_loss(rec_loss).kind}) -> {out / f'maps_{name}.npz'}, "
+              f"-> {path}; anomaly maps ({map_kind(rec_loss)}) -> {out / f'maps_{name}.npz'}, "
               f"{out / f'overlays_{name}'}/, {out / f'extremes_{name}.png'}")
         return
     with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
