@@ -86,7 +86,7 @@ class TrainConfig:
                            "scikit-image on 8-bit images, uint8 rounding) or antialiased bilinear on floats",
                            data_mod.readers.PREPROCESS, group="data")
     contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)", group="data")
-    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (latent_norm.py)", METHODS,
+    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (berg/latent_norm.py)", METHODS,
                        group="training")
     vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH", group="piad")
     stats: str = knob("auto", "VGG feature statistics of eq. (3): " + "|".join(features.STATS_CHOICES) + "|PATH "
@@ -124,7 +124,7 @@ class TrainConfig:
     reseed: int = knob(0, "with --resume: new random draws from the checkpoint on (e.g. after a divergence)",
                        group="training")
     # --method latent-norm only (docs/berg.md): Berg et al.'s pGAN networks grown progressively
-    # (pgan.py, progressive.py; default), or PIAD's networks at a fixed resolution (ours).
+    # (berg/pgan.py, berg/progressive.py; default), or PIAD's networks at a fixed resolution (ours).
     networks: str | None = knob(None, "latent-norm networks: pgan (Berg et al.'s, default) or piad (PIAD's, ours)",
                                 NETWORKS, group="berg")
     fmap_max: int = knob(512, "pgan: most feature maps of any layer (512: the supplement's tables)", group="berg")
