@@ -207,15 +207,19 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the defaults that depend on other settings filled in: ``networks`` (the
-        method's own: pgan for latent-norm, else piad) and ``seed`` (:attr:`run_seed`). A run is
-        built from this copy, and its checkpoint records it."""
-        networks = self.networks or ("pgan" if self.method == "latent-norm" else "piad")
-        return dataclasses.replace(self, networks=networks, seed=self.run_seed)
+        method's own, :attr:`run_networks`) and ``seed`` (:attr:`run_seed`). A run is built from
+        this copy, and its checkpoint records it."""
+        return dataclasses.replace(self, networks=self.run_networks, seed=self.run_seed)
+
+    @property
+    def run_networks(self) -> str:
+        """``networks``, or when left out the method's own: pgan for latent-norm, else piad."""
+        return self.networks or ("pgan" if self.method == "latent-norm" else "piad")
 
     @property
     def pgan(self) -> bool:
         """Berg et al.'s pGAN networks, grown progressively (``--method latent-norm --networks pgan``)."""
-        return self.method == "latent-norm" and self.networks in (None, "pgan")
+        return self.method == "latent-norm" and self.run_networks == "pgan"
 
     @property
     def run_seed(self) -> int:
