@@ -19,7 +19,6 @@ STAMP := $(VENV)/.piad-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
 .PHONY: run test setup data

@@ -38,7 +38,7 @@ def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
     is refused (:class:`errors.BadFile`) before any of it runs. Missing, corrupt or foreign files
     raise :class:`errors.UserError` subclasses (``fix`` is appended to their message)."""
     path = Path(path)
-    state = errors.safe_load(path, what="checkpoint", fix=fix, allow_numpy=True)  # numpy: old RNG states
+    state = errors.safe_load(path, what="checkpoint", fix=fix)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise errors.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
                              + (f"; {fix}" if fix else ""))
@@ -59,13 +59,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
+    """Restores the global RNG states :func:`rng_state` recorded."""
     torch.set_rng_state(s["torch"])
     n = s["numpy"]
-    if isinstance(n, dict):
-        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-    else:  # checkpoints of piad <= 0.1: numpy's own tuple
-        np.random.set_state(n)
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss_next = s["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in s and torch.cuda.is_available():

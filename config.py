@@ -1,10 +1,13 @@
 """A run's settings: every knob of Algorithm 1's runs, declared once (paper §4, supplement §1).
 
 :class:`TrainConfig` is the single declaration of what a run can change. Each field carries its
-help text (and its choices) as metadata; ``train.py``'s command line is generated from the fields
-(``--batch-size`` for ``batch_size``, ``--no-progress`` for a boolean that defaults to true), and
-:meth:`TrainConfig.validate` checks the same choices. The architecture and optimiser settings of
-the supplement's tables are not here: they belong to the dataset's preset (``piad.PIADConfig``).
+help text, its choices and its group of ``--help`` (:data:`GROUPS`: data, training, PIAD's,
+Berg et al.'s, the run's) as metadata; ``train.py``'s command line is generated from the fields
+(``--batch-size`` for ``batch_size``, ``--no-progress`` for a boolean that defaults to true).
+:meth:`TrainConfig.validate` checks the settings (the same choices) and changes nothing;
+:meth:`TrainConfig.resolved` fills in the defaults that depend on other settings. The
+architecture and optimiser settings of the supplement's tables are not here: they belong to the
+dataset's preset (``piad.PIADConfig``).
 """
 from __future__ import annotations
 
@@ -44,6 +47,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# The groups of ``train.py --help``, in its order: each field of TrainConfig names its own.
+GROUPS = {"data": "data (§4)",
+          "training": "training (both methods)",
+          "piad": "PIAD (§3, Algorithm 1)",
+          "berg": "Berg et al. (--method latent-norm)",
+          "run": "run (files, devices, speed, output)"}
+
+
 def bf16_unsupported(device: torch.device) -> str | None:
     """Why ``--precision bf16`` cannot run at speed on ``device`` (None: it can): a CPU needs
     AVX-512 BF16 or AMX (else oneDNN emulates bf16, slower than fp32), a GPU native bf16 (sm80+)."""
@@ -55,84 +66,102 @@ def bf16_unsupported(device: torch.device) -> str | None:
     return "this CPU has neither AVX-512 BF16 nor AMX (bf16 would be emulated, slower than fp32)"
 
 
-def knob(default, help: str, choices: tuple | None = None):
-    """A :class:`TrainConfig` field: its default, its ``--help`` text and its allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def knob(default, help: str, choices: tuple | None = None, *, group: str):
+    """A :class:`TrainConfig` field: its default, its ``--help`` text, its allowed values and its
+    group of ``--help`` (a key of :data:`GROUPS`)."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {', '.join(GROUPS)}, got {group!r}")
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = knob("mnist", "dataset of the paper or an offline stand-in", tuple(data_mod.DATASETS))
+    dataset: str = knob("mnist", "dataset of the paper or an offline stand-in", tuple(data_mod.DATASETS), group="data")
     fallback: str | None = knob(None, "dataset to train on instead when --dataset cannot be had here (not on "
-                                      "disk, no download), e.g. mnist-5k offline", tuple(data_mod.DATASETS))
-    normal: str = knob("8", "normal class: index or name (attribute for celeba)")
-    iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)")
-    batch_size: int = knob(32, "minibatch size")
+                                      "disk, no download), e.g. mnist-5k offline", tuple(data_mod.DATASETS),
+                                      group="data")
+    normal: str = knob("8", "normal class: index or name (attribute for celeba)", group="data")
+    iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)", group="training")
+    batch_size: int = knob(32, "minibatch size", group="training")
     seed: int | None = knob(None, "random seed (data split, initialisation, minibatches); default 0, "
-                                  f"{progressive.SEED} for latent-norm with pgan networks (theirs)")
-    out: str | None = knob(None, "run folder (default runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>)")
-    data_root: str | None = knob(None, "folder with the dataset files")
+                                  f"{progressive.SEED} for latent-norm with pgan networks (theirs)", group="training")
+    out: str | None = knob(None, "run folder (default runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>)",
+                           group="run")
+    data_root: str | None = knob(None, "folder with the dataset files", group="data")
     download: bool = knob(True, "download MNIST/CIFAR-10 when missing (--no-download: files must be "
-                                "under --data-root)")
-    protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)", PROTOCOLS)
-    image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes)
-    preprocess: str = knob("authors", "image resampling: the authors' code's (PIL / scikit-image on 8-bit images, "
-                                      "uint8 rounding) or antialiased bilinear on floats", data_mod.readers.PREPROCESS)
-    contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)")
+                                "under --data-root)", group="data")
+    protocol: str | None = knob(None, "evaluation protocol (default: the paper's for the dataset)", PROTOCOLS,
+                                group="data")
+    image_size: int | None = knob(None, "image size, --dataset folder only", data_mod.DATASETS["folder"].image_sizes,
+                                  group="data")
+    preprocess: str = knob(data_mod.readers.PREPROCESS[0], "image resampling: the authors' code's (PIL / "
+                           "scikit-image on 8-bit images, uint8 rounding) or antialiased bilinear on floats",
+                           data_mod.readers.PREPROCESS, group="data")
+    contamination: float = knob(0.0, "fraction of anomalies in the training set (an extension)", group="data")
     calibration: float = knob(0.0, "fraction of the normal training images held out (never trained on) to calibrate "
-                                   "a decision threshold; 0: none, no threshold (folder runs: 0.1 advised)")
-    target_fpr: float = knob(0.05, "false-positive rate on normal images the calibrated threshold aims at")
-    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (latent_norm.py)", METHODS)
-    vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH")
+                                   "a decision threshold; 0: none, no threshold (folder runs: 0.1 advised)", group="data")
+    target_fpr: float = knob(0.05, "false-positive rate on normal images the calibrated threshold aims at",
+                             group="run")
+    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (berg/latent_norm.py)", METHODS,
+                       group="training")
+    vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH", group="piad")
     stats: str = knob("auto", "VGG feature statistics of eq. (3): " + "|".join(features.STATS_CHOICES) + "|PATH "
-                              "(auto: the authors' ImageNet ones with torchvision's weights, else sklearn)")
-    loss: str = knob("rel-perc-l1", "L_rec of eq. (7)", losses.KINDS)
-    impl: str = knob("auto", "relative-perceptual-L1 implementation: fused op or PyTorch", losses.IMPLS)
-    weights_policy: str = knob("gradnorm", "γ_G, γ_E: gradient-normalizing policy (§3.3) or fixed", POLICIES)
-    gamma_g: float = knob(1.0, "γ_G: held fixed with --weights-policy fixed; the starting value with gradnorm")
-    gamma_e: float = knob(1.0, "γ_E: held fixed with --weights-policy fixed; the starting value with gradnorm")
-    n_weight: int = knob(100, "γ update period (supplement §1.2)")
-    policy_last_n: int = knob(DEFAULT_LAST_N, "γ policy: ratios of the last N records")
-    policy_smoothing: float = knob(DEFAULT_SMOOTHING, "γ policy: EWMA factor of the records")
-    policy_history: int = knob(DEFAULT_HISTORY, "γ policy: records kept")
-    policy_reduce: str = knob(REDUCES[0], "γ policy: reduction of the ratios (Algorithm 3)", REDUCES)
+                              "(auto: the authors' ImageNet ones with torchvision's weights, else sklearn)",
+                              group="piad")
+    loss: str = knob("rel-perc-l1", "L_rec of eq. (7)", losses.KINDS, group="piad")
+    impl: str = knob("auto", "relative-perceptual-L1 implementation: fused op or PyTorch", losses.IMPLS, group="piad")
+    weights_policy: str = knob("gradnorm", "γ_G, γ_E: gradient-normalizing policy (§3.3) or fixed", POLICIES,
+                               group="piad")
+    gamma_g: float = knob(1.0, "γ_G: held fixed with --weights-policy fixed; the starting value with gradnorm",
+                          group="piad")
+    gamma_e: float = knob(1.0, "γ_E: held fixed with --weights-policy fixed; the starting value with gradnorm",
+                          group="piad")
+    n_weight: int = knob(100, "γ update period (supplement §1.2)", group="piad")
+    policy_last_n: int = knob(DEFAULT_LAST_N, "γ policy: ratios of the last N records", group="piad")
+    policy_smoothing: float = knob(DEFAULT_SMOOTHING, "γ policy: EWMA factor of the records", group="piad")
+    policy_history: int = knob(DEFAULT_HISTORY, "γ policy: records kept", group="piad")
+    policy_reduce: str = knob(REDUCES[0], "γ policy: reduction of the ratios (Algorithm 3)", REDUCES, group="piad")
     policy_norm: str = knob(NORMS[0], "γ policy: gradient norm of Algorithm 2 (std: the authors' code; "
-                                      "l2: the paper's Algorithm 2)", NORMS)
+                                      "l2: the paper's Algorithm 2)", NORMS, group="piad")
     policy_at_start: bool = knob(False, "γ from iteration 0 (paper, Alg. 1 line 9) instead of γ = 1 until "
-                                        "iteration n_weight - 1 (authors' code, default)")
-    device: str = knob("auto", "where to train", DEVICES)
-    threads: int | None = knob(None, "CPU threads of the run (default: torch's); a run's floats depend on it")
-    resume: bool = knob(False, "continue the run in --out from its checkpoint")
+                                        "iteration n_weight - 1 (authors' code, default)", group="piad")
+    device: str = knob("auto", "where to train", DEVICES, group="run")
+    threads: int | None = knob(None, "CPU threads of the run (default: torch's); a run's floats depend on it",
+                               group="run")
+    resume: bool = knob(False, "continue the run in --out from its checkpoint", group="run")
     cache_features: str = knob("auto", "compute the training images' VGG features once (auto: when each "
-                                       "is seen more than twice)", ("auto", "on", "off"))
-    channels_last: bool = knob(True, "NHWC tensors for every conv net (same maths, faster kernels)")
+                                       "is seen more than twice)", ("auto", "on", "off"), group="piad")
+    channels_last: bool = knob(True, "NHWC tensors for every conv net (same maths, faster kernels)", group="run")
     precision: str = knob("fp32", "training step arithmetic: fp32, or bf16 autocast of G, E, D_X, D_Z, VGG-19 (fp32 "
-                                  "weights, Adam, penalty norm, γ statistics, eq. (4) sums; --method piad only)", PRECISIONS)
-    checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)")
-    log_every: int = knob(10, "iterations between rows of log.csv")
+                                  "weights, Adam, penalty norm, γ statistics, eq. (4) sums; --method piad only)",
+                          PRECISIONS, group="run")
+    checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)", group="run")
+    log_every: int = knob(10, "iterations between rows of log.csv", group="run")
     tensorboard: bool = knob(False, "also write the logged losses and γ, and reconstruction grids, to RUN/tb/ "
-                                    "(needs: pip install .[tensorboard])")
-    tensorboard_images: int = knob(500, "iterations between reconstruction grids with --tensorboard")
-    progress: bool = knob(True, "show a progress bar")
-    evaluate: bool = knob(True, "evaluate after training (--no-evaluate: later, with evaluate.py)")
-    reseed: int = knob(0, "with --resume: new random draws from the checkpoint on (e.g. after a divergence)")
+                                    "(needs: pip install .[tensorboard])", group="run")
+    tensorboard_images: int = knob(500, "iterations between reconstruction grids with --tensorboard", group="run")
+    progress: bool = knob(True, "show a progress bar", group="run")
+    evaluate: bool = knob(True, "evaluate after training (--no-evaluate: later, with evaluate.py)", group="run")
+    reseed: int = knob(0, "with --resume: new random draws from the checkpoint on (e.g. after a divergence)",
+                       group="training")
     # --method latent-norm only (docs/berg.md): Berg et al.'s pGAN networks grown progressively
-    # (pgan.py, progressive.py; default), or PIAD's networks at a fixed resolution (ours).
+    # (berg/pgan.py, berg/progressive.py; default), or PIAD's networks at a fixed resolution (ours).
     networks: str | None = knob(None, "latent-norm networks: pgan (Berg et al.'s, default) or piad (PIAD's, ours)",
-                                system.NETWORKS)
-    fmap_max: int = knob(pgan.FMAP_MAX, "pgan: most feature maps of any layer (512: the supplement's tables)")
-    fmap_base: int = knob(pgan.FMAP_BASE, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max)")
+                                system.NETWORKS, group="berg")
+    fmap_max: int = knob(pgan.FMAP_MAX, "pgan: most feature maps of any layer (512: the supplement's tables)",
+                         group="berg")
+    fmap_base: int = knob(pgan.FMAP_BASE, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max)",
+                          group="berg")
     lod_kimg: float = knob(progressive.Schedule.lod_training_kimg, "pgan: thousands of real images to stabilise "
-                           "each resolution, and again to fade the next one in (their train.py: 600 and 600)")
+                           "each resolution, and again to fade the next one in (their train.py: 600 and 600)",
+                           group="berg")
     total_kimg: float = knob(progressive.Schedule.total_kimg,
-                             "pgan: training length in thousands of real images (their config.py)")
+                             "pgan: training length in thousands of real images (their config.py)", group="berg")
 
     def validate(self) -> "TrainConfig":
-        """Raises :class:`errors.UserError` naming every setting that cannot work (before any work starts)."""
+        """Raises :class:`errors.UserError` naming every setting that cannot work (before any work
+        starts); changes nothing (:meth:`resolved` fills in the defaults) and returns ``self``."""
         bad = []
-        if self.networks is None:  # the method's own networks
-            self.networks = "pgan" if self.method == "latent-norm" else "piad"
-        self.seed = self.run_seed
 
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
@@ -163,7 +192,8 @@ class TrainConfig:
         need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads",
              "must be a whole number >= 1 (or left out for torch's default)")
         for name in ("seed", "reseed"):
-            need(is_int(getattr(self, name)) and 0 <= getattr(self, name) < 2 ** 32, name,
+            value = getattr(self, name)
+            need((name == "seed" and value is None) or (is_int(value) and 0 <= value < 2 ** 32), name,
                  "must be a whole number in 0..2**32-1")
         need(is_real(self.policy_smoothing) and 0 <= self.policy_smoothing < 1, "policy_smoothing",
              "must be a number with 0 <= s < 1")
@@ -199,7 +229,7 @@ class TrainConfig:
                        "file written by `python features.py stats`")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             bad.append(f"--out {self.out!r} is a file, not a run folder")
-        if self.method == "piad" and self.networks != "piad":
+        if self.method == "piad" and self.networks not in (None, "piad"):
             bad.append(f"--networks {self.networks}: only --method latent-norm trains pGAN networks")
         if self.pgan:
             for name in ("fmap_max", "fmap_base"):
@@ -210,10 +240,21 @@ class TrainConfig:
             raise errors.UserError("; ".join(bad))
         return self
 
+    def resolved(self) -> "TrainConfig":
+        """A copy with the defaults that depend on other settings filled in: ``networks`` (the
+        method's own, :attr:`run_networks`) and ``seed`` (:attr:`run_seed`). A run is built from
+        this copy, and its checkpoint records it."""
+        return dataclasses.replace(self, networks=self.run_networks, seed=self.run_seed)
+
+    @property
+    def run_networks(self) -> str:
+        """``networks``, or when left out the method's own: pgan for latent-norm, else piad."""
+        return self.networks or ("pgan" if self.method == "latent-norm" else "piad")
+
     @property
     def pgan(self) -> bool:
         """Berg et al.'s pGAN networks, grown progressively (``--method latent-norm --networks pgan``)."""
-        return self.method == "latent-norm" and self.networks in (None, "pgan")
+        return self.method == "latent-norm" and self.run_networks == "pgan"
 
     @property
     def run_seed(self) -> int:
@@ -228,11 +269,12 @@ class TrainConfig:
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainConfig":
-        """The config a checkpoint recorded (fields added since then take their defaults)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        # checkpoints from before --networks / --preprocess: PIAD's networks, images resampled on floats
-        saved = {"networks": "piad", "preprocess": "float", **saved}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+        """The (resolved) config a checkpoint of this version recorded."""
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise errors.BadFile(f"the checkpoint's settings {', '.join(unknown)} are not settings of this "
+                                 "version of piad; use the version that wrote it")
+        return cls(**saved)
 
     # Settings a resumed run may change: they change speed, where files are, or (reseed) the
     # random draws from the checkpoint on; the checkpoint's own statistics are used on resume.
@@ -253,9 +295,10 @@ def flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One flag per field of ``cls``: type from the annotation, help and choices from the metadata,
-    ``--x/--no-x`` (``BooleanOptionalAction``) for booleans."""
+    """One flag per field of ``cls``: type from the annotation, help, choices and ``--help`` group
+    (:data:`GROUPS`) from the metadata, ``--x/--no-x`` (``BooleanOptionalAction``) for booleans."""
     hints = typing.get_type_hints(cls)
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     for f in dataclasses.fields(cls):
         kind = next(t for t in (bool, int, float, str) if t in (hints[f.name], *typing.get_args(hints[f.name])))
         kw = dict(default=f.default, help=f.metadata["help"], dest=f.name)
@@ -265,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
             kw.update(type=kind, choices=f.metadata["choices"])
             if f.default is not None:
                 kw["help"] += f" (default: {f.default})"
-        parser.add_argument(flag(f.name), **kw)
+        groups[f.metadata["group"]].add_argument(flag(f.name), **kw)
 
 
 def parse_args(argv=None, *, prog: str = "train.py",

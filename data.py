@@ -25,6 +25,8 @@ is an extension too, empty unless asked for.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import dataclasses
 from dataclasses import dataclass, field
@@ -118,13 +120,6 @@ class Split:
 # ----------------------------------------------------------------------------------------------
 # Protocols (pure index arithmetic on label arrays; deterministic given the seed)
 
-def n_contaminants(contamination: float, n_normal: int) -> int:
-    """Number of anomalies to add so that they make up ``contamination`` of the training set."""
-    if not 0.0 <= contamination < 1.0:
-        raise ValueError(f"contamination must be in [0, 1), got {contamination}")
-    return round(contamination / (1.0 - contamination) * n_normal)
-
-
 def _sorted(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     idx = np.concatenate([normal, anomalous]).astype(np.int64)
     labels = np.concatenate([np.zeros(len(normal), np.int64), np.ones(len(anomalous), np.int64)])
@@ -143,7 +138,7 @@ def official_split(train_is_normal, test_is_normal, *, seed: int = 0, contaminat
     normal = np.flatnonzero(train_is_normal)
     if len(normal) == 0:
         raise ValueError("the training pool has no images of the normal class")
-    n_anom = n_contaminants(contamination, len(normal))
+    n_anom = berg.protocol.n_contaminants(contamination, len(normal), floor=False)  # nearest: ours
     pool = np.random.default_rng(seed).permutation(np.flatnonzero(~train_is_normal))
     if n_anom > len(pool):
         raise _too_few(n_anom, len(pool), f"contamination={contamination}")
@@ -168,7 +163,7 @@ def gpnd_split(is_normal, *, seed: int = 0, contamination: float = 0.0, train_fr
     if len(normal) == 0:
         raise ValueError("the pool has no images of the normal class")
     n_train = int(train_fraction * len(normal))  # floor, as the authors' code
-    n_anom = n_contaminants(contamination, n_train)
+    n_anom = berg.protocol.n_contaminants(contamination, n_train, floor=False)  # nearest: ours
     needed = n_anom + (len(normal) - n_train if balanced else 0)
     if needed > len(anomalies):
         what = "a balanced test set and " * balanced + f"contamination={contamination}"
@@ -235,51 +230,69 @@ def iterations(name: str, preset: str | None = None) -> int:
 # ----------------------------------------------------------------------------------------------
 # One task: a protocol applied to the images of a source (readers.py)
 
-def _from_pools(ctx: dict, k: int, pools: dict, scale: float = 255.0) -> AnomalyData:
+@dataclass(frozen=True)
+class _Task:
+    """What :func:`load_dataset` settled for one task, handed to the loaders below; a value a
+    loader derives (Berg et al.'s normal set, a folder's channels and preset) is a new record
+    (``dataclasses.replace``)."""
+
+    name: str
+    normal: str
+    protocol: str
+    seed: int
+    contamination: float
+    image_size: int
+    preset: str | None
+    channels: int | None
+    preprocess: str
+    source: str | None = None
+
+
+def _from_pools(ctx: _Task, k: int, pools: dict, scale: float = 255.0) -> AnomalyData:
     """Apply the protocol to in-memory pools {split: (images, labels)} and build the datasets."""
-    seed, P, size = ctx["seed"], ctx["contamination"], ctx["image_size"]
-    if ctx["protocol"] == "gpnd":
+    seed, P, size = ctx.seed, ctx.contamination, ctx.image_size
+    if ctx.protocol == "gpnd":
         trx = tex = np.concatenate([x for x, _ in pools.values()])
         ids = [f"{split}:{i}" for split, (_, y) in pools.items() for i in range(len(y))]
         sp = gpnd_split(np.concatenate([y for _, y in pools.values()]) == k, seed=seed, contamination=P)
         train_ids, test_ids = [ids[i] for i in sp.train], [ids[i] for i in sp.test]
     else:
-        if ctx["protocol"] == "berg":  # Berg et al.'s dataset_tool.py (berg/protocol.py)
-            ctx["normal"], idx, trx, tex = berg.protocol.apply(ctx["name"], k, pools, seed=seed, contamination=P)
-            sp = Split(*idx)
+        if ctx.protocol == "berg":  # Berg et al.'s dataset_tool.py (berg/protocol.py)
+            normal, idx, trx, tex = berg.protocol.apply(ctx.name, k, pools, seed=seed, contamination=P)
+            ctx, sp = dataclasses.replace(ctx, normal=normal), Split(*idx)
         else:  # split
             (trx, try_), (tex, tey) = pools["train"], pools["test"]
             sp = official_split(try_ == k, tey == k, seed=seed, contamination=P)
         train_ids, test_ids = [f"train:{i}" for i in sp.train], [f"test:{i}" for i in sp.test]
-    kw = dict(preprocess=ctx["preprocess"])
+    kw = dict(preprocess=ctx.preprocess)
     train = TensorImages(readers.array_images(trx[sp.train], size, scale, **kw), sp.train_labels)
     test = TensorImages(readers.array_images(tex[sp.test], size, scale, **kw), sp.test_labels)
     return _result(ctx, train, test, sp, train_ids, test_ids)
 
 
-def _result(ctx, train, test, sp: Split, train_ids, test_ids, **info) -> AnomalyData:
+def _result(ctx: _Task, train, test, sp: Split, train_ids, test_ids, **info) -> AnomalyData:
     n_anom = int(sp.train_labels.sum())
-    info = dict(seed=ctx["seed"], requested_contamination=ctx["contamination"], source=ctx["source"],
+    info = dict(seed=ctx.seed, requested_contamination=ctx.contamination, source=ctx.source,
                 n_train_normal=len(sp.train) - n_anom, n_train_anomalous=n_anom,
                 n_test_normal=int((sp.test_labels == 0).sum()), n_test_anomalous=int(sp.test_labels.sum()),
                 train_ids=list(train_ids), contaminant_ids=[train_ids[i] for i in np.flatnonzero(sp.train_labels)],
                 **info)
-    return AnomalyData(name=ctx["name"], normal=ctx["normal"], preset=ctx["preset"], protocol=ctx["protocol"],
-                       channels=ctx["channels"], image_size=ctx["image_size"], train=train, test=test,
+    return AnomalyData(name=ctx.name, normal=ctx.normal, preset=ctx.preset, protocol=ctx.protocol,
+                       channels=ctx.channels, image_size=ctx.image_size, train=train, test=test,
                        test_ids=list(test_ids), contamination=n_anom / max(len(sp.train), 1), info=info)
 
 
-def _coil100(ctx: dict, k: int, base: Path) -> AnomalyData:
+def _coil100(ctx: _Task, k: int, base: Path) -> AnomalyData:
     labels, paths = readers.coil100_files(base)
-    sp = gpnd_split(labels == k + 1, seed=ctx["seed"], contamination=ctx["contamination"])
+    sp = gpnd_split(labels == k + 1, seed=ctx.seed, contamination=ctx.contamination)
     train_paths, test_paths = [paths[i] for i in sp.train], [paths[i] for i in sp.test]
-    size, kw = ctx["image_size"], dict(preprocess=ctx["preprocess"])
+    size, kw = ctx.image_size, dict(preprocess=ctx.preprocess)
     train = TensorImages(readers.load_coil100(train_paths, size, **kw), sp.train_labels)
     test = TensorImages(readers.load_coil100(test_paths, size, **kw), sp.test_labels)
     return _result(ctx, train, test, sp, train_paths, test_paths)
 
 
-def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
+def _lsun(ctx: _Task, k: int, base: Path) -> AnomalyData:
     """LSUN (the paper gives no split): with ``ROOT/train/<class>/`` and ``ROOT/val/<class>/`` (or
     ``test``) folders, the authors' split: ``bedroom_train`` trains, the validation sets test;
     otherwise ``ROOT/bedroom/`` and ``ROOT/conference_room/`` are split by :func:`gpnd_split`."""
@@ -294,54 +307,55 @@ def _lsun(ctx: dict, k: int, base: Path) -> AnomalyData:
         tr_a = images(base / "train" / other) if (base / "train" / other).is_dir() else []
         te_n, te_a = images(test_dir / cls), images(test_dir / other)
         sp = official_split([True] * len(tr_n) + [False] * len(tr_a), [True] * len(te_n) + [False] * len(te_a),
-                            seed=ctx["seed"], contamination=ctx["contamination"])
+                            seed=ctx.seed, contamination=ctx.contamination)
         train_paths, test_paths, how = tr_n + tr_a, te_n + te_a, f"train/{test_dir.name} folders"
     else:
         normal, anomalous = images(base / cls), images(base / other)
-        sp = gpnd_split([True] * len(normal) + [False] * len(anomalous), seed=ctx["seed"],
-                        contamination=ctx["contamination"], balanced=False)
+        sp = gpnd_split([True] * len(normal) + [False] * len(anomalous), seed=ctx.seed,
+                        contamination=ctx.contamination, balanced=False)
         train_paths = test_paths = normal + anomalous
         how = "seeded 80% of the normal class trains; the rest and all other images (minus contaminants) test"
     train_paths, test_paths = [train_paths[i] for i in sp.train], [test_paths[i] for i in sp.test]
-    kw = dict(image_size=ctx["image_size"], crop="square", preprocess=ctx["preprocess"])  # crop, then resize
+    kw = dict(image_size=ctx.image_size, crop="square", preprocess=ctx.preprocess)  # crop, then resize
     return _result(ctx, ImageFiles(train_paths, sp.train_labels, **kw),
                    ImageFiles(test_paths, sp.test_labels, **kw), sp, train_paths, test_paths,
                    split_source=how)
 
 
-def _celeba(ctx: dict, attribute: str, root) -> AnomalyData:
+def _celeba(ctx: _Task, attribute: str, root) -> AnomalyData:
     """CelebA, the authors' protocol (paper: "the attribute" is absent in training): one training
     set for the paper's five attributes (``attribute-extended``, their ``celeba_extended``: nine),
     train-partition faces with none of them; tests: test faces with none (normal) and faces with
     ``attribute`` and none of the others (anomalous)."""
-    excluded = CELEBA_EXTENDED_ATTRIBUTES if ctx["protocol"] == "attribute-extended" else CELEBA_ATTRIBUTES
+    excluded = CELEBA_EXTENDED_ATTRIBUTES if ctx.protocol == "attribute-extended" else CELEBA_ATTRIBUTES
     img_dir, files, present, part = readers.read_celeba(root, (attribute, *excluded))
     has = present[attribute]                                      # (N,) the tested attribute
     others = np.any([v for a, v in present.items() if a != attribute], axis=0)  # any of the others
     # normal: none of the attributes; anomalous: the tested one only; faces with others are left out
     tr, te = np.flatnonzero((part == 0) & ~others), np.flatnonzero((part == 2) & ~others)
-    sp = official_split(~has[tr], ~has[te], seed=ctx["seed"], contamination=ctx["contamination"])
+    sp = official_split(~has[tr], ~has[te], seed=ctx.seed, contamination=ctx.contamination)
     train_paths = [str(img_dir / files[i]) for i in tr[sp.train]]
     test_paths = [str(img_dir / files[i]) for i in te[sp.test]]
-    kw = dict(image_size=ctx["image_size"], crop=140, preprocess=ctx["preprocess"])
+    kw = dict(image_size=ctx.image_size, crop=140, preprocess=ctx.preprocess)
     return _result(ctx, ImageFiles(train_paths, sp.train_labels, **kw),
                    ImageFiles(test_paths, sp.test_labels, **kw), sp, train_paths,
                    test_paths, attribute=attribute)
 
 
-def _folder(ctx: dict, root) -> AnomalyData:
+def _folder(ctx: _Task, root) -> AnomalyData:
     if root is None:
         raise ValueError(f"dataset 'folder' needs root (--data-root ROOT) with {readers.FOLDER_LAYOUT}")
-    if ctx["contamination"]:
+    if ctx.contamination:
         raise ValueError("contamination is not supported for 'folder': the training folder is used as it is")
     base = Path(root).expanduser()
     subs = ("normal", "test/normal", "test/anomalous")
     groups = [readers.list_images(base / sub, readers.FOLDER_LAYOUT) for sub in subs]
     raw = [[readers.read_image(p) for p in paths] for paths in groups]
-    size, channels = ctx["image_size"], 1 if all(a.ndim == 2 for g in raw for a in g) else 3
+    size, channels = ctx.image_size, 1 if all(a.ndim == 2 for g in raw for a in g) else 3
     # the preset of the paper's images of that size and channels (MNIST, CIFAR-10; CelebA at 64×64)
-    ctx.update(channels=channels, preset="celeba" if size == 64 else "mnist" if channels == 1 else "cifar10")
-    train_x, test_n, test_a = (torch.stack([readers.prepare(a, size, channels, preprocess=ctx["preprocess"])
+    ctx = dataclasses.replace(ctx, channels=channels,
+                              preset="celeba" if size == 64 else "mnist" if channels == 1 else "cifar10")
+    train_x, test_n, test_a = (torch.stack([readers.prepare(a, size, channels, preprocess=ctx.preprocess)
                                             for a in g]) for g in raw)
     sp = Split(np.arange(len(train_x)), np.zeros(len(train_x), np.int64), np.arange(len(test_n) + len(test_a)),
                np.r_[np.zeros(len(test_n), np.int64), np.ones(len(test_a), np.int64)])
@@ -385,14 +399,15 @@ def hold_out_calibration(ds: AnomalyData, fraction: float, *, seed: int) -> Anom
 
 def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed: int = 0,
                  contamination: float = 0.0, protocol: str | None = None, download: bool = False,
-                 image_size: int | None = None, preprocess: str = "authors") -> AnomalyData:
+                 image_size: int | None = None, preprocess: str = readers.PREPROCESS[0]) -> AnomalyData:
     """Load dataset ``name`` with class ``normal`` as the normal class (see the module docstring).
 
     ``root`` is the data folder (default ``$PIAD_DATA`` or ``~/.cache/piad/data``); for
     ``folder`` it is required and ``normal`` is just a label for the run. ``protocol`` defaults
     to the paper's protocol for the dataset, ``image_size`` to its size; both must be in its row of
     :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64).
-    ``preprocess``: the authors' resampling and uint8 rounding (default) or ``"float"`` (readers.py)."""
+    ``preprocess``: one of ``readers.PREPROCESS``, the authors' resampling and uint8 rounding first
+    (the default) or ``"float"`` (readers.py)."""
     readers._check_preprocess(preprocess)
     name = _check_name(name)
     info = DATASETS[name]
@@ -400,35 +415,31 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
     if protocol not in info.protocols:
         raise ValueError(f"protocol {protocol!r} is not available for {name}; "
                          f"choose from {', '.join(info.protocols)}")
-    n_contaminants(contamination, 0)  # validates the range early
+    berg.protocol.n_contaminants(contamination, 0, floor=False)  # validates the range early
     sizes = info.image_sizes
     if len(sizes) > 1 and image_size not in (None, *sizes):
         raise ValueError(f"image_size for {name!r} must be {' or '.join(map(str, sizes))}, got {image_size}")
     if len(sizes) == 1 and image_size not in (None, *sizes):
         raise ValueError(f"image_size is fixed at {sizes[0]} for {name} (paper §4), got {image_size}")
-    ctx = dict(name=name, protocol=protocol, seed=seed, contamination=contamination, source=None,
-               image_size=image_size or sizes[0], preset=info.preset, channels=info.channels,
-               preprocess=preprocess)
+    task = functools.partial(_Task, name=name, protocol=protocol, seed=seed, contamination=contamination,
+                             image_size=image_size or sizes[0], preset=info.preset, channels=info.channels,
+                             preprocess=preprocess)
     if name == "folder":
-        ctx.update(normal=str(normal), source=str(root))
-        return _folder(ctx, root)
+        return _folder(task(normal=str(normal), source=str(root)), root)
     names = class_names(name, root)
     k = resolve_class(name, normal, names)
-    ctx["normal"] = names[k]
     if name == "celeba":
-        ctx["source"] = str(readers.celeba_dir(root))
-        return _celeba(ctx, names[k], root)
+        return _celeba(task(normal=names[k], source=str(readers.celeba_dir(root))), names[k], root)
     if name in ("lsun", "coil100"):
         base = Path(root).expanduser() if root else default_data_root() / ("lsun" if name == "lsun" else "coil-100")
-        ctx["source"] = str(base)
+        ctx = task(normal=names[k], source=str(base))
         return _lsun(ctx, k, base) if name == "lsun" else _coil100(ctx, k, base)
     if name == "fashion-mnist":
-        pools, ctx["source"] = readers.fashion_mnist_pools(root, download)
+        pools, source = readers.fashion_mnist_pools(root, download)
     elif name in ("mnist", "cifar10"):
-        pools, ctx["source"] = readers.torchvision_pools(name, root, download)
+        pools, source = readers.torchvision_pools(name, root, download)
     elif name == "mnist-5k":
-        pools, ctx["source"] = readers.mnist5k_pool()
+        pools, source = readers.mnist5k_pool()
     else:  # digits: pixel values 0..16
-        pools, ctx["source"] = readers.digits_pool()
-        return _from_pools(ctx, k, pools, scale=16.0)
-    return _from_pools(ctx, k, pools)
+        pools, source = readers.digits_pool()
+    return _from_pools(task(normal=names[k], source=source), k, pools, scale=16.0 if name == "digits" else 255.0)

@@ -1,15 +1,15 @@
 """User-facing errors, one-line command-line failures and safe ``torch.load`` (no paper section).
 
 Every command-line program of the repository (``train.py``, ``evaluate.py``, ``python -m tools.experiments``,
-``python losses.py stats``) runs its ``main`` through :func:`run_cli`: a :class:`UserError` (a
+``python features.py stats``) runs its ``main`` through :func:`run_cli`: a :class:`UserError` (a
 mistake in a flag, file, folder or checkpoint) ends with one ``error: ...`` line and exit status 2;
 ``--debug`` or ``PIAD_DEBUG=1`` shows the traceback. :func:`safe_load` is the only way files are
-read back: tensors and plain containers only (``weights_only=True``). A training run that ends
-early says how to continue: :class:`Interrupted` (SIGINT/SIGTERM, exit 130/143, the run saved) and
-:class:`Diverged` (a non-finite loss, exit 1), each with the ``--resume`` command
-(:func:`command_line`).
+read back: tensors and plain containers only (``weights_only=True``). The exceptions and the
+signal handler of a training run that ends early (:class:`Interrupted`, :class:`Diverged`,
+:class:`StopOnSignal`, :func:`command_line`) are here; what a run does then: loop.py's docstring.
 
-This module imports nothing of the project; ``losses.py`` needs it, so copy both to reuse the loss.
+This module imports nothing of the project; ``features.py`` imports it (and ``losses.py``
+imports ``features.py``), so copy it with them to reuse the loss.
 """
 from __future__ import annotations
 
@@ -97,21 +97,12 @@ def run_cli(main, argv=None) -> None:
         raise SystemExit(code) from None
 
 
-def _numpy_globals() -> list:
-    """The numpy types inside numpy RNG states, which checkpoints of piad <= 0.1 stored."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = "", allow_numpy: bool = False):
+def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = ""):
     """``torch.load(path, weights_only=True)``: tensors and plain containers only.
 
     A file that holds pickled Python objects (which could run arbitrary code while loading) is
     refused before any of it runs: :class:`BadFile` naming the objects. A missing file raises
-    :class:`MissingFile`, a corrupt one :class:`BadFile`; ``fix`` is appended to the message.
-    ``allow_numpy`` also admits numpy arrays (old checkpoints' RNG states)."""
+    :class:`MissingFile`, a corrupt one :class:`BadFile`; ``fix`` is appended to the message."""
     path = Path(path)
     hint = f"; {fix}" if fix else ""
     if not path.exists():
@@ -119,8 +110,7 @@ def safe_load(path: str | os.PathLike, *, what: str = "file", fix: str = "", all
     if not path.is_file():
         raise BadFile(f"{what} {path} is not a file{hint}")
     try:
-        with torch.serialization.safe_globals(_numpy_globals() if allow_numpy else []):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():  # refused by the restricted unpickler
             found = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
@@ -150,10 +140,8 @@ def _first_line(exc: BaseException) -> str:
 # --- how a training run ends early (train.py) ----------------------------------------------------
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM: the iteration in progress was finished and saved.
-
-    ``exit_code`` is 128 + the signal number (130 for SIGINT, 143 for SIGTERM); ``resume`` says
-    how to continue (train.py's ``main`` puts the user's command line there)."""
+    """Training stopped on a signal, the run saved (loop.py's docstring). ``exit_code``: 128 + the
+    signal number; ``resume``: how to continue (train.py's ``main`` puts the user's command line there)."""
 
     def __init__(self, signum: int, done: int, iterations: int, checkpoint: Path):
         super().__init__(signum, done)
@@ -172,9 +160,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Diverged(FloatingPointError):
-    """A loss (or a weight) became non-finite. ``checkpoint.pt`` keeps the last good state,
-    ``diverged.pt`` beside it the diverged one; ``resume`` says how to continue with new random
-    draws (``--resume --reseed K``)."""
+    """A loss (or a weight) became non-finite (loop.py's docstring); ``resume``: how to continue
+    from the last good checkpoint with new random draws."""
 
     exit_code = 1  # a run that failed, not a mistake on the command line (2)
 
@@ -197,8 +184,8 @@ class Diverged(FloatingPointError):
 
 
 class StopOnSignal:
-    """While active (main thread only): SIGINT and SIGTERM ask the loop to stop after the
-    current iteration; a second SIGINT aborts at once (KeyboardInterrupt)."""
+    """While active (main thread only), SIGINT and SIGTERM set :attr:`signum`, which the loop reads
+    after each iteration; a second SIGINT raises KeyboardInterrupt at once."""
 
     active: list["StopOnSignal"] = []  # those in use, for :func:`request_stop`
 

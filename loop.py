@@ -1,13 +1,25 @@
-"""The loop around Algorithm 1: log.csv, checkpoints, and the rules that stop a run (paper §3.3).
+"""The loop of Algorithm 1 (lines 1-19) around its step: log.csv, checkpoints, and how a run ends early.
 
 ``train.py`` builds a :class:`Run` (the networks, loss, trainer and sampler of one run and the
 state its loop changes) and hands it to :func:`loop`, which runs Algorithm 1's iterations
-(``trainer.step``) from the run's start and keeps its promises: every loss and γ_G, γ_E in
-``log.csv`` every ``log_every`` iterations (the only place a step's values reach the host);
-``checkpoint.pt`` written atomically every ``checkpoint_minutes`` and at the end, and only with
-finite losses and weights; SIGINT/SIGTERM finish the iteration, save and raise
-:class:`errors.Interrupted`; a non-finite loss saves ``diverged.pt`` and raises
-:class:`errors.Diverged`; any other exception saves ``crashed.pt`` and keeps ``checkpoint.pt``.
+(``trainer.step``) from the run's start and keeps its promises. This is the one account of them;
+README, train.py and errors.py point here.
+
+* ``log.csv``: every loss and γ_G, γ_E every ``log_every`` iterations (the only place a step's
+  values reach the host).
+* ``checkpoint.pt``: written atomically every ``checkpoint_minutes`` and at the end, only with
+  finite losses and weights; train.py never overwrites one without ``--resume``, which continues
+  the run exactly.
+* SIGINT (Ctrl-C) or SIGTERM (a scheduler's): the iteration in progress finishes, ``checkpoint.pt``
+  is saved and :class:`errors.Interrupted` is raised; ``train.py`` prints the ``--resume`` command
+  and exits 130 / 143 (128 + the signal). A second Ctrl-C stops at once without saving
+  (:class:`errors.StopOnSignal`); ``errors.request_stop`` asks the same from another thread.
+* A non-finite loss or weight: ``checkpoint.pt`` stays the last good state, ``diverged.pt`` beside
+  it holds the diverged one, and :class:`errors.Diverged` is raised; ``train.py`` prints the
+  command that continues from the good state with new random draws (``--resume --reseed K``)
+  and exits 1.
+* Any other exception: the state at the failure goes to ``crashed.pt`` beside the untouched
+  ``checkpoint.pt``, and the exception (with a note saying so) propagates with its traceback.
 """
 from __future__ import annotations
 

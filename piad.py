@@ -17,7 +17,6 @@ docs/deviations.md lists them all.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -57,17 +56,10 @@ class PIADConfig:
     init: str = "authors"               # paper: not stated, "pytorch" keeps PyTorch's; authors' code:
                                         # "authors" (default, see init_authors_)
 
-    @classmethod
-    def from_saved(cls, saved: dict) -> "PIADConfig":
-        """The preset a checkpoint recorded; fields it has that this version dropped (``iterations``,
-        ``batch_size``, ``n_weight`` of piad <= 0.1, never read by training) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
-
     def __post_init__(self):
         for f in ("latent_shape", "gen_channels", "enc_channels", "dx_channels", "betas"):
             object.__setattr__(self, f, tuple(getattr(self, f)))  # lists from JSON round trips
-        n_up = int(math.log2(self.image_size // 4)) if self.image_size >= 8 else -1
+        n_up = self.n_resample
         if n_up < 1 or 4 * 2 ** n_up != self.image_size:
             raise ValueError(f"image_size must be 4·2^k (k >= 1), got {self.image_size}")
         if len(self.latent_shape) != 3 or self.latent_shape[1:] not in ((1, 1), (4, 4)):
@@ -86,8 +78,9 @@ class PIADConfig:
 
     @property
     def n_resample(self) -> int:
-        """Number of BlockUp (G) / pooling BlockDown (E, D_X) blocks between 4×4 and full size."""
-        return int(math.log2(self.image_size // 4))
+        """Number of BlockUp (G) / pooling BlockDown (E, D_X) blocks between 4×4 and full size:
+        k for ``image_size`` 4·2^k (``__post_init__`` refuses other sizes)."""
+        return max(self.image_size // 4, 1).bit_length() - 1
 
 
 _PRESETS = {

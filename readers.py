@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
+PREPROCESS = ("authors", "float")  # see the module docstring; the first is every reader's default
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FOLDER_LAYOUT = "ROOT/normal/ (training images), ROOT/test/normal/ and ROOT/test/anomalous/ (test images)"
@@ -74,7 +75,7 @@ class ImageFiles(Dataset):
     """Lazily loaded image files (LSUN, CelebA): each item is read, cropped and resized on access."""
 
     def __init__(self, paths, labels, *, image_size: int, channels: int = 3, crop: int | str | None = None,
-                 preprocess: str = "authors"):
+                 preprocess: str = PREPROCESS[0]):
         self.paths = [str(p) for p in paths]
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)  # (N,)
         self.image_size, self.channels, self.crop, self.preprocess = image_size, channels, crop, preprocess
@@ -103,9 +104,6 @@ def read_image(path) -> np.ndarray:
     if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all():
         a = a[..., 0]
     return a
-
-
-PREPROCESS = ("authors", "float")  # see the module docstring
 
 
 def _check_preprocess(preprocess: str) -> None:
@@ -147,7 +145,7 @@ def rescale_uint8(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | str | None = None, *,
-            preprocess: str = "authors") -> torch.Tensor:
+            preprocess: str = PREPROCESS[0]) -> torch.Tensor:
     """(H, W[, 3]) uint8 -> (channels, size, size) float32 in [-1, 1]. ``"authors"``:
     :func:`prepare_pil`; ``"float"``: optional centre crop, shorter side resized to ``size``
     (bilinear, antialias), centre crop to a square. ``size=None``: the image as it is,
@@ -183,13 +181,13 @@ def image_batches(ds, device, size: int = 256):
 
 
 def load_files(paths, size: int, channels: int, crop: int | None = None, *,
-               preprocess: str = "authors") -> torch.Tensor:
+               preprocess: str = PREPROCESS[0]) -> torch.Tensor:
     """Image files -> (N, channels, size, size) in [-1, 1], each as :func:`prepare` makes it."""
     images = [prepare(read_image(p), size, channels, crop, preprocess=preprocess) for p in paths]
     return torch.stack(images) if images else torch.empty(0, channels, size, size)  # (N, C, H, W)
 
 
-def load_coil100(paths, size: int, *, preprocess: str = "authors") -> torch.Tensor:
+def load_coil100(paths, size: int, *, preprocess: str = PREPROCESS[0]) -> torch.Tensor:
     """COIL-100 files -> (N, 3, size, size) in [-1, 1]; ``"authors"``: :func:`rescale_uint8`."""
     _check_preprocess(preprocess)
     if preprocess == "float":
@@ -200,7 +198,8 @@ def load_coil100(paths, size: int, *, preprocess: str = "authors") -> torch.Tens
     return normalise_uint8(torch.from_numpy(images).permute(0, 3, 1, 2)).contiguous()
 
 
-def array_images(arr: np.ndarray, size: int, scale: float = 255.0, *, preprocess: str = "float") -> torch.Tensor:
+def array_images(arr: np.ndarray, size: int, scale: float = 255.0, *,
+                 preprocess: str = PREPROCESS[0]) -> torch.Tensor:
     """(N, H, W) or (N, H, W, C) array with values in [0, scale] -> (N, C, size, size) in [-1, 1].
     ``preprocess="authors"`` (8-bit images only): PIL resize of each image, :func:`normalise_uint8`."""
     _check_preprocess(preprocess)
@@ -235,7 +234,7 @@ def list_images(path, hint: str = "") -> list[str]:
 
 
 def load_image_folder(path: str, *, image_size: int, channels: int | None = None,
-                      preprocess: str = "authors") -> tuple[Dataset, list[str]]:
+                      preprocess: str = PREPROCESS[0]) -> tuple[Dataset, list[str]]:
     """All images under ``path`` (recursive, sorted), shorter side resized to ``image_size`` and
     centre-cropped, in [-1, 1]; ``channels=None``: 1 if every image is greyscale, else 3.
     Returns a :class:`TensorImages` of (image, 0) items and the list of paths."""

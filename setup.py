@@ -20,13 +20,15 @@ If the build fails the package still installs and losses.py uses the pure-PyTorc
 Environment:
   PIAD_CUDA=0/1   force the CPU-only build / ask for the CUDA build (default: CUDA when found).
   CUDA_HOME       CUDA toolkit (default: CUDA_PATH, the nvcc on PATH, /usr/local/cuda).
-  TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for any torch extension (default arch list "8.0;9.0+PTX").
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for any torch extension (default arch list: CUDA_ARCH_LIST).
 """
 import os
 import shutil
 import sys
 
 from setuptools import setup
+
+CUDA_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100 (and PTX for later GPUs) unless TORCH_CUDA_ARCH_LIST is set
 
 
 def _warn(msg):
@@ -66,7 +68,7 @@ def _extension():
            *isa.get(torch.backends.cpu.get_cpu_capability(), [])]
     args = dict(extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])
     if cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
         ce.CUDA_HOME = cuda
         ext = ce.CUDAExtension("piad_C", ["csrc/rel_perc_l1.cpp", "csrc/rel_perc_l1_cuda.cu"], **args)
     else:

@@ -9,11 +9,9 @@ training (``data.hold_out_calibration``) and gives the decision threshold (``eva
 ``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
 variant of Berg et al. (module ``berg.latent_norm``) on the same networks instead.
 
-Failures a person can act on: mistakes in the settings (``TrainConfig.validate``), data, weights
-or checkpoint end with one ``error: ...`` line and exit status 2 before any work starts;
-SIGINT/SIGTERM finish the current iteration, save the checkpoint, print the ``--resume`` command
-and exit 130/143; a non-finite loss keeps ``checkpoint.pt`` as the last good state, saves
-``diverged.pt`` and prints how to continue (``--resume --reseed K``).
+Mistakes in the settings (``TrainConfig.validate``), data, weights or checkpoint end with one
+``error: ...`` line and exit status 2 before any work starts; how a run ends early (signals,
+divergence, crashes) and what it keeps: loop.py's docstring.
 
 Speed-ups that keep the maths of Algorithm 1: the real images' VGG features carry no autograd
 graph and, for in-memory training sets seen many times, are computed once and cached; fake
@@ -221,11 +219,9 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     """Algorithm 1 end to end; returns the metrics written to ``metrics.json``.
 
     Mistakes in the settings, data, weights or checkpoint raise :class:`UserError` before any
-    work starts. SIGINT/SIGTERM stop the run after the current iteration with a checkpoint
-    (:class:`Interrupted`); a non-finite loss keeps ``checkpoint.pt`` as the last good state,
-    saves ``diverged.pt`` and raises :class:`Diverged`; any other exception in the loop leaves
-    ``checkpoint.pt`` as it was and saves the state at the failure as ``crashed.pt``."""
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    work starts; a run that ends early raises :class:`Interrupted` or :class:`Diverged` (loop.py's
+    docstring)."""
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate().resolved()
     if cfg.threads:  # before any work: a run's floats depend on its thread count
         torch.set_num_threads(cfg.threads)
     cfg, ds, extra = _load_data(cfg)
@@ -269,7 +265,7 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, data_mod.AnomalyData, dic
             raise
         print(f"note: {cfg.dataset} cannot be had here; training on {cfg.fallback} instead (--fallback)",
               file=sys.stderr, flush=True)
-        alt = dataclasses.replace(cfg, dataset=cfg.fallback, fallback=None, protocol=None).validate()
+        alt = dataclasses.replace(cfg, dataset=cfg.fallback, fallback=None, protocol=None).validate().resolved()
         return alt, _load(alt), {"fallback_from": cfg.dataset}
 
 
@@ -347,7 +343,7 @@ def _main(argv) -> None:
 
 def main(argv=None) -> None:
     """``python train.py ...``: mistakes end with ``error: ...`` and exit status 2 (no traceback
-    unless ``--debug``); SIGINT/SIGTERM save the run and exit 130/143 with the ``--resume`` command."""
+    unless ``--debug``); a run that ends early prints how to continue (loop.py's docstring)."""
     errors.run_cli(_main, argv)
 
 

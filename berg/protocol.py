@@ -24,11 +24,16 @@ CIFAR10_TEST_PER_SIDE = 1000  # their I_normal[0:1000], I_anomaly[0:1000]
 MNIST_PAD = 2  # 28×28 -> 32×32, zeros
 
 
-def n_contaminants(contamination: float, n_normal: int) -> int:
-    """``int(P · n / (1 − P))``, their number of anomalies added to ``n`` normal training images."""
+def n_contaminants(contamination: float, n_normal: int, *, floor: bool) -> int:
+    """The number of anomalies to add to ``n`` normal training images so that they make up the
+    fraction P of the training set, P · n / (1 − P): floored with ``floor`` (``int(...)``, Berg et
+    al.'s dataset_tool.py, ``--protocol berg``), else rounded to the nearest (data.py's other
+    protocols: contamination is our extension there, the authors' code has none). The one home
+    of this count, shared by both (data.py imports this module)."""
     if not 0.0 <= contamination < 1.0:
         raise ValueError(f"contamination must be in [0, 1), got {contamination}")
-    return int(contamination * n_normal / (1.0 - contamination))
+    n = contamination * n_normal / (1.0 - contamination)
+    return int(n) if floor else round(n)
 
 
 def normal_classes(dataset: str, k: int) -> tuple[str, tuple[int, ...]]:
@@ -47,7 +52,7 @@ def split(train_labels, test_labels, normal: tuple[int, ...], *, seed: int, cont
     rng = np.random.default_rng(seed)
     tr_normal = np.isin(np.asarray(train_labels), normal)
     te_normal = np.isin(np.asarray(test_labels), normal)
-    n_anom = n_contaminants(contamination, int(tr_normal.sum()))
+    n_anom = n_contaminants(contamination, int(tr_normal.sum()), floor=True)
     pool = rng.permutation(np.flatnonzero(~tr_normal))
     if n_anom > len(pool):
         raise ValueError(f"contamination={contamination} needs {n_anom} anomalous images but only "

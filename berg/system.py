@@ -32,7 +32,7 @@ def saved_model(networks: str, preset: dict, channels: int) -> pgan.PGAN | piad.
     untrained: load the checkpoint's ``model`` into them (old pGAN keys are mapped, ``pgan.RENAMED``)."""
     if networks == "pgan":
         return pgan.PGAN(pgan.PGANConfig.from_saved(preset))
-    return latent_norm.use_pixel_norm(piad.PIAD(config=piad.PIADConfig.from_saved(preset), channels=channels))
+    return latent_norm.use_pixel_norm(piad.PIAD(config=piad.PIADConfig(**preset), channels=channels))
 
 
 def trainer(model: pgan.PGAN | piad.PIAD, schedule: progressive.Schedule) -> latent_norm.LatentNormTrainer:

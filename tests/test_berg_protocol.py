@@ -94,4 +94,4 @@ def test_split_counts_and_errors():
     assert np.array_equal(a[2], np.arange(300))
     with pytest.raises(ValueError, match="needs"):
         berg.protocol.split(tr, te, tuple(range(9)), seed=0, contamination=0.9)
-    assert berg.protocol.n_contaminants(0.02, 20000) == 408  # int(408.16...)
+    assert berg.protocol.n_contaminants(0.02, 20000, floor=True) == 408  # int(408.16...)

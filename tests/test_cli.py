@@ -2,13 +2,14 @@
 mistake (no traceback, no run folder touched), checkpoints that cannot run code, Ctrl-C/SIGTERM
 that keep the work, and a divergence that keeps the last good state."""
 import csv
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,6 @@ import evaluate
 from tools import experiments
 import errors
 import features
-import piad
 import checkpoint
 import train
 
@@ -190,7 +190,28 @@ def test_validate_is_one_function_on_the_config():
         cfg.validate()
     for flag in ("--iterations", "--batch-size", "--contamination", "--gamma-e", "--n-weight", "--seed"):
         assert flag in str(e.value)
-    assert train.TrainConfig(dataset="digits", normal="3").validate().normal == "3"
+    given = train.TrainConfig(dataset="digits", normal="3")
+    assert given.validate() is given and given == train.TrainConfig(dataset="digits", normal="3")  # checks only
+
+
+def test_help_shows_the_settings_by_group(capsys):
+    """``train.py --help``: one section per group of config.GROUPS, each flag in its field's group."""
+    import config
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    titles = list(config.GROUPS.values())
+    at = [text.index(f"\n{t}:\n") for t in titles]
+    assert at == sorted(at), "the groups appear in config.GROUPS' order"
+    sections = dict(zip(titles, (text[a:b] for a, b in zip(at, at[1:] + [len(text)]))))
+    for f in dataclasses.fields(config.TrainConfig):
+        homes = [t for t, body in sections.items() if re.search(rf"^  {config.flag(f.name)}\b", body, re.M)]
+        assert homes == [config.GROUPS[f.metadata["group"]]], f.name
+    assert re.search(r"^  --fmap-max", sections["Berg et al. (--method latent-norm)"], re.M)
+    assert re.search(r"^  --loss", sections["PIAD (§3, Algorithm 1)"], re.M)
+    with pytest.raises(ValueError, match="group"):
+        config.knob(1, "a setting of no group", group="other")
 
 
 # --- safe loading --------------------------------------------------------------------------------
@@ -206,22 +227,15 @@ def test_checkpoints_hold_only_plain_data(world, tmp_path):
         assert state["config"]["method"] == "latent-norm" and state["config"]["networks"] == networks
 
 
-def test_old_checkpoints_with_numpy_rng_states_still_resume(world, tmp_path):
-    run = tmp_path / "old"
-    shutil.copytree(world / "finished", run)
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
+def test_a_checkpoint_holding_numpy_arrays_is_refused(world, tmp_path):
+    """Checkpoints hold tensors and plain data only: numpy's own RNG tuple (an ndarray inside) is
+    refused as any pickled object is, before it is used."""
+    state = torch.load(world / "finished" / "checkpoint.pt", weights_only=True)
     np.random.seed(3)
-    state["rng"]["numpy"] = np.random.get_state()  # piad <= 0.1 stored numpy's tuple and an ndarray
-    state["rng"]["python"] = tuple(state["rng"]["python"][:1]) + (tuple(state["rng"]["python"][1]), None)
-    state["preset"].update(iterations=50_000, batch_size=32, n_weight=100)  # PIADConfig fields of piad <= 0.1
-    torch.save(state, run / "checkpoint.pt")
-    with pytest.raises(Exception):
-        torch.load(run / "checkpoint.pt", weights_only=True)  # numpy arrays are not allowed by default
-    assert checkpoint.load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
-    _, _, model, _ = evaluate.load_run(run / "checkpoint.pt", device="cpu")  # the old preset rebuilds
-    assert model.config == piad.preset("mnist")
-    _quiet_train(train.parse_args(FAST + ["--iterations", "3", "--resume", "--no-evaluate", "--out", str(run)]))
-    assert checkpoint.load_checkpoint(run / "checkpoint.pt")["iteration"] == 3
+    state["rng"]["numpy"] = np.random.get_state()
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(errors.BadFile, match="pickled Python objects"):
+        checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")
 
 
 def test_malicious_statistics_are_refused(world):

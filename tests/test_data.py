@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import berg.protocol
 import data
 import piad
 import readers
@@ -119,10 +120,28 @@ def test_unbalanced_gpnd_puts_all_other_anomalies_in_test():
     assert (sp.test_labels == 1).sum() == 26 and (sp.test_labels == 0).sum() == 10
 
 
+@given(st.floats(0.0, 0.9), st.integers(0, 10_000))
+def test_contaminant_counts_floor_for_berg_and_round_to_nearest_otherwise(p, n):
+    """One count, P·n/(1−P) anomalies for n normal images, two roundings: Berg et al.'s
+    (floor, --protocol berg) and ours (nearest, the other protocols)."""
+    exact = p * n / (1 - p)
+    floor = berg.protocol.n_contaminants(p, n, floor=True)
+    nearest = berg.protocol.n_contaminants(p, n, floor=False)
+    assert floor <= exact < floor + 1 and abs(nearest - exact) <= 0.5 and nearest - floor in (0, 1)
+
+
+def test_each_protocol_uses_its_rounding():
+    labels = np.r_[np.zeros(35, np.int64), np.ones(100, np.int64)]  # 35 normal: 0.1·35/0.9 = 3.89
+    assert int(data.official_split(labels == 0, np.ones(3, bool), contamination=0.1).train_labels.sum()) == 4
+    a = berg.protocol.split(labels, labels[:3], (0,), seed=0, contamination=0.1)
+    assert int(a[1].sum()) == 3
+
+
 def test_contamination_errors():
     for p in (-0.1, 1.0, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"\[0, 1\)"):
-            data.n_contaminants(p, 10)
+        for floor in (False, True):
+            with pytest.raises(ValueError, match=r"\[0, 1\)"):
+                berg.protocol.n_contaminants(p, 10, floor=floor)
     with pytest.raises(ValueError, match="needs 950 anomalous images but only 450 are available"):
         data.official_split(np.arange(500) % 10 == 0, np.ones(3, bool), contamination=0.95)
     with pytest.raises(ValueError, match="only"):

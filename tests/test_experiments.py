@@ -1,4 +1,4 @@
-"""experiments.py: grid resume, failures, tables (values and layout), CSV and the contamination plot."""
+"""tools/experiments.py: grid resume, failures, tables (values and layout), CSV and the contamination plot."""
 import csv
 import json
 from pathlib import Path

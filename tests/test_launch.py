@@ -1,4 +1,4 @@
-"""launch.py: a grid's cells in parallel processes and through submitit, with the grid's promises
+"""tools/launch.py: a grid's cells in parallel processes and through submitit, with the grid's promises
 (same scores as a sequential run, failures reported, Ctrl-C leaves every cell resumable), and the
 per-cell status. Real tiny cells: scikit-learn digits, a few iterations, random VGG-19 weights."""
 import json

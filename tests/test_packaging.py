@@ -8,11 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from test_imports import project_modules
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _importable_outside_the_clone(names, tmp_path) -> dict:
@@ -25,15 +22,19 @@ def _importable_outside_the_clone(names, tmp_path) -> dict:
 
 
 def test_no_project_module_is_installed_on_the_path(tmp_path):
-    modules = sorted({m.split(".")[0] for m in project_modules()})  # berg.pgan: the package berg
-    assert {"data", "config", "train", "errors", "piad", "berg", "tools"} <= set(modules)
-    found = _importable_outside_the_clone(modules, tmp_path)
+    modules = project_modules()
+    assert {"data", "config", "train", "errors", "piad", "berg.pgan", "tools.launch"} <= set(modules)
+    top = sorted({m.split(".")[0] for m in modules})  # berg.pgan is importable only if berg is
+    found = _importable_outside_the_clone(top, tmp_path)
     installed = sorted(m for m, ok in found.items() if ok)
     assert not installed, (f"modules of the clone importable from anywhere: {installed}; setup.py must install "
-                           "none of them (py_modules=[]), only the extension piad_C")
+                           "none of them (py_modules=[], packages=[]), only the extension piad_C")
 
 
-def test_setup_declares_no_module_and_one_extension():
-    text = (ROOT / "setup.py").read_text()
-    assert "py_modules=[]" in text and "packages=[]" in text
-    assert '"piad_C"' in text
+def test_the_installed_distribution_provides_the_extension_only(tmp_path):
+    """What the installed distribution says it puts at the top of site-packages: piad_C, nothing else."""
+    code = "import importlib.metadata as m; print(m.distribution('piad').read_text('top_level.txt') or '')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.split() == ["piad_C"]

@@ -174,16 +174,17 @@ def test_networks_and_seed_defaults_of_the_method():
     import errors
     from config import TrainConfig
 
-    ln = TrainConfig(method="latent-norm").validate()
+    given = TrainConfig(method="latent-norm")
+    ln = given.validate().resolved()
     assert (ln.networks, ln.seed, ln.pgan) == ("pgan", 1000, True)
-    assert TrainConfig(method="latent-norm", seed=0).validate().seed == 0
-    ours = TrainConfig(method="latent-norm", networks="piad").validate()
+    assert (given.networks, given.seed) == (None, None)  # validate checks, resolved copies
+    assert TrainConfig(method="latent-norm", seed=0).resolved().seed == 0
+    ours = TrainConfig(method="latent-norm", networks="piad").resolved()
     assert (ours.seed, ours.pgan) == (0, False)
-    assert (TrainConfig().validate().networks, TrainConfig().validate().seed) == ("piad", 0)
+    assert (TrainConfig().resolved().networks, TrainConfig().resolved().seed) == ("piad", 0)
+    assert ln.resolved() == ln
     with pytest.raises(errors.UserError, match="--networks pgan"):
         TrainConfig(networks="pgan").validate()
-    # a checkpoint written before --networks existed trained PIAD's networks
-    assert TrainConfig.from_saved({"method": "latent-norm", "seed": 0}).networks == "piad"
 
 
 def test_as_trained_gives_the_reals_of_the_lod_at_the_final_size():

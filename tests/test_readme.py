@@ -4,6 +4,7 @@ import shlex
 from pathlib import Path
 
 import train
+from test_imports import project_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,46 +62,24 @@ def test_readme_main_command_is_the_main_job():
     assert (cfg.dataset, cfg.normal, cfg.iterations, cfg.fallback) == ("mnist", "8", None, "mnist-5k")
 
 
-def test_paper_to_code_table_names_exist():
-    """Every `module.name` in README's "From the paper to the code" table exists, one hop away."""
-    import importlib
-
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### From the paper to the code", 1)[1].split("\n### ", 1)[0]
-    names = re.findall(r"`([A-Za-z_]\w*(?:\.\w+)+)`", section)
-    assert len(names) > 20
-    classes = {"PIADTrainer": "train", "GradientHistory": "weights_policy"}  # bare class.method names
-    missing = []
-    for dotted in names:
-        first, *rest = dotted.split(".")
-        obj = importlib.import_module(classes.get(first, first))
-        obj = getattr(obj, first) if first in classes else obj
-        for attr in rest:
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                missing.append(dotted)
-                break
-    assert not missing, missing
-    for path in re.findall(r"`((?:csrc/)?\w+\.(?:h|py))`", section):
-        assert (ROOT / path).is_file(), path
-
-
-def _project_modules() -> set[str]:
-    return {p.stem for p in ROOT.glob("*.py") if p.stem != "setup"}
-
-
 MISSING = object()
+MODULES = project_modules()  # piad, berg.pgan, tools.experiments, ...
+SHORT = {m.rsplit(".", 1)[1]: m for m in MODULES if "." in m}  # pgan -> berg.pgan (docs/berg.md's shorthand)
+HOMES = {"PIADTrainer": "train", "GradientHistory": "weights_policy", "PIADConfig": "piad", "TrainConfig": "config"}
 
 
 def _resolve(dotted: str):
-    """``module.attr[.attr]`` (or ``Class.attr`` for a class of train/weights_policy/piad/config)."""
+    """``module.attr[.attr]``: a root module, ``berg.x`` / ``tools.x`` (or ``x`` alone for those),
+    or ``Class.attr`` for a class of :data:`HOMES`."""
     import importlib
 
     first, *rest = dotted.split(".")
-    homes = {"PIADTrainer": "train", "GradientHistory": "weights_policy", "PIADConfig": "piad",
-             "TrainConfig": "config"}
-    obj = importlib.import_module(homes.get(first, first))
-    obj = getattr(obj, first) if first in homes else obj
+    if first in HOMES:
+        obj = getattr(importlib.import_module(HOMES[first]), first)
+    else:
+        parts = SHORT.get(first, first).split(".") + rest
+        i = max(i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in MODULES or parts[:i] == parts[:1])
+        obj, rest = importlib.import_module(".".join(parts[:i])), parts[i:]
     for attr in rest:
         if not hasattr(obj, attr):
             return MISSING
@@ -109,14 +88,16 @@ def _resolve(dotted: str):
 
 
 def test_code_names_in_readme_and_docs_exist():
-    """Every `module.name` that README.md or a page of docs/ cites, every `PIADConfig(field=...)` /
-    `TrainConfig(field=...)` setting and every train.py flag of docs/deviations.md exists."""
+    """Every `module.name` that README.md or a page of docs/ cites (modules of berg/ and tools/
+    included), every file of README's "From the paper to the code" table, every
+    `PIADConfig(field=...)` / `TrainConfig(field=...)` setting and every train.py flag of
+    docs/deviations.md exists."""
     import dataclasses
 
     import config
     import piad
 
-    modules = _project_modules() | {"PIADTrainer", "GradientHistory", "PIADConfig", "TrainConfig"}
+    modules = {m.split(".")[0] for m in MODULES} | set(SHORT) | set(HOMES)
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     assert len(pages) > 1
     missing = []
@@ -132,6 +113,13 @@ def test_code_names_in_readme_and_docs_exist():
                     for name in re.findall(r"(\w+)=", call):
                         if name not in {f.name for f in dataclasses.fields(fields)}:
                             missing.append(f"{page.name}: {cls}({name}=...)")
+    table = (ROOT / "README.md").read_text().split("### From the paper to the code", 1)[1].split("\n### ", 1)[0]
+    missing += [f"README.md: {path}" for path in re.findall(r"`((?:[\w/]+/)?\w+\.(?:h|py))`", table)
+                if not (ROOT / path).is_file()]
+    dotted = re.findall(r"`([A-Za-z_]\w*(?:\.\w+)+)`", table)
+    assert len(dotted) > 20
+    missing += [f"README.md: {d} (no such module)" for d in dotted  # the table names modules of this project only
+                if d.split(".")[0] not in modules and not d.endswith((".py", ".h"))]
     flags = {config.flag(f.name) for f in dataclasses.fields(config.TrainConfig)} | {"--classes"}
     for flag in re.findall(r"`(--[a-z][\w-]*)", (ROOT / "docs" / "deviations.md").read_text()):
         if flag not in flags:

@@ -1,6 +1,6 @@
 """Wall time of a grid (the paper's Tables 2-3 are grids of runs) with --jobs 1 and --jobs N.
 
-Runs ``experiments.py custom`` on a 4-cell grid (digits, classes 3 and 8, seeds 0 and 1, PIAD with
+Runs ``python -m tools.experiments custom`` on a 4-cell grid (digits, classes 3 and 8, seeds 0 and 1, PIAD with
 rel-perc-l1) in fresh folders, alternating ``--jobs 1`` (one cell at a time on every core) and
 ``--jobs N`` (N cells at once, cores // N threads each), and prints each wall time and the ratio
 jobs-1 / jobs-N measured in the same run (above 1: the parallel grid is faster), with the load
@@ -26,7 +26,7 @@ def loadavg() -> str:
 
 def run_grid(jobs: int, threads: int, a) -> float:
     root = tempfile.mkdtemp(prefix=f"bench-grid-j{jobs}-")
-    cmd = [sys.executable, "experiments.py", "custom", "--dataset", "digits", "--classes", "3", "8",
+    cmd = [sys.executable, "-m", "tools.experiments", "custom", "--dataset", "digits", "--classes", "3", "8",
            "--seeds", "0", "1", "--iterations", str(a.iterations), "--vgg-weights", a.vgg_weights,
            "--device", a.device, "--no-progress", "--root", root, "--jobs", str(jobs),
            "--threads-per-cell", str(threads)]
