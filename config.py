@@ -257,6 +257,11 @@ class TrainConfig:
         return self.method == "latent-norm" and self.run_networks == "pgan"
 
     @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of every conv net's tensors (``--channels-last``), in training and in evaluation."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
     def run_seed(self) -> int:
         """``seed``, or when left out the method's default: 0, or Berg et al.'s for pGAN runs."""
         return self.seed if self.seed is not None else progressive.SEED if self.pgan else 0

@@ -399,11 +399,11 @@ def load_run(path, *, device="auto", data_root=None):
     if data_root:
         cfg.data_root = data_root
     dev = resolve_device(device)
-    model = saved_model(state, dev)
+    model = saved_model(state, dev).to(memory_format=cfg.memory_format)  # as trained: the same floats
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
         rec_loss, _ = losses.build_loss(cfg.loss, weights=cfg.vgg_weights, impl=cfg.impl, device=dev,
                                         saved_stats=state["stats"])
-    return state, cfg, model, rec_loss
+    return state, cfg, model, rec_loss.to(memory_format=cfg.memory_format)
 
 
 def _main(argv) -> None:

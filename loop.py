@@ -154,7 +154,7 @@ def loop(run: Run) -> None:
             run.model.train()
             for it in range(run.start, run.iterations):
                 log = it % cfg.log_every == 0 or it == run.iterations - 1
-                run.values, run.values_it = run.trainer.step(it, run.sampler, log=log), it
+                run.values, run.values_it = run.trainer.step(it, run.sampler), it
                 run.bad_at = _first_nonfinite(run.bad_at, run.values, it)
                 if log:
                     row = _log_row(run, it, writer, fh, bar)

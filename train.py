@@ -49,9 +49,10 @@ from errors import Diverged, Interrupted, UserError
 class Sampler:
     """Uniform minibatches (with replacement) from a seeded generator that is checkpointed."""
 
-    def __init__(self, ds, batch_size: int, device, *, seed: int, features=None, channels_last=False):
+    def __init__(self, ds, batch_size: int, device, *, seed: int, features=None,
+                 memory_format=torch.contiguous_format):
         self.ds, self.batch_size, self.device, self.features = ds, batch_size, device, features
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = None if isinstance(ds, data_mod.TensorImages) else ThreadPoolExecutor(4)
 
@@ -125,9 +126,8 @@ class PIADTrainer:
         return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach(), "gp_dx": gp_dx, "gp_dz": gp_dz}
 
     @_in_precision
-    def step(self, it: int, sample, *, log: bool = True) -> dict:
-        """Algorithm 1, one iteration (``log``: the loop's flag for logged iterations; the step
-        is the same on every one). Lines 16-17 give G ``γ_G·∇L_rec + ∇L_adv(G)`` and E
+    def step(self, it: int, sample) -> dict:
+        """Algorithm 1, one iteration, the same on every one (logged or not). Lines 16-17 give G ``γ_G·∇L_rec + ∇L_adv(G)`` and E
         ``γ_E·∇L_rec + ∇L_adv(E)``, the gradients of eq. (8)-(9)."""
         m, p = self.model, self.model.config
         for _ in range(p.n_dis):                                   # lines 2-6
@@ -302,9 +302,8 @@ def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) ->
         rec_loss, stats = losses.build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
                                             device=device, train_batches=data_mod.image_batches(ds.train, device),
                                             saved_stats=state["stats"] if state else None)
-    if cfg.channels_last:  # same maths, NHWC layout
-        model.to(memory_format=torch.channels_last)
-        rec_loss.to(memory_format=torch.channels_last)
+    model.to(memory_format=cfg.memory_format)  # NHWC with --channels-last: same maths, faster kernels
+    rec_loss.to(memory_format=cfg.memory_format)
     trainer = make_trainer(model, rec_loss, cfg)
     features = None
     wants_cache = (cfg.method == "piad" and rec_loss.features is not None
@@ -314,7 +313,7 @@ def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) ->
     if wants_cache:  # the real images' VGG features: computed once, no graph (VGG is frozen)
         features = torch.cat([rec_loss.real_features(x).cpu() for x in data_mod.image_batches(ds.train, device)])
     sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
-                      channels_last=cfg.channels_last)
+                      memory_format=cfg.memory_format)
     run = loop.Run(cfg, cfg.run_dir(), ds, device, model, rec_loss, trainer, sampler, iterations,
                    dataclasses.asdict(stats) if stats is not None else None)
     if state:

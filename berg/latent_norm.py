@@ -148,9 +148,9 @@ class LatentNormTrainer:
         self.opt_d.step()
         return loss.detach()
 
-    def generator_step(self, n: int, *, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. (6) for G on ``n`` z from the 0.1 prior (loss.py ``G_wgan_acgan``); ``real=None``
-        drops E[D(x)] (a constant: same gradients), ``real`` only makes the logged value eq. (6)'s."""
+    def generator_step(self, n: int, *, real: torch.Tensor) -> torch.Tensor:
+        """Eq. (6) for G on ``n`` z from the 0.1 prior (loss.py ``G_wgan_acgan``); its E[D(real)] is a
+        constant for G (no graph): it makes the logged value eq. (6)'s."""
         m = self.model
         for q in m.image_critic.parameters():  # the critic is frozen: only G gets gradients
             q.requires_grad_(False)
@@ -178,12 +178,11 @@ class LatentNormTrainer:
         self.opt_e.step()
         return loss.detach()
 
-    def step(self, it: int, sample, *, log: bool = True) -> dict:
-        """One iteration in train.py's order: critic, G, E (one minibatch of real images, for the
-        critic; ``log=False`` skips eq. (6)'s real-data term, only there for the logged ``adv_g``)."""
+    def step(self, it: int, sample) -> dict:
+        """One iteration in train.py's order: critic, G, E (one minibatch of real images)."""
         x, _ = sample()
         loss_dx = self.critic_step(x)  # D_repeats = 1
-        adv_g = self.generator_step(x.shape[0], real=x if log else None)
+        adv_g = self.generator_step(x.shape[0], real=x)
         cycle = self.encoder_step(x.shape[0])
         return {"loss_dx": loss_dx, "adv_g": adv_g, "cycle": cycle}
 

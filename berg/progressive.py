@@ -168,7 +168,7 @@ class ProgressiveTrainer(latent_norm.LatentNormTrainer):
         for avg, cur in zip(self.Gs.parameters(), self.model.G.parameters()):
             avg.lerp_(cur, 1.0 - self.sched.g_smoothing)
 
-    def step(self, it: int, sample, *, log: bool = True) -> dict:
+    def step(self, it: int, sample) -> dict:
         """``sample(n)`` -> (real images (n, C, S, S), _); returns the losses and the schedule."""
         if self.repeat == 0:
             self._new_phase()
@@ -179,7 +179,7 @@ class ProgressiveTrainer(latent_norm.LatentNormTrainer):
         loss_dx = self.critic_step(x)
         self.update_gs()
         self.cur_nimg += n
-        adv_g = self.generator_step(n, real=x if log else None)
+        adv_g = self.generator_step(n, real=x)
         cycle = self.encoder_step(n)
         self.repeat = (self.repeat + 1) % self.sched.minibatch_repeats
         return {"loss_dx": loss_dx, "adv_g": adv_g, "cycle": cycle, "lod": p.lod, "kimg": self.cur_nimg / 1000}

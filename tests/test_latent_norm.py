@@ -104,7 +104,7 @@ def test_one_prior_for_critic_generator_and_encoder():
     m = _tiny()
     t = _trainer(m)
     x = _sampler(batch=512)()[0]
-    for name, run in (("critic", lambda: t.critic_step(x)), ("generator", lambda: t.generator_step(512)),
+    for name, run in (("critic", lambda: t.critic_step(x)), ("generator", lambda: t.generator_step(512, real=x)),
                       ("encoder", lambda: t.encoder_step(512))):
         seen = _record_g_inputs(m)
         torch.manual_seed(1)
@@ -186,19 +186,6 @@ def test_step_on_mnist_preset_is_finite():
     assert set(out) <= set(loop.LOG_FIELDS)
     assert all(math.isfinite(float(v)) for v in out.values())
     assert all(q.requires_grad for q in m.DX.parameters())  # the critic is unfrozen again
-
-
-def test_step_without_logging_gives_the_same_update():
-    runs = []
-    for log in (True, False):
-        m = _tiny()
-        t = _trainer(m)
-        torch.manual_seed(5)
-        out = t.step(0, _sampler(), log=log)
-        runs.append((out, [q.detach().clone() for q in m.parameters()]))
-    (a, pa), (b, pb) = runs
-    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
-    assert float(a["cycle"]) == float(b["cycle"]) and float(a["loss_dx"]) == float(b["loss_dx"])
 
 
 def test_make_trainer_dispatches():

@@ -321,7 +321,7 @@ def _bf16_trainer(precision: str, *, loss: str = "rel-perc-l1"):
     model = piad.PIAD(config=piad.preset("mnist"), channels=1).to(memory_format=torch.channels_last)
     rec = losses.build_loss(cfg.loss, weights="random", stats="sklearn")[0] if loss != "mse" else \
         losses.build_loss(cfg.loss)[0]
-    return train.PIADTrainer(model, rec, cfg), train.Sampler(ds.train, 8, "cpu", seed=0, channels_last=True)
+    return train.PIADTrainer(model, rec, cfg), train.Sampler(ds.train, 8, "cpu", seed=0, memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
@@ -361,7 +361,7 @@ def _first_conv_calls(trainer, sampler) -> list:
                                                mod.stride, mod.padding)
         calls.append((out.detach().float(), fresh.float()))
     handle = conv.register_forward_hook(hook)
-    trainer.step(1, sampler, log=False)
+    trainer.step(1, sampler)
     handle.remove()
     return calls
 

@@ -104,7 +104,7 @@ def main() -> None:
         rec.to(memory_format=torch.channels_last)
     feats = torch.cat([rec.real_features(images[i:i + 128]).cpu() for i in range(0, n, 128)])
     trainer = train.PIADTrainer(model, rec, cfg)
-    sample = train.Sampler(ds, cfg.batch_size, "cpu", seed=0, features=feats, channels_last=cfg.channels_last)
+    sample = train.Sampler(ds, cfg.batch_size, "cpu", seed=0, features=feats, memory_format=cfg.memory_format)
     names = list(VARIANTS)
     times = {k: [] for k in names}
     for r in range(a.warmup + a.rounds):

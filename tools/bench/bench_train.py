@@ -64,14 +64,14 @@ def ours(preset: str, images, *, precision: str, channels_last: bool, vgg, stats
     feats = torch.cat([rec.real_features(images[i:i + 256].contiguous(memory_format=fmt))
                        for i in range(0, len(images), 256)])
     trainer = train.PIADTrainer(model, rec, train.TrainConfig(batch_size=batch_size, precision=precision))
-    sampler = train.Sampler(ds, batch_size, "cpu", seed=0, features=feats, channels_last=channels_last)
+    sampler = train.Sampler(ds, batch_size, "cpu", seed=0, features=feats, memory_format=fmt)
     count = iter(range(1, 10 ** 9))
 
     def step():
         it = next(count)
         if it % 100 == 0:  # no γ measurement in the timing (train.py: every 100th)
             it = next(count)
-        trainer.step(it, sampler, log=it % 10 == 0)  # train.py logs every 10th
+        trainer.step(it, sampler)
     return step
 
 
