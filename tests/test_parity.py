@@ -436,6 +436,19 @@ def _scaled(batch: int, period: int, history: int, last_n: int) -> tuple[int, in
     return batch // 4, period // 50, history // 100, last_n // 200
 
 
+class _Stream:
+    """An endless iterator of ``f()``: their loop's image and latent streams."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.f()
+
+
 class _Counter:
     """Stands in for the tqdm bar their training loop counts iterations with."""
 
@@ -548,20 +561,11 @@ def _run_authors(authors, c, nets, narrow, draws: _Draws, k: int):
     helper._max_history_len, helper._use_last_n_for_average = history, last_n
     t = object.__new__(authors["train"].PIADTrainer)
     x, z, alpha = draws.streams()
-
-    class Stream:
-        def __init__(self, f):
-            self.f = f
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            return self.f(batch)
     t.__dict__.update(
         gen=nets["G"], enc=nets["E"], image_dis=nets["DX"], latent_dis=nets["DZ"], optimizer=opt,
         n_dis=c["n_dis"], iters=k, log_iter=1, checkpoint_iter=10 ** 9, image_sample_iter=10 ** 9,
-        update_grad_norm_iter=period, image_model=Stream(x), latent_model=Stream(z), logger=_Log(),
+        update_grad_norm_iter=period, image_model=_Stream(lambda: x(batch)),
+        latent_model=_Stream(lambda: z(batch)), logger=_Log(),
         tqdm_logger=_Counter())
     t._do_checkpoint = lambda: None
     dis_totals = []

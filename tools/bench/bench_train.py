@@ -41,7 +41,7 @@ import piad  # noqa: E402
 import train  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from test_parity import AUTHORS, _import_authors  # noqa: E402  (the authors' code as the parity test imports it)
+from test_parity import AUTHORS, _Counter, _import_authors, _Log, _Stream  # noqa: E402  (the authors' code as the parity test imports it)
 N_IMAGES = 512
 
 
@@ -103,31 +103,11 @@ def authors(preset: str, images, *, batch_size: int):
         gen_rec_loss_weight=c["gen_rec_loss_weight"], use_grad_norm_policy=c["use_grad_norm_policy"])
     g = torch.Generator().manual_seed(1)
 
-    class Stream:
-        def __init__(self, f):
-            self.f = f
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            return self.f()
-
-    class Count:  # their loop counts iterations with a tqdm bar
-        n = total = 0
-
-        def update(self, k):
-            self.n += k
-
-    class Log:
-        def add_scalars(self, *_):
-            pass
-
     t.__dict__.update(nets, optimizer=opt, n_dis=c["n_dis"], iters=10 ** 9, log_iter=c["log_iter"],
                       checkpoint_iter=10 ** 9, image_sample_iter=10 ** 9,
-                      update_grad_norm_iter=c["update_grad_norm_iter"], logger=Log(), tqdm_logger=Count(),
-                      image_model=Stream(lambda: images[torch.randint(len(images), (batch_size,), generator=g)]),
-                      latent_model=Stream(lambda: torch.randn(batch_size, c["latent_dim"], c["latent_res"],
+                      update_grad_norm_iter=c["update_grad_norm_iter"], logger=_Log(), tqdm_logger=_Counter(),
+                      image_model=_Stream(lambda: images[torch.randint(len(images), (batch_size,), generator=g)]),
+                      latent_model=_Stream(lambda: torch.randn(batch_size, c["latent_dim"], c["latent_res"],
                                                               c["latent_res"], generator=g)))
     t._do_checkpoint = lambda: None
 
