@@ -5,8 +5,8 @@ code builds it (github.com/amandaberg/GANanomalyDetection ``networks.py``: ``G_p
 
 Each network keeps its layers in ``layers`` (an ``nn.ModuleDict``) under the names of the
 tables' rows, written as their code's variable scopes: the row ``8x8/Conv0 up`` is
-``layers["8x8/Conv0_up"]``, ``ToRGB lod3`` is ``layers["ToRGB_lod3"]`` (:func:`row_name` maps
-one to the other). ``pgan.networks(preset)`` gives ``(G, D, E)`` at the table's full width.
+``layers["8x8/Conv0_up"]``, ``ToRGB lod3`` is ``layers["ToRGB_lod3"]`` (a space of the table is
+an underscore here). ``pgan.networks(preset)`` gives ``(G, D, E)`` at the table's full width.
 
 * Equalised learning rate: weights are stored N(0, 1) and multiplied at run time by the He
   constant ``gain / sqrt(fan_in)`` (``get_weight``, ``use_wscale=True``); biases start at 0.
@@ -53,11 +53,6 @@ MBSTD_GROUP = 4  # D_paper / E_clusterGAN mbstd_group_size
 # preset -> (channels, resolution): supplement §1.2 CIFAR-10 (32×32 RGB), §1.1 KTH-Cellvideos (64×64 grey)
 PRESETS = {"cifar10": (3, 32), "kth": (1, 64)}
 FMAP_BASE, FMAP_MAX = 8192, 512  # G_paper / D_paper defaults (fmap_decay 1.0)
-
-
-def row_name(key: str) -> str:
-    """The supplement's row name of a ``layers`` key: ``"8x8/Conv0_up"`` -> ``"8x8/Conv0 up"``."""
-    return key.replace("_", " ")
 
 
 def nf(stage: int, fmap_base: int = FMAP_BASE, fmap_max: int = FMAP_MAX) -> int:

@@ -27,6 +27,11 @@ ERRATA = {("cifar10", "Generator", "ToRGB lod4"): ("ToRGB lod3", 1539, (3, 4, 4)
 NOT_LAYERS = {"Upscale2D", "Downscale2D", "labels in", "labels out", "lod"}
 
 
+def row_name(key: str) -> str:
+    """The supplement's row name of a ``layers`` key: ``"8x8/Conv0_up"`` -> ``"8x8/Conv0 up"``."""
+    return key.replace("_", " ")
+
+
 def parse_tables():
     tables = {}
     for chunk in TABLES.strip().split("# ")[1:]:
@@ -61,7 +66,7 @@ def run_at(net, lod: float):
     """Output shapes (without the batch dim) of every row of ``net`` run at ``lod``, and the output."""
     net.lod = torch.tensor(float(lod))
     shapes = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(pgan.row_name(k), tuple(o.shape[1:])))
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: shapes.__setitem__(row_name(k), tuple(o.shape[1:])))
              for k, m in net.layers.items()]
     x = (torch.empty(BATCH, pgan.LATENT, device="meta") if isinstance(net, pgan.Generator)
          else torch.empty(BATCH, net.channels, net.resolution, net.resolution, device="meta"))
@@ -80,7 +85,7 @@ def test_every_row_and_total_as_the_supplement(preset, net):
     for lod in range(model.R - 2):  # lower resolutions' rows and the Grow rows work while lod is in (k, k+1)
         for k, v in run_at(model, lod + 0.5)[0].items():
             assert shapes.setdefault(k, v) == v, k  # a layer works at one resolution only
-    ours = {pgan.row_name(k): m for k, m in model.layers.items()}
+    ours = {row_name(k): m for k, m in model.layers.items()}
     seen = set()
     rows = [ERRATA.get((preset, net, r[0]), r) for r in rows]
     assert sum(r[1] for r in rows if r[1]) == total  # the rows add up to the table's total (after ERRATA)
