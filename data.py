@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 

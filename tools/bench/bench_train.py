@@ -26,7 +26,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -201,7 +200,7 @@ def main() -> None:
           f"{load[2]:.2f} at the end")
     print(f"one iteration: {gflop:.1f} GFLOP (torch.utils.flop_counter); peak {peak['fp32']:.0f} GFLOP/s fp32, "
           f"{peak['bf16']:.0f} bf16 ({how})")
-    print(f"| path | memory format | s/it (median) | min | vs fp32 channels_last | vs authors' | % of peak |")
+    print("| path | memory format | s/it (median) | min | vs fp32 channels_last | vs authors' | % of peak |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (prec, fmt), s in med.items():
         pk = peak["bf16" if prec == "bf16" else "fp32"]
