@@ -430,7 +430,7 @@ def _main(argv) -> None:
     threshold = (scoring or {}).get("threshold")
     if a.export:
         kind = threshold and threshold["score"]
-        decide_by = None if kind in (None, "latent-norm", map_loss(rec_loss).kind) else _distance(rec_loss, kind)
+        decide_by = None if kind in (None, "latent-norm", map_kind(rec_loss)) else _distance(rec_loss, kind)
         with errors.user_errors(OSError, prefix=f"--export {a.export}: "):
             meta = export.export_scorer(model, map_loss(rec_loss), a.export, image_size=state["image_size"],
                                         channels=state["channels"], threshold=threshold, decide_by=decide_by,
