@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,11 @@ CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good checkpoint.pt
 CRASHED = "crashed.pt"  # the state at an exception in the middle of training
 CHECKPOINT_FORMAT = "piad-checkpoint-1"
+KEPT = "kept"  # --keep-every K: RUN/kept/checkpoint-<iteration>.pt, copies of checkpoint.pt as it was
+
+
+def kept_path(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / KEPT / f"checkpoint-{iteration:07d}.pt"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -31,6 +37,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def keep(path: Path, kept: Path) -> None:
+    """Keeps the checkpoint at ``path`` as it is now under ``kept`` (atomically): a hard link, which
+    the next atomic save of ``path`` leaves pointing at this state; a copy where links fail."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_name(kept.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, kept)
 
 
 def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:

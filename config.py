@@ -136,6 +136,9 @@ class TrainConfig:
                                   "weights, Adam, penalty norm, γ statistics, eq. (4) sums; --method piad only)",
                           PRECISIONS, group="run")
     checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)", group="run")
+    keep_every: int = knob(0, "also keep the checkpoint of every K-th iteration, as "
+                              "RUN/kept/checkpoint-<iteration>.pt (0: none); evaluate them with "
+                              "python -m tools.progress RUN", group="run")
     log_every: int = knob(10, "iterations between rows of log.csv", group="run")
     tensorboard: bool = knob(False, "also write the logged losses and γ, and reconstruction grids, to RUN/tb/ "
                                     "(needs: pip install .[tensorboard])", group="run")
@@ -187,6 +190,7 @@ class TrainConfig:
                     bad.append(f"--normal: {exc}")
         need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
+        need(is_int(self.keep_every) and self.keep_every >= 0, "keep_every", "must be a whole number >= 0 (0: none)")
         for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
         need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads",
@@ -285,7 +289,7 @@ class TrainConfig:
     # random draws from the checkpoint on; the checkpoint's own statistics are used on resume.
     RESUMABLE = frozenset({"resume", "fallback", "progress", "device", "checkpoint_minutes", "evaluate", "iterations",
                            "data_root", "impl", "cache_features", "channels_last", "reseed", "out", "stats",
-                           "tensorboard", "tensorboard_images", "threads"})
+                           "tensorboard", "tensorboard_images", "threads", "keep_every"})
 
     def resume_conflicts(self, saved: "TrainConfig") -> list[str]:
         """The settings that differ from the checkpoint's and would change the maths of the run."""

@@ -463,18 +463,25 @@ def _main(argv) -> None:
               f"{verdict} -> {path}; anomaly maps ({map_kind(rec_loss)}) -> {out / f'maps_{name}.npz'}, "
               f"{out / f'overlays_{name}'}/, {out / f'extremes_{name}.png'}")
         return
+    print(json.dumps(evaluate_checkpoint(a.checkpoint, out, run=(state, cfg, model, rec_loss)), indent=2))
+
+
+def evaluate_checkpoint(path, out, *, run=None, device="auto", data_root=None) -> dict:
+    """A run's checkpoint evaluated on its protocol's test set (:func:`evaluate_run`, files into
+    ``out``); ``run``: what :func:`load_run` returned for it, when already loaded."""
+    state, cfg, model, rec_loss = run or load_run(path, device=device, data_root=data_root)
     with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
         ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
                                    contamination=cfg.contamination, protocol=cfg.protocol,
                                    image_size=cfg.image_size, preprocess=cfg.preprocess)
         ds = data_mod.hold_out_calibration(ds, cfg.calibration, seed=cfg.seed)  # as train.py held it out
-    metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg, scoring=scoring,
-                           checkpoint_path=a.checkpoint,
-                           extra={"iterations": state["iteration"], "checkpoint": str(a.checkpoint),
+    metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg, scoring=state.get("scoring"),
+                           checkpoint_path=path,
+                           extra={"iterations": state["iteration"], "checkpoint": str(path),
                                   "trained_with": state.get("provenance")})
-    if out.resolve() != Path(a.checkpoint).resolve().parent:  # --out elsewhere: the log is beside the checkpoint
-        figures.plot_curves(out / "curves.png", Path(a.checkpoint).parent / "log.csv")
-    print(json.dumps(metrics, indent=2))
+    if Path(out).resolve() != Path(path).resolve().parent:  # out elsewhere: the log is beside the checkpoint
+        figures.plot_curves(Path(out) / "curves.png", Path(path).parent / "log.csv")
+    return metrics
 
 
 def main(argv=None) -> None:

@@ -9,7 +9,8 @@ README, train.py and errors.py point here.
   values reach the host).
 * ``checkpoint.pt``: written atomically every ``checkpoint_minutes`` and at the end, only with
   finite losses and weights; train.py never overwrites one without ``--resume``, which continues
-  the run exactly.
+  the run exactly. With ``keep_every`` K, also after every K-th iteration, and that state is kept
+  as ``kept/checkpoint-<iteration>.pt`` (``checkpoint.keep``) for ``python -m tools.progress``.
 * SIGINT (Ctrl-C) or SIGTERM (a scheduler's): the iteration in progress finishes, ``checkpoint.pt``
   is saved and :class:`errors.Interrupted` is raised; ``train.py`` prints the ``--resume`` command
   and exits 130 / 143 (128 + the signal). A second Ctrl-C stops at once without saving
@@ -164,9 +165,12 @@ def loop(run: Run) -> None:
                     tb.reconstructions(it, run.model)
                 if bar is not None:
                     bar.update(1)
-                if stop.signum is not None or time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+                kept = cfg.keep_every and (it + 1) % cfg.keep_every == 0
+                if kept or stop.signum is not None or time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
                     run.save_good(it + 1)
                     last_ckpt = time.time()
+                    if kept:
+                        checkpoint.keep(run.checkpoint, checkpoint.kept_path(run.dir, it + 1))
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, it + 1, run.iterations, run.checkpoint)
             it = run.iterations

@@ -119,6 +119,33 @@ def test_kill_and_resume_is_exact(tmp_path, kill_at, policy):
     assert [r["rec"] for r in ra] == [r["rec"] for r in rb]
 
 
+def test_keep_every_keeps_each_kth_state_through_a_resume(tmp_path, kill_at):
+    """--keep-every 2: kept/checkpoint-<iteration>.pt holds the run's state after iterations 2, 4, 6,
+    whatever the checkpoint timer does; a killed and resumed run keeps the same states (and the
+    timer's later saves of checkpoint.pt leave the kept ones as they were)."""
+    kw = dict(iterations=6, keep_every=2, checkpoint_minutes=1000.0)
+    train.train(_cfg(tmp_path, out=str(tmp_path / "full"), **kw))
+    disarm = kill_at(train.PIADTrainer, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw))
+    assert sorted(p.name for p in (tmp_path / "part" / "kept").iterdir()) == ["checkpoint-0000002.pt"]
+    disarm()
+    train.train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), resume=True)
+    for run in ("full", "part"):
+        kept = sorted((tmp_path / run / "kept").iterdir())
+        assert kept == [checkpoint.kept_path(tmp_path / run, i) for i in (2, 4, 6)]
+        assert [_state(p)[2] for p in kept] == [2, 4, 6]
+    for i in (2, 4, 6):
+        m1, t1, _ = _state(checkpoint.kept_path(tmp_path / "full", i))
+        m2, t2, _ = _state(checkpoint.kept_path(tmp_path / "part", i))
+        assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    m2, m6 = _state(checkpoint.kept_path(tmp_path / "full", 2))[0], _state(tmp_path / "full" / "checkpoint.pt")[0]
+    assert not all(torch.equal(m2[k], m6[k]) for k in m2)  # the kept state is not the last one
+    assert all(torch.equal(v, _state(checkpoint.kept_path(tmp_path / "full", 6))[0][k]) for k, v in m6.items())
+    with pytest.raises(ValueError, match="keep-every"):
+        train.train(_cfg(tmp_path, out=str(tmp_path / "bad"), keep_every=-1))
+
+
 def test_finished_checkpoint_is_never_overwritten(tmp_path):
     cfg = _cfg(tmp_path, iterations=2)
     train.train(cfg)
