@@ -265,6 +265,17 @@ class TrainConfig:
         """The layout of every conv net's tensors (``--channels-last``), in training and in evaluation."""
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
+    def load_data(self, *, download: bool = False) -> data_mod.AnomalyData:
+        """The dataset these settings name (``data.load_dataset``), with the ``calibration`` images
+        held out (``data.hold_out_calibration``): train.py trains on it, evaluate.py re-evaluates a
+        run on it. Failures caused by the settings raise :class:`errors.UserError`."""
+        with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
+            ds = data_mod.load_dataset(self.dataset, self.normal, root=self.data_root, seed=self.seed,
+                                       contamination=self.contamination, protocol=self.protocol, download=download,
+                                       image_size=self.image_size, preprocess=self.preprocess)
+        with errors.user_errors(ValueError, prefix="--calibration: "):
+            return data_mod.hold_out_calibration(ds, self.calibration, seed=self.seed)
+
     @property
     def run_seed(self) -> int:
         """``seed``, or when left out the method's default: 0, or Berg et al.'s for pGAN runs."""

@@ -470,12 +470,7 @@ def evaluate_checkpoint(path, out, *, run=None, device="auto", data_root=None) -
     """A run's checkpoint evaluated on its protocol's test set (:func:`evaluate_run`, files into
     ``out``); ``run``: what :func:`load_run` returned for it, when already loaded."""
     state, cfg, model, rec_loss = run or load_run(path, device=device, data_root=data_root)
-    with errors.user_errors(ValueError, OSError, ImportError):  # the run's dataset is not here
-        ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                                   contamination=cfg.contamination, protocol=cfg.protocol,
-                                   image_size=cfg.image_size, preprocess=cfg.preprocess)
-        ds = data_mod.hold_out_calibration(ds, cfg.calibration, seed=cfg.seed)  # as train.py held it out
-    metrics = evaluate_run(out, model=model, data=ds, rec_loss=rec_loss, config=cfg, scoring=state.get("scoring"),
+    metrics = evaluate_run(out, model=model, data=cfg.load_data(), rec_loss=rec_loss, config=cfg, scoring=state.get("scoring"),
                            checkpoint_path=path,
                            extra={"iterations": state["iteration"], "checkpoint": str(path),
                                   "trained_with": state.get("provenance")})

@@ -244,13 +244,9 @@ def _load(cfg: TrainConfig) -> data_mod.AnomalyData:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
-        ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                                   contamination=cfg.contamination, protocol=cfg.protocol,
-                                   download=cfg.download, image_size=cfg.image_size, preprocess=cfg.preprocess)
-    with errors.user_errors(ValueError, prefix="--calibration: "):  # held out before training, checked here
-        ds = data_mod.hold_out_calibration(ds, cfg.calibration, seed=cfg.seed)
-        if ds.calibration is not None:
+    ds = cfg.load_data(download=cfg.download)
+    if ds.calibration is not None:  # held out before training, checked here
+        with errors.user_errors(ValueError, prefix="--calibration: "):
             evaluate.calibration_rank(len(ds.calibration), cfg.target_fpr)
     return ds
 

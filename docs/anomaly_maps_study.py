@@ -34,7 +34,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import figures  # noqa: E402
 import losses  # noqa: E402
@@ -78,8 +77,7 @@ def centre_prior(n: int, s: int) -> np.ndarray:
 
 def study(checkpoint: str, *, n: int, sizes, seed: int, out: Path) -> list[dict]:
     state, cfg, model, rec_loss = evaluate.load_run(checkpoint, device="cpu")
-    ds = data.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed, protocol=cfg.protocol,
-                           image_size=cfg.image_size)
+    ds = cfg.load_data()
     labels = np.asarray([int(y) for _, y in ds.test])
     normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
     eq4 = evaluate.map_loss(rec_loss)

@@ -17,7 +17,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import data as data_mod  # noqa: E402
 import evaluate  # noqa: E402
 from berg import latent_norm  # noqa: E402
 
@@ -34,8 +33,7 @@ def norms(encode, x: torch.Tensor, order: np.ndarray, batch: int = 64) -> np.nda
 def main(path: str) -> None:
     state, cfg, model, _ = evaluate.load_run(path, device="cpu")
     model.eval()
-    ds = data_mod.load_dataset(cfg.dataset, cfg.normal, root=cfg.data_root, seed=cfg.seed,
-                               contamination=cfg.contamination, protocol=cfg.protocol)
+    ds = cfg.load_data()
     x = torch.stack([ds.test[i][0] for i in range(len(ds.test))])
     y = np.asarray(ds.test.labels)
     rng = np.random.default_rng(0)
