@@ -220,8 +220,8 @@ def main() -> None:
           f"{load[2]:.2f} at the end")
     print(f"one iteration: {gflop:.1f} GFLOP (torch.utils.flop_counter); peak {peak['fp32']:.0f} GFLOP/s fp32, "
           f"{peak['bf16']:.0f} bf16 ({how})")
-    ceiling = {prec: conv_ceiling(torch.bfloat16 if prec == "bf16" else torch.float32)
-               for prec in dict.fromkeys("bf16" if prec == "bf16" else "fp32" for prec, _ in rows)}
+    kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    ceiling = {k: conv_ceiling(dtype) for k, dtype in kinds.items() if k == "fp32" or (k, "contiguous") in rows}
     print("best convolution here (conv_ceiling): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceiling.items())
           + (f"; bf16/fp32 {ceiling['bf16'] / ceiling['fp32']:.2f}x" if len(ceiling) == 2 else ""))
     print("| path | memory format | s/it (median) | min | vs fp32 channels_last | vs authors' | % of peak "
