@@ -19,7 +19,8 @@ Perceptual Image Anomaly Detection (Tuluptceva et al., 2019):
 
 Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overlay`) and ROC AUC
 against the fraction of anomalies in the training set (:func:`plot_contamination`,
-``auroc_vs_contamination.png``). Berg et al.'s histograms of latent norms are
+``auroc_vs_contamination.png``), and against the training iterations (:func:`plot_progress`,
+``progress.png``). Berg et al.'s histograms of latent norms are
 ``berg.latent_norm.plot_latent_norms`` (it draws with :func:`_pyplot` and :func:`_save`).
 Also not in the paper: precision-recall curves with their average precision (:func:`plot_pr`,
 ``pr.png``), the calibrated threshold marked on both (:func:`mark_threshold`).
@@ -421,6 +422,18 @@ def plot_contamination(path, rows: list[dict], title: str) -> None:
     for label, (ps, mean, std) in contamination_curves(rows).items():
         ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=label)
     ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC", title=title)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_progress(path, rows: list[dict], title: str) -> None:
+    """ROC AUC and average precision against training iterations (``tools.progress``'s rows)."""
+    it = [int(r["iteration"]) for r in rows]
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    for key, label in (("roc_auc", "ROC AUC"), ("average_precision", "average precision")):
+        ax.plot(it, [float(r[key]) for r in rows], marker="o", label=label)
+    ax.set(xlabel="iteration (Algorithm 1)", ylabel=f"{rows[0]['score']} on the test set" if rows else "",
+           title=title)
     ax.legend()
     _save(fig, path)
 

@@ -38,6 +38,7 @@ def test_progress_evaluates_each_kept_state_as_a_run_of_that_length(tmp_path, mo
     assert float(rows[1]["roc_auc"]) == pytest.approx(final["roc_auc"], abs=1e-6)
     with open(run / "progress.csv") as fh:
         assert list(csv.DictReader(fh)) == [{k: str(v) for k, v in r.items()} for r in rows]
+    assert (run / "progress.png").stat().st_size > 0
 
     def no_second_evaluation(*a, **k):
         raise AssertionError("an evaluation already written is evaluated again")

@@ -5,8 +5,8 @@ A run trained with ``--keep-every K`` keeps the checkpoint of every K-th iterati
 ``RUN/kept/`` (``checkpoint.kept_path``). This evaluates each (or those of ``--iterations``) into
 ``RUN/kept/<iteration>/`` (metrics.json, scores.csv and the figures of ``evaluate.evaluate_run``),
 reuses an evaluation already there, and writes ``RUN/progress.csv``: one row per iteration with the
-primary score's ROC AUC and average precision; the finished run's last iteration comes from its
-own metrics.json.
+primary score's ROC AUC and average precision (drawn in ``RUN/progress.png``); the finished run's
+last iteration comes from its own metrics.json.
 
     python -m tools.progress RUN [--iterations 2000 10000 25000] [--device auto]
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import checkpoint
 import errors
 import evaluate
+import figures
 from config import DEVICES
 
 FIELDS = ("iteration", "roc_auc", "average_precision", "score", "source")
@@ -74,6 +75,7 @@ def progress(run, *, iterations=None, device: str = "auto", data_root=None) -> l
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
+    figures.plot_progress(run / "progress.png", rows, title=f"{run.name}: quality along the schedule")
     return rows
 
 
