@@ -146,6 +146,9 @@ def loop(run: Run) -> None:
     tb = (tblog.TensorBoardLog(run.dir / "tb", run.ds.train, every=cfg.tensorboard_images, start=run.start)
           if cfg.tensorboard else None)  # RUN/tb/: an optional extra; log.csv is always written
     stop = errors.StopOnSignal()
+    if cfg.keep_every and run.start and run.start % cfg.keep_every == 0:  # a kill between the save and its copy
+        if not checkpoint.kept_path(run.dir, run.start).exists():
+            checkpoint.keep(run.checkpoint, checkpoint.kept_path(run.dir, run.start))
     run.t0 = last_ckpt = time.time()
     try:
         with stop, open(run.dir / "log.csv", "a", newline="") as fh:

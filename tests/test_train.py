@@ -129,6 +129,7 @@ def test_keep_every_keeps_each_kth_state_through_a_resume(tmp_path, kill_at):
     with pytest.raises(KeyboardInterrupt):
         train.train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw))
     assert sorted(p.name for p in (tmp_path / "part" / "kept").iterdir()) == ["checkpoint-0000002.pt"]
+    checkpoint.kept_path(tmp_path / "part", 2).unlink()  # as if killed between checkpoint.pt and its copy
     disarm()
     train.train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), resume=True)
     for run in ("full", "part"):
