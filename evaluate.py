@@ -470,8 +470,8 @@ def evaluate_checkpoint(path, out, *, run=None, device="auto", data_root=None) -
     """A run's checkpoint evaluated on its protocol's test set (:func:`evaluate_run`, files into
     ``out``); ``run``: what :func:`load_run` returned for it, when already loaded."""
     state, cfg, model, rec_loss = run or load_run(path, device=device, data_root=data_root)
-    metrics = evaluate_run(out, model=model, data=cfg.load_data(), rec_loss=rec_loss, config=cfg, scoring=state.get("scoring"),
-                           checkpoint_path=path,
+    metrics = evaluate_run(out, model=model, data=cfg.load_data(), rec_loss=rec_loss, config=cfg,
+                           scoring=state.get("scoring"), checkpoint_path=path,
                            extra={"iterations": state["iteration"], "checkpoint": str(path),
                                   "trained_with": state.get("provenance")})
     if Path(out).resolve() != Path(path).resolve().parent:  # out elsewhere: the log is beside the checkpoint

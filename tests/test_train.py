@@ -137,8 +137,8 @@ def test_keep_every_keeps_each_kth_state_through_a_resume(tmp_path, kill_at):
         assert kept == [checkpoint.kept_path(tmp_path / run, i) for i in (2, 4, 6)]
         assert [_state(p)[2] for p in kept] == [2, 4, 6]
     for i in (2, 4, 6):
-        m1, t1, _ = _state(checkpoint.kept_path(tmp_path / "full", i))
-        m2, t2, _ = _state(checkpoint.kept_path(tmp_path / "part", i))
+        m1 = _state(checkpoint.kept_path(tmp_path / "full", i))[0]
+        m2 = _state(checkpoint.kept_path(tmp_path / "part", i))[0]
         assert all(torch.equal(m1[k], m2[k]) for k in m1)
     m2, m6 = _state(checkpoint.kept_path(tmp_path / "full", 2))[0], _state(tmp_path / "full" / "checkpoint.pt")[0]
     assert not all(torch.equal(m2[k], m6[k]) for k in m2)  # the kept state is not the last one
