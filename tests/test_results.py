@@ -1,0 +1,63 @@
+"""The results committed under ``results/`` say what they are: each run's ROC AUC and average
+precision are those of its own ``scores.csv``, its ``log.csv`` ends at the last of the
+iterations its ``metrics.json`` records, its ``progress.csv`` ends at that evaluation and agrees with the kept checkpoints' evaluations
+committed beside it, and no checkpoint is committed."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+RUNS = sorted(p.parent for p in RESULTS.glob("**/log.csv") if (p.parent / "metrics.json").is_file())
+
+
+def _columns(path: Path) -> dict[str, list[str]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+@pytest.fixture(params=RUNS, ids=[str(p.relative_to(RESULTS)) for p in RUNS])
+def run(request):
+    return request.param
+
+
+@pytest.mark.skipif(not RUNS, reason="no committed results")
+def test_metrics_are_those_of_the_committed_scores(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    scores = _columns(run / "scores.csv")
+    labels = np.array(scores["label"], dtype=int)
+    assert labels.sum() == metrics["n_test_anomalous"] and len(labels) == metrics["n_test"]
+    for name, auc in metrics["roc_auc_per_score"].items():
+        # scores.csv holds 6 significant digits: ties it makes can move an AUC by a few 1e-6
+        assert roc_auc_score(labels, np.array(scores[name], dtype=float)) == pytest.approx(auc, abs=1e-5), name
+    primary = np.array(scores[metrics["score"]], dtype=float)
+    assert roc_auc_score(labels, primary) == pytest.approx(metrics["roc_auc"], abs=1e-5)
+    assert average_precision_score(labels, primary) == pytest.approx(metrics["average_precision"], abs=1e-5)
+
+
+@pytest.mark.skipif(not RUNS, reason="no committed results")
+def test_log_and_progress_end_at_the_evaluated_iteration(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("iterations", "vgg_weights", "precision", "device", "provenance"):
+        assert metrics.get(key) not in (None, ""), key
+    assert metrics["provenance"]["git_commit"] and not metrics["provenance"]["git_dirty"]
+    # log.csv counts steps from 0: its last row is step iterations - 1 (loop.py logs it always)
+    assert int(_columns(run / "log.csv")["iteration"][-1]) == metrics["iterations"] - 1
+    if (run / "progress.csv").is_file():
+        progress = _columns(run / "progress.csv")
+        its = [int(i) for i in progress["iteration"]]
+        assert its == sorted(its) and its[-1] == metrics["iterations"]
+        assert float(progress["roc_auc"][-1]) == pytest.approx(metrics["roc_auc"], abs=1e-6)
+        for it, auc, source in zip(its, progress["roc_auc"], progress["source"]):
+            if (run / source).is_file():  # a kept checkpoint's evaluation (tools.progress), committed beside
+                kept = json.loads((run / source).read_text())
+                assert kept["iterations"] == it and float(auc) == pytest.approx(kept["roc_auc"], abs=1e-6)
+                assert kept["provenance"]["git_commit"] == metrics["provenance"]["git_commit"]
+
+
+def test_no_checkpoint_is_committed():
+    assert not [p for p in RESULTS.glob("**/*") if p.suffix in (".pt", ".pth", ".ckpt")]
