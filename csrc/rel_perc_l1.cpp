@@ -76,8 +76,7 @@ void for_each_vec(const Layout& l, const A* mean, const A* inv, const F& f) {
   l.interleaved ? for_each_vec<true>(l, mean, inv, f) : for_each_vec<false>(l, mean, inv, f);
 }
 
-// Sums of |fx~ - fy~| = |fx - fy| / std (if NUM) and |fx~| = |fx - mean| / std over one sample,
-// eq. (3)-(4), in a fixed order.
+// One sample's sums of |fx~ - fy~| (if NUM) and |fx~|, eq. (3)-(4), in a fixed order.
 template <bool NUM, typename T, typename A = acc_t<T>>
 std::pair<double, double> sample_sums(const T* x, const T* y, const A* mean, const A* inv,
                                       const Layout& l) {
@@ -101,8 +100,7 @@ std::pair<double, double> sample_sums(const T* x, const T* y, const A* mean, con
 }
 
 // Runs f(n) for every sample n, on one thread when the whole call is small (below kParallel
-// elements, thread start-up would cost more than it saves). Samples are independent, so the
-// results do not depend on the thread count.
+// elements, thread start-up would cost more than it saves).
 template <typename F>
 void for_each_sample(const Layout& l, const F& f) {
   const int64_t grain = std::max<int64_t>(1, kParallel / std::max<int64_t>(1, l.K));  // samples

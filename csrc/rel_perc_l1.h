@@ -6,8 +6,7 @@
 //   loss[n] = sum |fx~ - fy~| / (sum |fx~| + eps)   (sums over C and spatial)         eq. (4)
 //
 // Reduced-precision features (bf16 from --precision bf16, half) are read as they are; the sums
-// and the loss are in acc_t (float), so eq. (4)'s reduction is fp32 whatever the features' dtype:
-// the loss has dtype acc_t, the gradients the features' dtype.
+// and the loss are in acc_t (float): the loss has dtype acc_t, the gradients the features' dtype.
 //
 // The denominator depends on fx only and is a constant in backward (as in the authors' code):
 //   d loss[n] / d fx = sign(fx - fy) / std[c] / (den[n] + eps),   d loss / d fy = -(that).

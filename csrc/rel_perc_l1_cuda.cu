@@ -17,11 +17,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// One block per sample n = blockIdx.x; each thread sums a fixed strided subset of its elements,
-// num = sum |fx~ - fy~| = |fx - fy| / std (forward only) and den = sum |fx~| = |fx - mean| / std,
-// eq. (3)-(4), and cub::BlockReduce adds the threads' sums. Forward (grad == nullptr):
-// loss[n] = num / (den + eps), eq. (4), into `loss` (acc_t). Backward: grad_fx = g[n] / (den + eps)
-// * sign(fx - fy) / std, into `out` (the features' dtype).
+// Block n = blockIdx.x sums, a fixed strided subset per thread, num = sum |fx~ - fy~| (forward
+// only) and den = sum |fx~| of eq. (3)-(4); cub::BlockReduce adds the threads' sums. Then forward
+// (grad == nullptr): loss[n] into `loss` (acc_t); backward: grad_fx into `out` (features' dtype).
 template <typename T, typename A>
 __global__ void rel_perc_l1_kernel(const A* grad, const T* x, const T* y, const A* mean, const A* inv,
                                    Layout l, double eps, A* loss, T* out) {

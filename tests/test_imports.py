@@ -1,5 +1,5 @@
 """The modules import each other one way only, and PIAD's core imports neither folder (README,
-"How the modules depend on each other").
+"The code": its file table and "How the modules depend on each other").
 
 Every import of a project module, wherever it is written (function-local ones included), must
 name a module earlier in the chain, and must sit at the top of the file; so a cycle, or a module
@@ -26,6 +26,15 @@ def readme_chain(root: Path = ROOT) -> tuple[str, ...]:
     section = text.split("### How the modules depend on each other", 1)[1].split("\n## ", 1)[0]
     line = next(l for l in section.splitlines() if l.count(" → ") > 5)
     return tuple(re.findall(r"`([\w.]+)`", line))
+
+
+def readme_file_table(root: Path = ROOT) -> set[str]:
+    """The modules named in the first column of README's file table (the table whose header is
+    ``| file | paper | what |``, up to its first blank line): ``berg.pgan`` for `berg/pgan.py`;
+    `tests/...` rows left out."""
+    table = (root / "README.md").read_text().split("| file |", 1)[1].split("\n\n", 1)[0]
+    return {m.replace("/", ".") for row in table.splitlines()
+            for m in re.findall(r"`([\w/]+)\.py`", row.split("|")[1]) if not m.startswith("tests/")}
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:
@@ -65,9 +74,7 @@ MODULES = sorted(project_modules())
 
 def test_every_module_has_a_place_in_the_chain_and_the_file_table():
     assert set(MODULES) == set(CHAIN), "README's chain must name every module, and only those"
-    table = (ROOT / "README.md").read_text().split("| file |", 1)[1].split("\n\n", 1)[0]
-    listed = {m.replace("/", ".") for row in table.splitlines()
-              for m in re.findall(r"`([\w/]+)\.py`", row.split("|")[1]) if not m.startswith("tests/")}
+    listed = readme_file_table()
     assert listed == set(CHAIN), f"README's file table: missing {set(CHAIN) - listed}, extra {listed - set(CHAIN)}"
 
 

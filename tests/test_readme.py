@@ -55,6 +55,54 @@ def test_both_commands_do_the_setup_then_the_job():
     assert _make_rule("test")[1] == ["$(PY) -m pytest -q tests"]
 
 
+def test_readme_is_one_page_with_the_two_commands_first():
+    """README is one page (at most 200 lines) and its two commands come within its first 40 lines;
+    the detail lives in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines: move detail to a page of docs/"
+    first = {cmd: lines.index(cmd) + 1 for cmd in _commands()}
+    assert max(first.values()) <= 40, f"README.md: the two commands stand at lines {first}, not within the first 40"
+
+
+def _links(page: Path) -> list[str]:
+    """Targets of a markdown page's links and images, fenced code left out."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_relative_links_of_readme_and_docs_resolve():
+    """Every relative link or image of README.md and docs/*.md names a file of the repository, and
+    every #anchor a heading of its page."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken, n = [], 0
+    for page in pages:
+        for target in _links(page):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            n += 1
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert n > 30
+    assert not broken, broken
+
+
+def test_readme_links_every_page_of_docs():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in _links(ROOT / "README.md")}
+    orphans = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not orphans, f"pages of docs/ that README.md does not link: {orphans}"
+
+
 def test_readme_main_command_is_the_main_job():
     _, recipe = _make_rule("run")
     assert recipe == ["$(PY) train.py $(ARGS)"]
