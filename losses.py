@@ -1,15 +1,14 @@
 """Relative-perceptual-L1 (paper §3.1): the features f, their statistics μ, σ, eq. (2)-(4).
 
 Perceptual Image Anomaly Detection (Tuluptceva et al., 2019), §3.1 and supplement §1.1: features
-``f`` are taken at ``relu4_2`` of an ImageNet-pretrained VGG-19, normalised per channel by
-statistics μ, σ computed beforehand (eq. 3), and compared with an L1 distance divided by the L1
-norm of the real image's normalised features (eq. 4). Eq. (2), the classic perceptual loss, and
-the other losses of Table 3 (right) share one interface, :class:`ReconstructionLoss`, ``kind`` one
-of :data:`KINDS`. The file follows the section: f, then μ and σ, then eq. (2)-(4), then the loss.
+``f`` of ``relu4_2`` of an ImageNet VGG-19, normalised per channel by statistics μ, σ (eq. 3),
+compared by an L1 distance over the L1 norm of the real image's normalised features (eq. 4). Eq. (2)
+and the other losses of Table 3 (right) share one interface, :class:`ReconstructionLoss`. The file
+follows the section: f, then μ and σ, then eq. (2)-(4), then the loss.
 
-This file is usable alone, with torch and torchvision only; the fused op of ``csrc/`` is used
-when ``fused_op.py`` and the built extension (``piad_C``) are beside it, else eq. (3)-(4) run in
-PyTorch (``rel_perc_l1_torch``, the reference of the op). Use the loss::
+Usable alone, with torch and torchvision only: eq. (3)-(4) run in PyTorch (``rel_perc_l1_torch``,
+the reference), or in the fused op of ``csrc/`` when ``fused_op.py`` and the built extension
+(``piad_C``) are beside this file. Use the loss::
 
     import torch
     from losses import FeatureStats, ReconstructionLoss, VGG19Features, feature_stats
@@ -20,9 +19,8 @@ PyTorch (``rel_perc_l1_torch``, the reference of the op). Use the loss::
     loss = ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=stats, reduction="none")
     scores = loss(x, x_rec)              # eq. (4), one value per image; x, x_rec in [-1, 1]
 
-``features`` may be any frozen module mapping images to (B, C, h, w) features. piad's
-``features.py`` adds its other weights (the Caffe VGG-19, offline), the authors' statistics and
-the ``stats`` command; it imports this file, never the reverse.
+``features`` may be any frozen module mapping images to (B, C, h, w). piad's ``features.py`` adds
+the Caffe VGG-19 (offline), the authors' statistics and the ``stats`` command; it imports this file.
 """
 from __future__ import annotations
 
@@ -51,9 +49,7 @@ DEFAULT_EPS = 1e-6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation (also mse-imagenet's)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# ---------------------------------------------------------------------------------------------
-# The features f (supplement §1.1: relu4_2 of a VGG-19 trained on ImageNet).
-
+# --- The features f (supplement §1.1: relu4_2 of a VGG-19 trained on ImageNet) -----------------
 
 def vgg19_layer_names() -> list[str]:
     """Names of ``torchvision.models.vgg19().features`` modules: conv1_1, relu1_1, ..., pool5."""
@@ -63,11 +59,6 @@ def vgg19_layer_names() -> list[str]:
             names += [f"conv{block}_{c}", f"relu{block}_{c}"]
         names.append(f"pool{block}")  # 2×2 max-pool
     return names
-
-
-def torchvision_cached_path() -> Path:
-    """Where torch hub keeps torchvision's VGG-19 IMAGENET1K_V1 once downloaded."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
 
 
 class VGG19Features(nn.Module):
@@ -91,15 +82,19 @@ class VGG19Features(nn.Module):
                 weights = torchvision.models.VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
             except Exception as exc:  # no network, broken cache, ...
                 raise RuntimeError(f"could not load torchvision's VGG-19 IMAGENET1K_V1 ({exc}). Offline, copy "
-                                   f"{torchvision_cached_path().name} into {torchvision_cached_path().parent}, "
-                                   "or pass the path of a state-dict file") from exc
+                                   f"vgg19-dcbb9e9d.pth into {torch.hub.get_dir()}/checkpoints, or pass the "
+                                   "path of a state-dict file") from exc
             self.weights_id = "torchvision:IMAGENET1K_V1"
         elif weights is None or isinstance(weights, dict):
             self.weights_id = "random-init" if weights is None else "state-dict"
         else:
             self.weights_id, weights = f"file:{Path(weights).name}", torch.load(weights, "cpu", weights_only=True)
-        if weights is not None:
-            self._load(weights)
+        if weights is not None:  # torchvision's keys (features.N.weight), or vgg19().features' (N.weight)
+            sd, own = {k.removeprefix("features."): v for k, v in weights.items()}, self.body.state_dict()
+            if any(k not in sd for k in own):
+                raise ValueError(f"VGG state dict lacks conv weights {[k for k in own if k not in sd][:3]}...; "
+                                 "expected the keys of torchvision's vgg19() or of vgg19().features")
+            self.body.load_state_dict({k: sd[k] for k in own})  # a wrong shape fails here, named
         # torchvision's input normalisation, (x - mean) / std on [0, 1], as a fixed 1×1 conv (float64:
         # exact in float64 runs; cast to the input's dtype in forward)
         std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
@@ -107,15 +102,6 @@ class VGG19Features(nn.Module):
         self.register_buffer("in_bias", -torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / std)
         self.requires_grad_(False)
         self.eval()
-
-    def _load(self, state_dict: dict) -> None:
-        sd = {k.removeprefix("features."): v for k, v in state_dict.items()}
-        own = self.body.state_dict()
-        missing = [k for k in own if k not in sd]
-        if missing:
-            raise ValueError(f"VGG state dict lacks conv weights {missing[:3]}...; expected the keys of "
-                             "torchvision's vgg19() (features.N.weight) or of vgg19().features")
-        self.body.load_state_dict({k: sd[k] for k in own})  # a wrong shape fails here, named
 
     def train(self, mode: bool = True) -> "VGG19Features":  # always frozen, always eval
         return super().train(False)
@@ -132,9 +118,7 @@ class VGG19Features(nn.Module):
         return self.body(x)  # (B, 512, H/8, W/8) at relu4_2
 
 
-# ---------------------------------------------------------------------------------------------
-# μ, σ of eq. (3): per-channel mean and std of the features.
-
+# --- μ, σ of eq. (3): per-channel mean and std of the features ---------------------------------
 
 @dataclass
 class FeatureStats:
@@ -162,11 +146,8 @@ class FeatureStats:
 
 @torch.no_grad()
 def feature_stats(model: nn.Module, batches, *, source: str = "") -> FeatureStats:
-    """Per-channel mean/std of ``model``'s output over an iterable of image batches in [-1, 1].
-
-    One pass, float64 accumulation, batches merged with Chan et al.'s parallel update of
-    (count, mean, M2), so the result is stable for any number of batches.
-    """
+    """Per-channel mean/std of ``model``'s output over an iterable of image batches in [-1, 1]: one
+    pass, float64, batches merged by Chan et al.'s parallel update of (count, mean, M2)."""
     n, mean, m2 = 0, 0.0, 0.0  # count, mean and sum of squared deviations so far
     for x in batches:
         f = model(x).double().transpose(0, 1).flatten(1)  # (C, B*H*W)
@@ -183,9 +164,7 @@ def feature_stats(model: nn.Module, batches, *, source: str = "") -> FeatureStat
                         getattr(model, "layer", None), n, source)
 
 
-# ---------------------------------------------------------------------------------------------
-# Eq. (2)-(4) on features f(x), f(y) of shape (N, C, H, W); one value per sample, shape (N,).
-
+# --- Eq. (2)-(4) on features f(x), f(y) of shape (N, C, H, W); one value per sample, (N,) ------
 
 def perceptual(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
     """Eq. (2), the perceptual loss of Johnson et al.: ``||f(x) - f(y)||_2^2 / (C·H·W)``."""
@@ -219,24 +198,21 @@ def _fused_available(device: torch.device) -> bool:
     return fused_op is not None and fused_op.available(device)
 
 
-# ---------------------------------------------------------------------------------------------
-# The reconstruction loss L_rec (eq. 7 uses it; eq. 1 scores with it).
-
+# --- The reconstruction loss: L_rec of eq. (7), the score A(x) of eq. (1) ------------------------
 
 class ReconstructionLoss(nn.Module):
     """Image-pair losses of Table 3 (right): per-sample values (``reduction="none"``) or their mean/sum.
 
-    kind: ``mse`` / ``l1`` (pixels in [-1, 1]), ``mse-imagenet`` (the authors' pixel L2 of the
-    Table 3 ablation: ImageNet-normalised pixels, grey repeated to 3 channels), ``perc`` (eq. 2:
-    MSE of raw features), ``perc-l1`` (eq. 3 features, L1 mean), ``rel-perc-l1`` (eq. 4). Feature
-    kinds need ``features`` (a :class:`VGG19Features` or any frozen extractor); the normalised ones
-    also ``stats`` (:class:`FeatureStats` of the same weights). The first argument is the real
-    image: its features are computed without a graph, or passed in precomputed (``fx=``).
+    kind: ``mse`` / ``l1`` (pixels in [-1, 1]), ``mse-imagenet`` (the authors' pixel L2 of Table 3:
+    ImageNet-normalised pixels), ``perc`` (eq. 2), ``perc-l1`` (eq. 3 features, L1 mean),
+    ``rel-perc-l1`` (eq. 4). Feature kinds need ``features`` (a :class:`VGG19Features` or any frozen
+    extractor), the normalised ones ``stats`` of the same weights. The first argument is the real
+    image: its features are computed without a graph, or passed precomputed (``fx=``).
 
-    Everything is decided here, once: the arguments are checked, and ``impl`` (``"auto"``: the fused
-    op when built for the statistics' device, else PyTorch; ``"ext"``; ``"torch"``) is resolved and
-    logged, again only when ``.to()`` moves the loss. ``check_range``: the first real batch the loss
-    sees must be in [-1, 1] (later ones are not checked: a step on a GPU never waits for the host).
+    Decided here, once: the arguments are checked and ``impl`` is resolved (``"auto"``: the fused op
+    when built for the statistics' device, else PyTorch; ``"ext"``; ``"torch"``) and logged, again
+    only when ``.to()`` moves the loss. ``check_range``: the first real batch must be in [-1, 1]
+    (later ones are not checked: a step on a GPU never waits for the host).
     """
 
     def __init__(self, *, kind: str = "rel-perc-l1", features: nn.Module | None = None,
@@ -258,8 +234,8 @@ class ReconstructionLoss(nn.Module):
             if (stats.weights, stats.layer) != (self.weights_id, getattr(features, "layer", None)):
                 raise ValueError(f"statistics were computed with {stats.weights}/{stats.layer} but the features "
                                  f"use {self.weights_id}/{getattr(features, 'layer', None)}; never mix them")
-        self.kind, self.reduction, self.impl, self.eps, self.check_range = kind, reduction, impl, float(eps), check_range
-        self.features = features
+        self.kind, self.reduction, self.impl, self.eps = kind, reduction, impl, float(eps)
+        self.features, self.check_range = features, check_range
         if stats is not None:
             self.register_buffer("mean", stats.mean.clone())
             self.register_buffer("std", stats.std.clone())
@@ -329,11 +305,9 @@ class ReconstructionLoss(nn.Module):
 
     def map(self, x: torch.Tensor, y: torch.Tensor, *, fx: torch.Tensor | None = None,
             fy: torch.Tensor | None = None) -> torch.Tensor:
-        """The per-sample loss position by position, (N, h, w): pixels for the pixel kinds, feature
-        positions (h = H/8 at relu4_2) for the others; its sum over positions is ``forward``'s
-        ``reduction="none"`` value. For ``rel-perc-l1`` it is :func:`rel_perc_l1_torch` position by
-        position (eq. 4), always in PyTorch: the fused op returns only the sums, and a map is not on
-        any training path."""
+        """The per-sample loss position by position, (N, h, w), pixels or feature positions (H/8 at
+        relu4_2), summing to ``forward``'s ``reduction="none"`` value. For ``rel-perc-l1``, eq. (4)
+        position by position, in PyTorch (the op returns only the sums; no map is on a training path)."""
         if self.kind in PIXEL_KINDS:
             d = self._pixel_difference(x, y)
             terms = d.abs() if self.kind == "l1" else d.pow(2)

@@ -90,7 +90,7 @@ def test_the_documented_snippet_runs_with_losses_py_alone(tmp_path, state_dict_f
         torch.testing.assert_close(torch.tensor(beside["scores"]), torch.tensor(alone["scores"]), rtol=1e-5, atol=0)
 
 
-@pytest.mark.skipif(not losses.torchvision_cached_path().is_file(),
+@pytest.mark.skipif(not (Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth").is_file(),
                     reason="torchvision's VGG-19 IMAGENET1K_V1 is not in torch hub's cache (offline)")
 def test_the_documented_snippet_runs_with_torchvision_weights(tmp_path):
     out = run_alone(tmp_path, documented_snippet())
