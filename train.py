@@ -36,13 +36,13 @@ import data as data_mod
 import errors
 import evaluate
 import loop
-import losses
 import piad
 import weights_policy
 from berg import latent_norm, progressive, system
 from checkpoint import CHECKPOINT
 from config import TrainConfig, parse_args, resolve_device
 from errors import Diverged, Interrupted, UserError
+from features import build_loss
 
 
 
@@ -295,9 +295,9 @@ def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) ->
     else:
         iterations = cfg.iterations or data_mod.iterations(cfg.dataset, ds.preset)  # supplement §1
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
-        rec_loss, stats = losses.build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
-                                            device=device, train_batches=data_mod.image_batches(ds.train, device),
-                                            saved_stats=state["stats"] if state else None)
+        rec_loss, stats = build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
+                                     device=device, train_batches=data_mod.image_batches(ds.train, device),
+                                     saved_stats=state["stats"] if state else None)
     model.to(memory_format=cfg.memory_format)  # NHWC with --channels-last: same maths, faster kernels
     rec_loss.to(memory_format=cfg.memory_format)
     trainer = make_trainer(model, rec_loss, cfg)

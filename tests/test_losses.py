@@ -1,6 +1,9 @@
 """Tests of losses.py (paper §3.1): VGG features, statistics, eq. (2)-(4), contrast robustness."""
+import logging
+import sys
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import features
 import figures
 import losses
 
+ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
     not losses._fused_available(torch.device("cpu")), reason="fused extension not built"))]
 
@@ -203,29 +207,32 @@ def _features(shape, seed):
             torch.randn(shape, generator=g, dtype=torch.float64))
 
 
+def _eq34(fx, fy, mean, std, *, impl="torch", eps=losses.DEFAULT_EPS, reduction="none"):
+    """Eq. (3)-(4) on precomputed features through ReconstructionLoss.forward (any extractor:
+    here none), with the implementation chosen when the loss is built."""
+    L = losses.ReconstructionLoss(kind="rel-perc-l1", features=torch.nn.Identity(), impl=impl, eps=eps,
+                                  stats=losses.FeatureStats(mean, std, None, None, 1), reduction=reduction)
+    assert L.fused == (impl == "ext")
+    return L(None, None, fx=fx, fy=fy)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @given(shape=feature_shapes, seed=st.integers(0, 1000))
 def test_rel_perc_l1_properties(impl, shape, seed):
     fx, fy = _features(shape, seed)
     mean, std = _stats(shape[1], seed)
-    loss = losses.relative_perceptual_l1(fx, fy, mean, std, reduction="none", impl=impl)
+    loss = _eq34(fx, fy, mean, std, impl=impl)
     assert loss.shape == (shape[0],) and (loss >= 0).all()  # non-negative
-    assert torch.equal(losses.relative_perceptual_l1(fx, fx, mean, std, reduction="none", impl=impl),
-                       torch.zeros(shape[0], dtype=fx.dtype))  # identity
+    assert torch.equal(_eq34(fx, fx, mean, std, impl=impl), torch.zeros(shape[0], dtype=fx.dtype))  # identity
     # invariance to a joint positive scaling of the normalised features (eq. 4 is a ratio)
     a = 0.1 + (seed % 37)
     mv = mean.view(1, -1, 1, 1)
-    scaled = losses.relative_perceptual_l1(mv + a * (fx - mv), mv + a * (fy - mv), mean, std,
-                                           reduction="none", impl=impl, eps=0)
-    assert torch.allclose(scaled, losses.relative_perceptual_l1(fx, fy, mean, std, reduction="none",
-                                                                impl=impl, eps=0), rtol=1e-9)
+    scaled = _eq34(mv + a * (fx - mv), mv + a * (fy - mv), mean, std, impl=impl, eps=0)
+    assert torch.allclose(scaled, _eq34(fx, fy, mean, std, impl=impl, eps=0), rtol=1e-9)
     perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(seed))
-    assert torch.allclose(losses.relative_perceptual_l1(fx[perm], fy[perm], mean, std, reduction="none",
-                                                        impl=impl), loss[perm], rtol=1e-12)
-    assert torch.allclose(losses.relative_perceptual_l1(fx, fy, mean, std, reduction="mean", impl=impl),
-                          loss.mean())
-    assert torch.allclose(losses.relative_perceptual_l1(fx, fy, mean, std, reduction="sum", impl=impl),
-                          loss.sum())
+    assert torch.allclose(_eq34(fx[perm], fy[perm], mean, std, impl=impl), loss[perm], rtol=1e-12)
+    assert torch.allclose(_eq34(fx, fy, mean, std, impl=impl, reduction="mean"), loss.mean())
+    assert torch.allclose(_eq34(fx, fy, mean, std, impl=impl, reduction="sum"), loss.sum())
 
 
 def test_rel_perc_l1_matches_definition():
@@ -234,31 +241,49 @@ def test_rel_perc_l1_matches_definition():
     nx = (fx - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # eq. (3)
     ny = (fy - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     want = (nx - ny).abs().sum((1, 2, 3)) / nx.abs().sum((1, 2, 3))  # eq. (4)
-    got = losses.relative_perceptual_l1(fx, fy, mean, std, reduction="none", eps=0, impl="torch")
-    assert torch.allclose(got, want, rtol=1e-12)
+    assert torch.allclose(losses.rel_perc_l1_torch(fx, fy, mean, std, eps=0), want, rtol=1e-12)
+    assert torch.allclose(_eq34(fx, fy, mean, std, eps=0), want, rtol=1e-12)
 
 
 def test_denominator_is_constant_in_backward():
     fx, fy = _features((3, 4, 2, 2), 2)
     fx.requires_grad_(True)
     mean, std = _stats(4)
-    losses.relative_perceptual_l1(fx, fy, mean, std, impl="torch", reduction="sum").backward()
+    _eq34(fx, fy, mean, std, reduction="sum").backward()
     den = ((fx.detach() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).abs().sum((1, 2, 3))
     want = torch.sign(fx.detach() - fy) / std.view(1, -1, 1, 1) / (den.view(-1, 1, 1, 1) + losses.DEFAULT_EPS)
     assert torch.allclose(fx.grad, want, rtol=1e-12)
 
 
-def test_rel_perc_l1_bad_inputs():
+def test_bf16_features_are_summed_in_fp32_as_by_the_op():
+    """Under --precision bf16 the features are bf16 (the real ones may be cached fp32): eq. (3)-(4)
+    run in fp32 in the reference, as in the op's kernels, and the loss is fp32."""
+    fx, fy = (f.float() for f in _features((2, 8, 3, 3), 3))
+    mean, std = (t.float() for t in _stats(8))
+    want = losses.rel_perc_l1_torch(fx.bfloat16().float(), fy.bfloat16().float(), mean, std)
+    for a, b in ((fx.bfloat16(), fy.bfloat16()), (fx.bfloat16().float(), fy.bfloat16())):
+        got = losses.rel_perc_l1_torch(a, b, mean, std)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_rel_perc_l1_bad_inputs(random_vgg):
+    """Checked once, when the loss is built; on a call, a wrong shape fails in PyTorch or in the op."""
     fx, fy = _features((2, 3, 2, 2), 0)
     mean, std = _stats(3)
-    with pytest.raises(ValueError, match="shape"):
-        losses.relative_perceptual_l1(fx, fy[:, :2], mean, std)
-    with pytest.raises(ValueError, match="mean/std"):
-        losses.relative_perceptual_l1(fx, fy, mean[:2], std[:2])
+    stats = losses.FeatureStats(mean, std, None, None, 1)
     with pytest.raises(ValueError, match="reduction"):
-        losses.relative_perceptual_l1(fx, fy, mean, std, reduction="max")
+        losses.ReconstructionLoss(features=torch.nn.Identity(), stats=stats, reduction="max")
     with pytest.raises(ValueError, match="impl"):
-        losses.relative_perceptual_l1(fx, fy, mean, std, impl="cuda")
+        losses.ReconstructionLoss(features=torch.nn.Identity(), stats=stats, impl="cuda")
+    with pytest.raises(ValueError, match="never mix"):  # statistics of no weights, features of some
+        losses.ReconstructionLoss(features=random_vgg, stats=stats)
+    for impl in [p if isinstance(p, str) else p.values[0] for p in IMPLS]:
+        if impl == "ext" and not losses._fused_available(torch.device("cpu")):
+            continue
+        with pytest.raises(RuntimeError, match="size|shape"):
+            _eq34(fx, fy[:, :2], mean, std, impl=impl)
+        with pytest.raises(RuntimeError, match="size|shape"):
+            _eq34(fx, fy, mean[:2], std[:2], impl=impl)
 
 
 # --- ReconstructionLoss ------------------------------------------------------------------------------
@@ -275,7 +300,9 @@ def test_reconstruction_loss_kinds(kind, random_vgg, random_stats):
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
     v = L(x, y)
     assert v.shape == (3,) and (v > 0).all() and torch.equal(L(x, x), torch.zeros(3))
-    assert torch.allclose(L(x, y, reduction="mean"), v.mean())
+    for reduction, want in (("mean", v.mean()), ("sum", v.sum())):
+        assert torch.allclose(losses.ReconstructionLoss(kind=kind, features=random_vgg, stats=random_stats,
+                                                        reduction=reduction)(x, y), want)
     fx, fy = random_vgg(x), random_vgg(y)
     mean, std = random_stats.mean.view(1, -1, 1, 1), random_stats.std.view(1, -1, 1, 1)
     scale = 0.5 / torch.tensor(features.IMAGENET_STD).view(1, 3, 1, 1)   # grey -> 3 channels
@@ -313,8 +340,68 @@ def test_reconstruction_loss_bad_inputs(random_vgg, random_stats):
     L = losses.ReconstructionLoss(kind="mse")
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         L(torch.full((1, 1, 4, 4), 255.0), torch.zeros(1, 1, 4, 4))
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(RuntimeError, match="size"):  # not checked on every call: PyTorch's error
         L(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 5, 4))
+
+
+def _project_calls(fn):
+    """The calls of project functions (and of the piad op) while ``fn()`` runs, each as the chain
+    of project calls from the outermost one down to it."""
+    root, chains = str(ROOT), []
+
+    def name(frame):
+        if frame.f_code.co_filename.startswith(root) and "/tests/" not in frame.f_code.co_filename:
+            return frame.f_code.co_qualname
+        if frame.f_code.co_filename.endswith("_ops.py") and "piad." in repr(frame.f_locals.get("self")):
+            return "op"
+        return None
+
+    def profile(frame, event, arg):
+        if event == "call" and name(frame):
+            chain, f = [], frame
+            while f is not None:
+                chain, f = ([name(f)] if name(f) else []) + chain, f.f_back
+            chains.append(tuple(chain))
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return chains
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eq34_is_one_call_below_the_loss(impl):
+    """The step calls the loss, the loss eq. (3)-(4): the PyTorch reference or the op, directly."""
+    fx, fy = _features((2, 4, 3, 3), 5)
+    mean, std = _stats(4)
+    L = losses.ReconstructionLoss(features=torch.nn.Identity(), stats=losses.FeatureStats(mean, std, None, None, 1),
+                                  impl=impl)
+    chains = _project_calls(lambda: L(None, None, fx=fx, fy=fy))
+    eq34 = "rel_perc_l1_torch" if impl == "torch" else "op"
+    below = {c[-1] for c in chains if len(c) > 1}
+    assert ("ReconstructionLoss.forward", eq34) in chains
+    assert below == ({"rel_perc_l1_torch", "normalise"} if impl == "torch" else {"op"}), chains
+
+
+def test_the_implementation_is_chosen_and_logged_once(random_vgg, monkeypatch, caplog):
+    """Decided when the loss is built (and again when .to() moves it), never on a call."""
+    stats = losses.FeatureStats(torch.zeros(512), torch.ones(512), random_vgg.weights_id, random_vgg.layer, 1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with caplog.at_level(logging.INFO, logger="piad.losses"):
+        L = losses.ReconstructionLoss(features=random_vgg, stats=stats)
+        built = losses._fused_available(torch.device("cpu"))
+        assert L.fused == built and [r.getMessage() for r in caplog.records] == [
+            f"relative-perceptual-L1 on cpu uses the {'fused' if built else 'pytorch'} implementation"]
+        asked = []
+        monkeypatch.setattr(losses, "_fused_available", lambda device: asked.append(device) or False)
+        for _ in range(3):
+            L(x, x.flip(0))
+        assert asked == [] and len(caplog.records) == 1  # nothing decided or logged per call
+        L.to(torch.float64)  # a move: decided again (the op "gone": PyTorch), logged only if it changed
+        assert asked and not L.fused and len(caplog.records) == 1 + built
+        with pytest.raises(RuntimeError, match="impl='ext' but the fused op is not built"):
+            losses.ReconstructionLoss(features=random_vgg, stats=stats, impl="ext")
 
 
 # --- Fig. 1 / Fig. 3 (right): contrast robustness with the real ImageNet VGG-19 --------------------

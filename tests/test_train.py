@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate
-import losses
+import features
 import checkpoint
 import loop
 import train
@@ -203,7 +203,7 @@ def test_generator_encoder_step_has_the_gradients_of_eq_8_and_9():
     torch.manual_seed(0)
     cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0)
     model = piad.PIAD(config=piad.preset("mnist"), channels=1).double()
-    trainer = train.PIADTrainer(model, losses.build_loss(cfg.loss)[0], cfg)
+    trainer = train.PIADTrainer(model, features.build_loss(cfg.loss)[0], cfg)
     x = torch.rand(8, 1, 32, 32, dtype=torch.float64) * 2 - 1
     z = model.sample_latent(8).double()
     model.sample_latent = lambda n, **kw: z
@@ -241,7 +241,7 @@ def test_stats_from_training_images_are_streamed(monkeypatch):
     assert [len(b) for b in batches] == [50] * (n // 50) + [n % 50] and torch.equal(torch.cat(batches), ds.train.images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss, stats = losses.build_loss(weights="random", stats="train", train_batches=data.image_batches(lazy, "cpu"))
+        loss, stats = features.build_loss(weights="random", stats="train", train_batches=data.image_batches(lazy, "cpu"))
         want = features.feature_stats(loss.features, [ds.train.images])
     assert stats.source == "training images" and stats.count == want.count
     assert torch.allclose(stats.mean, want.mean, rtol=1e-5) and torch.allclose(stats.std, want.std, rtol=1e-4)
@@ -259,7 +259,7 @@ def test_stats_auto_uses_the_authors_statistics_only_for_their_weights(monkeypat
             real.mean, real.std, w, "relu4_2", 0, "authors"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, stats = losses.build_loss(weights="random", stats="auto")
+            _, stats = features.build_loss(weights="random", stats="auto")
         assert (stats.source == "authors") == expect_authors
         assert stats.weights == "random:seed0"   # never statistics of other weights
 
@@ -347,8 +347,8 @@ def _bf16_trainer(precision: str, *, loss: str = "rel-perc-l1"):
     ds = data.load_dataset("digits", "3")
     cfg = train.TrainConfig(loss=loss, precision=precision, n_weight=1, policy_at_start=True)
     model = piad.PIAD(config=piad.preset("mnist"), channels=1).to(memory_format=torch.channels_last)
-    rec = losses.build_loss(cfg.loss, weights="random", stats="sklearn")[0] if loss != "mse" else \
-        losses.build_loss(cfg.loss)[0]
+    rec = features.build_loss(cfg.loss, weights="random", stats="sklearn")[0] if loss != "mse" else \
+        features.build_loss(cfg.loss)[0]
     return train.PIADTrainer(model, rec, cfg), train.Sampler(ds.train, 8, "cpu", seed=0, memory_format=torch.channels_last)
 
 

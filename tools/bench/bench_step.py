@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import data  # noqa: E402
+import features  # noqa: E402
 import losses  # noqa: E402
 import piad  # noqa: E402
 import train  # noqa: E402
@@ -97,7 +98,7 @@ def main() -> None:
     ds = data.TensorImages(images, torch.zeros(n, dtype=torch.int64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights warn: timing only
-        rec, _ = losses.build_loss(weights=a.weights, stats="train", impl=cfg.impl, train_batches=[images[:64]])
+        rec, _ = features.build_loss(weights=a.weights, stats="train", impl=cfg.impl, train_batches=[images[:64]])
     model = piad.PIAD(config=preset, channels=1)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
