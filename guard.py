@@ -84,16 +84,16 @@ class Guard:
         if cfg.keep_every and self.start and self.start % cfg.keep_every == 0:  # a kill between the save and its copy
             if not checkpoint.kept_path(self.dir, self.start).exists():
                 checkpoint.keep(self.checkpoint_path, checkpoint.kept_path(self.dir, self.start))
+        self.fh = open(self.dir / "log.csv", "a", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        if self.start == 0:
+            self.writer.writeheader()
         if cfg.progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.iterations, initial=self.start, unit="it", dynamic_ncols=True,
                             desc=f"{cfg.method} {cfg.dataset}:{cfg.normal}")
-        self.stop.__enter__()
-        self.fh = open(self.dir / "log.csv", "a", newline="")
-        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        if self.start == 0:
-            self.writer.writeheader()
+        self.stop.__enter__()  # last: nothing after it can fail before the loop runs
         self.t0 = self.last_save = time.time()
         return self
 
