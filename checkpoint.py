@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,7 +98,8 @@ def set_rng_state(s: dict) -> None:
 class Saved:
     """What a checkpoint of a run holds besides its iteration and time: the settings, the networks,
     the trainer (optimisers, γ history), the sampler's generator, the image size, the VGG feature
-    statistics and weights, and the run's provenance (``tools.provenance.record``, given by train.py)."""
+    statistics and weights, and the run's provenance, recorded at each save (``provenance``:
+    train.py gives ``tools.provenance.record`` for the run's device)."""
 
     cfg: TrainConfig
     model: torch.nn.Module
@@ -108,7 +110,7 @@ class Saved:
     image_size: int
     stats: dict | None
     vgg_weights: str | None
-    provenance: dict
+    provenance: Callable[[], dict]
 
     def save(self, path: Path, it: int, elapsed: float, **extra) -> None:
         save_checkpoint(path, {
@@ -117,7 +119,7 @@ class Saved:
             "preset": dataclasses.asdict(self.model.config), "channels": self.channels,
             "image_size": self.image_size, "model": self.model.state_dict(), "trainer": self.trainer.state_dict(),
             "sampler": self.sampler.gen.get_state(), "rng": rng_state(), "stats": self.stats,
-            "vgg_weights": self.vgg_weights, "provenance": self.provenance, **extra})
+            "vgg_weights": self.vgg_weights, "provenance": self.provenance(), **extra})
 
     def restore(self, state: dict) -> None:
         """The networks, trainer, sampler and random generators as ``state`` saved them (``--resume``)."""

@@ -11,6 +11,7 @@ status 2 before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from typing import Protocol
@@ -161,7 +162,7 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                                  memory_format=cfg.memory_format)
     saved = checkpoint.Saved(cfg, model, trainer, sample, iterations, ds.channels, ds.image_size,
                              dataclasses.asdict(stats) if stats is not None else None, rec_loss.weights_id,
-                             provenance.record(device))
+                             functools.partial(provenance.record, device))
     start = state["iteration"] if state else 0
     if state:
         saved.restore(state)
