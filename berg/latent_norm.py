@@ -29,7 +29,7 @@ those of ``--networks piad`` (ours), one per line:
   no progressive growing: the resolution is fixed at the preset's image size.
 * Only G's input is pixel-normalised; pGAN's pixel-norm after every G layer, equalised learning
   rate and their E (D's trunk ending in a dense layer + leaky ReLU) are not reproduced.
-* Optimiser: PIAD's Adam (``piad.preset``: betas, learning rates, weight decay) and batch size,
+* Optimiser: PIAD's Adam (``presets.network``: betas, learning rates, weight decay) and batch size,
   not pGAN's β1 = 0, lr 0.001, batch 64-128; the critic's drift term is on real scores only, as theirs.
 * No moving average of G (their ``Gs``, β = 0.999): they use it for sample grids and their
   reconstruction-based detector; E is trained against the live G and ‖E(x)‖ does not involve G.

@@ -233,7 +233,7 @@ def test_a_run_stopped_before_the_final_resolution_evaluates_at_the_one_it_reach
     assert len(rows) == saved["n_test"] and all(math.isfinite(float(r["latent-norm"])) for r in rows)
     # the scores are those of the test images at 4×4 (upscaled back), against G's 4×4 images upscaled
     _, cfg, model, _ = evaluate.load_run(out / "checkpoint.pt", device="cpu")
-    test = train._load(cfg).test
+    test = cfg.load_run_data(protocols=system.PROTOCOLS, theirs=system.THEIRS)[1].test
     full = torch.stack([test[i][0] for i in range(len(test))])
     seen = progressive.AsTrained(test, model.lod)
     x = torch.stack([seen[i][0] for i in range(len(seen))])  # (N, 1, 32, 32), constant on 8×8 blocks
