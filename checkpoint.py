@@ -1,22 +1,28 @@
-"""A run on disk: its checkpoint (Algorithm 1's state), written atomically and read safely.
+"""A run on disk: its checkpoint (Algorithm 1's state), written atomically, read safely, resumed.
 
-``train.py`` writes ``checkpoint.pt`` (atomically) and resumes from it; ``evaluate.py`` rebuilds a
-trained model from it alone (``evaluate.saved_model``): the checkpoint records the run's settings
+``train.py`` writes ``checkpoint.pt`` (atomically, through :class:`Saved`) and resumes from it
+(:func:`resume_state`, :meth:`Saved.restore`, :func:`reseed`); ``evaluate.py`` rebuilds a trained
+model from it alone (``evaluate.saved_model``): the checkpoint records the run's settings
 (``config``), the network preset (``preset``), the image channels and size, the VGG feature
-statistics (``stats``), every state dict and the random generators' states. Files are read with
+statistics (``stats``), every state dict and the random generators' states. Resuming continues
+the run exactly (the same floats as a run that never stopped). Files are read with
 ``weights_only=True`` (``errors.safe_load``): tensors and plain containers only.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 import errors
+from config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good checkpoint.pt
@@ -86,3 +92,83 @@ def set_rng_state(s: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@dataclasses.dataclass
+class Saved:
+    """What a checkpoint of a run holds besides its iteration and time: the settings, the networks,
+    the trainer (optimisers, γ history), the sampler's generator, the image size, the VGG feature
+    statistics and weights, and the run's provenance, recorded at each save (``provenance``:
+    train.py gives ``tools.provenance.record`` for the run's device)."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    trainer: object  # train.Trainer: state_dict(), load_state_dict()
+    sampler: object  # sampler.Sampler: its generator ``gen``
+    iterations: int
+    channels: int
+    image_size: int
+    stats: dict | None
+    vgg_weights: str | None
+    provenance: Callable[[], dict]
+
+    def save(self, path: Path, it: int, elapsed: float, **extra) -> None:
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg), "iteration": it,
+            "iterations": self.iterations, "elapsed_s": elapsed,
+            "preset": dataclasses.asdict(self.model.config), "channels": self.channels,
+            "image_size": self.image_size, "model": self.model.state_dict(), "trainer": self.trainer.state_dict(),
+            "sampler": self.sampler.gen.get_state(), "rng": rng_state(), "stats": self.stats,
+            "vgg_weights": self.vgg_weights, "provenance": self.provenance(), **extra})
+
+    def restore(self, state: dict) -> None:
+        """The networks, trainer, sampler and random generators as ``state`` saved them (``--resume``)."""
+        self.model.load_state_dict(state["model"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.sampler.gen.set_state(state["sampler"])
+        set_rng_state(state["rng"])
+
+
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The checkpoint to continue (``--resume``), after checking it fits the settings; None for a new run."""
+    path = cfg.run_dir() / CHECKPOINT
+    if not path.exists():
+        return None
+    if not cfg.resume:
+        raise errors.UserError(f"{path} exists; pass --resume to continue it, or choose another --out "
+                               "(a run's checkpoint is never overwritten)")
+    state = load_checkpoint(path, fix="train without --resume into another --out")
+    diff = cfg.resume_conflicts(TrainConfig.from_saved(state["config"]))
+    if diff:
+        raise errors.UserError(f"--resume with settings that differ from the checkpoint {path}: {', '.join(diff)}; "
+                               "resume with the run's own settings, or train into another --out")
+    if cfg.iterations is not None and state["iteration"] > cfg.iterations:
+        raise errors.UserError(f"--iterations {cfg.iterations} is fewer than the {state['iteration']} the "
+                               f"checkpoint {path} has already done")
+    return state
+
+
+def reseed(cfg: TrainConfig, sampler, it: int, state: dict | None) -> None:
+    """New random draws from iteration ``it`` on (``--reseed K``): seeds derived from (seed, K, it);
+    nothing when the checkpoint's draws were already made under this K."""
+    if cfg.reseed == (state["config"].get("reseed", 0) if state else 0):
+        return
+    seed = int(np.random.SeedSequence([cfg.seed, cfg.reseed, it]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+    sampler.gen.manual_seed(seed + 1)
+
+
+def truncate_log(path: Path, start: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    if start == 0:
+        path.unlink()
+        return
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(keep)

@@ -7,7 +7,8 @@ Berg et al.'s, the run's) as metadata; ``train.py``'s command line is generated 
 :meth:`TrainConfig.validate` checks the settings (the same choices) and changes nothing;
 :meth:`TrainConfig.resolved` fills in the defaults that depend on other settings. The
 architecture and optimiser settings of the supplement's tables are not here: they belong to the
-dataset's preset (``piad.PIADConfig``).
+dataset's network preset (``presets.NETWORKS``); the other numbers of the dataset's row of
+``presets.TABLE`` (batch size, γ_G, γ_E, their period n_weight) are fields here that default to it.
 """
 from __future__ import annotations
 
@@ -16,21 +17,28 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
+import random
+import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import calibration
 import data as data_mod
 import errors
 import features
 import losses
-from berg import pgan, progressive, system
+import presets
 from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, NORMS, POLICIES, REDUCES
 
 METHODS = ("piad", "latent-norm")
+NETWORKS = ("pgan", "piad")  # of --method latent-norm: theirs (default, berg.system's pgan), PIAD's (ours)
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
+ROW = ("batch_size", "n_weight", "gamma_g", "gamma_e")  # fields that default to the dataset's row (presets.py)
 PRECISIONS = ("fp32", "bf16")  # of the training step (train.PIADTrainer.step)
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
@@ -82,9 +90,10 @@ class TrainConfig:
                                       group="data")
     normal: str = knob("8", "normal class: index or name (attribute for celeba)", group="data")
     iterations: int | None = knob(None, "training iterations (default: the supplement's schedule)", group="training")
-    batch_size: int = knob(32, "minibatch size", group="training")
+    batch_size: int | None = knob(None, "minibatch size (default: the dataset's, presets.py)", group="training")
     seed: int | None = knob(None, "random seed (data split, initialisation, minibatches); default 0, "
-                                  f"{progressive.SEED} for latent-norm with pgan networks (theirs)", group="training")
+                                  "Berg et al.'s (berg/progressive.py) for latent-norm with pgan networks",
+                            group="training")
     out: str | None = knob(None, "run folder (default runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>)",
                            group="run")
     data_root: str | None = knob(None, "folder with the dataset files", group="data")
@@ -112,11 +121,12 @@ class TrainConfig:
     impl: str = knob("auto", "relative-perceptual-L1 implementation: fused op or PyTorch", losses.IMPLS, group="piad")
     weights_policy: str = knob("gradnorm", "γ_G, γ_E: gradient-normalizing policy (§3.3) or fixed", POLICIES,
                                group="piad")
-    gamma_g: float = knob(1.0, "γ_G: held fixed with --weights-policy fixed; the starting value with gradnorm",
-                          group="piad")
-    gamma_e: float = knob(1.0, "γ_E: held fixed with --weights-policy fixed; the starting value with gradnorm",
-                          group="piad")
-    n_weight: int = knob(100, "γ update period (supplement §1.2)", group="piad")
+    gamma_g: float | None = knob(None, "γ_G: held fixed with --weights-policy fixed; the starting value with "
+                                       "gradnorm (default: the dataset's, presets.py)", group="piad")
+    gamma_e: float | None = knob(None, "γ_E: held fixed with --weights-policy fixed; the starting value with "
+                                       "gradnorm (default: the dataset's, presets.py)", group="piad")
+    n_weight: int | None = knob(None, "γ update period (supplement §1.2; default: the dataset's, presets.py)",
+                                group="piad")
     policy_last_n: int = knob(DEFAULT_LAST_N, "γ policy: ratios of the last N records", group="piad")
     policy_smoothing: float = knob(DEFAULT_SMOOTHING, "γ policy: EWMA factor of the records", group="piad")
     policy_history: int = knob(DEFAULT_HISTORY, "γ policy: records kept", group="piad")
@@ -149,17 +159,18 @@ class TrainConfig:
                        group="training")
     # --method latent-norm only (docs/berg.md): Berg et al.'s pGAN networks grown progressively
     # (berg/pgan.py, berg/progressive.py; default), or PIAD's networks at a fixed resolution (ours).
+    # Left out (None), the pGAN settings are theirs: :meth:`resolved` is given them (berg.system.THEIRS).
     networks: str | None = knob(None, "latent-norm networks: pgan (Berg et al.'s, default) or piad (PIAD's, ours)",
-                                system.NETWORKS, group="berg")
-    fmap_max: int = knob(pgan.FMAP_MAX, "pgan: most feature maps of any layer (512: the supplement's tables)",
-                         group="berg")
-    fmap_base: int = knob(pgan.FMAP_BASE, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max)",
-                          group="berg")
-    lod_kimg: float = knob(progressive.Schedule.lod_training_kimg, "pgan: thousands of real images to stabilise "
-                           "each resolution, and again to fade the next one in (their train.py: 600 and 600)",
-                           group="berg")
-    total_kimg: float = knob(progressive.Schedule.total_kimg,
-                             "pgan: training length in thousands of real images (their config.py)", group="berg")
+                                NETWORKS, group="berg")
+    fmap_max: int | None = knob(None, "pgan: most feature maps of any layer (default: theirs, 512, the "
+                                      "supplement's tables)", group="berg")
+    fmap_base: int | None = knob(None, "pgan: feature maps of stage s are min(fmap_base / 2**s, fmap_max) "
+                                       "(default: theirs, berg/pgan.py)", group="berg")
+    lod_kimg: float | None = knob(None, "pgan: thousands of real images to stabilise each resolution, and again "
+                                        "to fade the next one in (default: theirs, berg/progressive.py)",
+                                  group="berg")
+    total_kimg: float | None = knob(None, "pgan: training length in thousands of real images (default: theirs, "
+                                          "berg/progressive.py)", group="berg")
 
     def validate(self) -> "TrainConfig":
         """Raises :class:`errors.UserError` naming every setting that cannot work (before any work
@@ -192,7 +203,8 @@ class TrainConfig:
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
         need(is_int(self.keep_every) and self.keep_every >= 0, "keep_every", "must be a whole number >= 0 (0: none)")
         for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images"):
-            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
+            value = getattr(self, name)
+            need((name in ROW and value is None) or (is_int(value) and value >= 1), name, "must be a whole number >= 1")
         need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads",
              "must be a whole number >= 1 (or left out for torch's default)")
         for name in ("seed", "reseed"):
@@ -207,7 +219,8 @@ class TrainConfig:
              "must be a fraction with 0 <= F < 1")
         need(is_real(self.target_fpr) and 0 < self.target_fpr < 1, "target_fpr", "must be a fraction with 0 < α < 1")
         for name in ("gamma_g", "gamma_e"):
-            need(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
+            need(getattr(self, name) is None or (is_real(getattr(self, name)) and getattr(self, name) > 0), name,
+                 "must be a number > 0")
         need(is_real(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
              "must be a number >= 0 (0: after every iteration)")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -237,18 +250,29 @@ class TrainConfig:
             bad.append(f"--networks {self.networks}: only --method latent-norm trains pGAN networks")
         if self.pgan:
             for name in ("fmap_max", "fmap_base"):
-                need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be a whole number >= 1")
+                need(getattr(self, name) is None or (is_int(getattr(self, name)) and getattr(self, name) >= 1), name,
+                     "must be a whole number >= 1")
             for name in ("lod_kimg", "total_kimg"):
-                need(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "must be a number > 0")
+                need(getattr(self, name) is None or (is_real(getattr(self, name)) and getattr(self, name) > 0), name,
+                     "must be a number > 0")
         if bad:
             raise errors.UserError("; ".join(bad))
         return self
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with the defaults that depend on other settings filled in: ``networks`` (the
-        method's own, :attr:`run_networks`) and ``seed`` (:attr:`run_seed`). A run is built from
-        this copy, and its checkpoint records it."""
-        return dataclasses.replace(self, networks=self.run_networks, seed=self.run_seed)
+    def resolved(self, theirs: Mapping[str, object] = {}) -> "TrainConfig":
+        """A copy with the defaults that depend on other settings filled in: the dataset's numbers
+        left out (:data:`ROW`: its row of ``presets.TABLE``), ``networks`` (the method's own,
+        :attr:`run_networks`), ``seed`` (0, or for pGAN networks theirs) and the pGAN settings left
+        out. ``theirs``: Berg et al.'s values, ``berg.system.THEIRS`` (this module imports nothing of
+        berg/; train.py gives them). A run is built from this copy, and its checkpoint records it."""
+        row = presets.TABLE[str(self.dataset).lower()]
+        filled = {k: getattr(row, k) for k in ROW if getattr(self, k) is None}
+        filled |= {k: theirs[k] for k in ("fmap_max", "fmap_base", "lod_kimg", "total_kimg")
+                   if getattr(self, k) is None and k in theirs}
+        if self.pgan and self.seed is None and "seed" not in theirs:
+            raise ValueError("resolving a pGAN run's settings needs Berg et al.'s (berg.system.THEIRS)")
+        seed = self.seed if self.seed is not None else theirs["seed"] if self.pgan else 0
+        return dataclasses.replace(self, networks=self.run_networks, seed=seed, **filled)
 
     @property
     def run_networks(self) -> str:
@@ -265,26 +289,48 @@ class TrainConfig:
         """The layout of every conv net's tensors (``--channels-last``), in training and in evaluation."""
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def load_data(self, *, download: bool = False) -> data_mod.AnomalyData:
-        """The dataset these settings name (``data.load_dataset``), with the ``calibration`` images
-        held out (``data.hold_out_calibration``): train.py trains on it, evaluate.py re-evaluates a
-        run on it. Failures caused by the settings raise :class:`errors.UserError`."""
+    def load_data(self, *, download: bool = False, protocols: dict | None = None) -> data_mod.AnomalyData:
+        """The dataset these settings name (``data.load_dataset``; ``protocols``: other papers' splits,
+        ``berg.system.PROTOCOLS``), with the ``calibration`` images held out and checked to be
+        enough (``calibration.py``): train.py trains on it, evaluate.py re-evaluates a run on it.
+        Failures caused by the settings raise :class:`errors.UserError`."""
         with errors.user_errors(ValueError, OSError, ImportError):  # the dataset named on the command line
             ds = data_mod.load_dataset(self.dataset, self.normal, root=self.data_root, seed=self.seed,
                                        contamination=self.contamination, protocol=self.protocol, download=download,
-                                       image_size=self.image_size, preprocess=self.preprocess)
+                                       image_size=self.image_size, preprocess=self.preprocess,
+                                       protocols=protocols or {})
         with errors.user_errors(ValueError, prefix="--calibration: "):
-            return data_mod.hold_out_calibration(ds, self.calibration, seed=self.seed)
+            ds = calibration.hold_out_calibration(ds, self.calibration, seed=self.seed)
+            if ds.calibration is not None:  # held out before training, checked here
+                calibration.calibration_rank(len(ds.calibration), self.target_fpr)
+        return ds
 
-    @property
-    def run_seed(self) -> int:
-        """``seed``, or when left out the method's default: 0, or Berg et al.'s for pGAN runs."""
-        return self.seed if self.seed is not None else progressive.SEED if self.pgan else 0
+    def load_run_data(self, *, protocols: dict, theirs: Mapping) -> tuple["TrainConfig", data_mod.AnomalyData, dict]:
+        """``(settings, dataset, notes for metrics.json)`` of a run: :meth:`load_data`, every random
+        generator seeded first; when the dataset cannot be had here (not on disk, no download) and
+        ``--fallback`` names another, that one instead (resolved with ``theirs``), said in one line."""
+        try:
+            return self, self._seeded().load_data(download=self.download, protocols=protocols), {}
+        except errors.UserError as exc:
+            if not self.fallback or not isinstance(exc.__cause__, data_mod.DatasetUnavailable):
+                raise
+        print(f"note: {self.dataset} cannot be had here; training on {self.fallback} instead (--fallback)",
+              file=sys.stderr, flush=True)
+        alt = dataclasses.replace(self, dataset=self.fallback, fallback=None, protocol=None).validate().resolved(theirs)
+        return alt, alt._seeded().load_data(download=alt.download, protocols=protocols), {"fallback_from": self.dataset}
+
+    def _seeded(self) -> "TrainConfig":
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        return self
 
     def run_dir(self) -> Path:
+        """``--out``, or ``runs/<dataset>-<normal>-<method>-<loss>-c<P>-s<seed>`` (seed: after :meth:`resolved`)."""
         if self.out:
             return Path(self.out)
-        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{self.run_seed}"
+        seed = self.seed if self.seed is not None or self.pgan else 0
+        name = f"{self.dataset}-{self.normal}-{self.method}-{self.loss}-c{self.contamination:g}-s{seed}"
         return Path("runs") / name.replace("/", "_")
 
     @classmethod

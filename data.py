@@ -3,8 +3,9 @@
 Perceptual Image Anomaly Detection (Tuluptceva et al., 2019) evaluates one-vs-all: one class
 is normal, all others are anomalous, and the score is ROC AUC. :func:`load_dataset` returns an
 :class:`AnomalyData` with a training set (normal images, plus optional contamination) and a
-labelled test set (1 = anomalous). :data:`DATASETS` is the one table of what each dataset uses:
-protocols, classes, network preset, image size, channels and training iterations (supplement §1).
+labelled test set (1 = anomalous). :data:`DATASETS` is the table of what each dataset's data is:
+protocols, classes, image size and channels; its numbers for training (network preset,
+iterations, batch size, γ) are its row of ``presets.TABLE`` (supplement §1).
 
 Preprocessing (§4, supplement §1): MNIST, Fashion-MNIST and COIL-100 resized to 32x32, CIFAR-10
 kept, LSUN to 64x64, CelebA centre-cropped to 140x140 then 64x64; pixels scaled to [-1, 1]. The
@@ -14,14 +15,14 @@ Protocols: ``split`` (§4, MNIST, CIFAR-10; :func:`official_split`): the normal 
 official train split trains, the whole test split tests; ``gpnd`` (§4, fMNIST, COIL-100, GPND's
 scheme; :func:`gpnd_split`): a seeded 80% of the normal class trains, the other 20% and as many
 anomalies test; ``attribute``, ``attribute-extended`` (CelebA; :func:`_celeba`); ``berg`` (Berg et
-al.'s; berg/protocol.py); ``folder``: ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
+al.'s: berg/protocol.py, passed in by the caller as ``protocols``); ``folder``: ``ROOT/normal/`` trains, ``ROOT/test/{normal,anomalous}/`` test.
 
 Choices the paper leaves open, and where we follow the authors' code, are stated where they are
 made (:func:`gpnd_split`, the LSUN and CelebA loaders; resampling and rounding: readers.py) and
 listed in docs/deviations.md. ``contamination`` (a fraction P of anomalies in training) is an
 extension; ``digits`` and ``mnist-5k`` are offline stand-ins (``gpnd``); ``folder`` sets stay in memory.
-``calibration`` (held-out normal training images for a decision threshold, :func:`hold_out_calibration`)
-is an extension too, empty unless asked for.
+``calibration`` (held-out normal training images for a decision threshold, calibration.py) is an
+extension too, empty unless asked for.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-import berg.protocol
+import presets
 import readers
 from readers import (DatasetUnavailable, ImageFiles, TensorImages, default_data_root,  # data.X for the callers
                      image_batches, load_image_folder)
@@ -59,29 +61,27 @@ class DatasetInfo:
 
     protocols: tuple[str, ...]    # allowed evaluation protocols, the default first
     classes: tuple[str, ...]      # canonical class names (CelebA: attributes, read from ROOT when there)
-    preset: str | None            # network preset (``piad.preset``); None: from the images (folder)
     channels: int | None          # image channels; None: 1 if every image is greyscale, else 3 (folder)
     image_sizes: tuple[int, ...]  # allowed image sizes, the default first
-    iterations: int | None        # training iterations; None: those of the paper's dataset of its preset
 
 
-# Supplement §1, §4: network preset (Table 1 serves MNIST, fMNIST, COIL-100), size, channels, iterations.
+# §4: protocols, classes, channels and image size (its network and schedule: presets.TABLE).
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(("split", "gpnd", "berg"), _DIGITS, "mnist", 1, (32,), iterations=50_000),
-    "fashion-mnist": DatasetInfo(("gpnd", "split", "berg"), _FASHION, "mnist", 1, (32,), iterations=50_000),
-    "cifar10": DatasetInfo(("split", "gpnd", "berg"), _CIFAR10, "cifar10", 3, (32,), iterations=100_000),
-    "coil100": DatasetInfo(("gpnd",), _COIL100, "mnist", 3, (32,), iterations=20_000),
-    # paper (supplement §1): 200k iterations; authors' code (configs/lsun.yaml): 300k (default).
-    "lsun": DatasetInfo(("split",), ("bedroom", "conference_room"), "lsun", 3, (64,), iterations=300_000),
-    "celeba": DatasetInfo(("attribute", "attribute-extended"), _CELEBA, "celeba", 3, (64,), iterations=200_000),
-    # Not in the paper: the preset (and iterations) of the paper's images of that size and channels.
-    "folder": DatasetInfo(("folder",), ("normal",), None, None, (32, 64), iterations=None),
-    "digits": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
-    "mnist-5k": DatasetInfo(("gpnd",), _DIGITS, "mnist", 1, (32,), iterations=50_000),
+    "mnist": DatasetInfo(("split", "gpnd", "berg"), _DIGITS, 1, (32,)),
+    "fashion-mnist": DatasetInfo(("gpnd", "split", "berg"), _FASHION, 1, (32,)),
+    "cifar10": DatasetInfo(("split", "gpnd", "berg"), _CIFAR10, 3, (32,)),
+    "coil100": DatasetInfo(("gpnd",), _COIL100, 3, (32,)),
+    "lsun": DatasetInfo(("split",), ("bedroom", "conference_room"), 3, (64,)),
+    "celeba": DatasetInfo(("attribute", "attribute-extended"), _CELEBA, 3, (64,)),
+    "folder": DatasetInfo(("folder",), ("normal",), None, (32, 64)),  # not in the paper: your own images
+    "digits": DatasetInfo(("gpnd",), _DIGITS, 1, (32,)),
+    "mnist-5k": DatasetInfo(("gpnd",), _DIGITS, 1, (32,)),
 }
 
 # CelebA's anomaly attributes of the paper (§4); the authors' normal set has none of them
 # (their celeba_extended config: none of nine, protocol attribute-extended).
+OWN_PROTOCOLS = ("split", "gpnd", "attribute", "attribute-extended", "folder")  # the others: passed in
+
 CELEBA_ATTRIBUTES = ("Bald", "Mustache", "Bangs", "Eyeglasses", "Wearing_Hat")
 CELEBA_EXTENDED_ATTRIBUTES = ("Bags_Under_Eyes", "Bald", "Bangs", "Eyeglasses", "Goatee", "Heavy_Makeup",
                               "Mustache", "Sideburns", "Wearing_Hat")
@@ -102,7 +102,7 @@ class AnomalyData:
     test_ids: list[str]       # one identifier per test item ("test:123" or a file path)
     contamination: float      # n_anomalous / len(train)
     info: dict = field(default_factory=dict)  # seed, source, counts, train_ids, contaminant_ids, ...
-    calibration: Dataset | None = None  # held-out normal training images (hold_out_calibration)
+    calibration: Dataset | None = None  # held-out normal training images (calibration.hold_out_calibration)
 
 
 @dataclass
@@ -126,6 +126,17 @@ def _sorted(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.n
     return idx[order], labels[order]
 
 
+def n_contaminants(contamination: float, n_normal: int, *, floor: bool) -> int:
+    """The number of anomalies to add to ``n`` normal training images so that they make up the
+    fraction P of the training set, P · n / (1 − P): floored with ``floor`` (``int(...)``, Berg et
+    al.'s dataset_tool.py, ``--protocol berg``: berg/protocol.py imports it), else rounded to the
+    nearest (the other protocols: contamination is our extension there, the authors' code has none)."""
+    if not 0.0 <= contamination < 1.0:
+        raise ValueError(f"contamination must be in [0, 1), got {contamination}")
+    n = contamination * n_normal / (1.0 - contamination)
+    return int(n) if floor else round(n)
+
+
 def _too_few(needed: int, available: int, what: str) -> ValueError:
     return ValueError(f"{what} needs {needed} anomalous images but only {available} are available")
 
@@ -137,7 +148,7 @@ def official_split(train_is_normal, test_is_normal, *, seed: int = 0, contaminat
     normal = np.flatnonzero(train_is_normal)
     if len(normal) == 0:
         raise ValueError("the training pool has no images of the normal class")
-    n_anom = berg.protocol.n_contaminants(contamination, len(normal), floor=False)  # nearest: ours
+    n_anom = n_contaminants(contamination, len(normal), floor=False)  # nearest: ours
     pool = np.random.default_rng(seed).permutation(np.flatnonzero(~train_is_normal))
     if n_anom > len(pool):
         raise _too_few(n_anom, len(pool), f"contamination={contamination}")
@@ -162,7 +173,7 @@ def gpnd_split(is_normal, *, seed: int = 0, contamination: float = 0.0, train_fr
     if len(normal) == 0:
         raise ValueError("the pool has no images of the normal class")
     n_train = int(train_fraction * len(normal))  # floor, as the authors' code
-    n_anom = berg.protocol.n_contaminants(contamination, n_train, floor=False)  # nearest: ours
+    n_anom = n_contaminants(contamination, n_train, floor=False)  # nearest: ours
     needed = n_anom + (len(normal) - n_train if balanced else 0)
     if needed > len(anomalies):
         what = "a balanced test set and " * balanced + f"contamination={contamination}"
@@ -176,7 +187,7 @@ def gpnd_split(is_normal, *, seed: int = 0, contamination: float = 0.0, train_fr
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset names, classes and iterations
+# Dataset names and classes
 
 def _slug(text) -> str:
     return re.sub(r"[^0-9a-z]+", "-", str(text).strip().lower()).strip("-")
@@ -216,16 +227,6 @@ def _check_name(name: str) -> str:
     return str(name).lower()
 
 
-def iterations(name: str, preset: str | None = None) -> int:
-    """Default training iterations of dataset ``name`` (supplement §1, see :data:`DATASETS`); for
-    ``folder`` (no schedule of its own) those of the first dataset of the paper with its images'
-    network ``preset`` (mnist: 50k, cifar10: 100k, celeba: 200k)."""
-    own = DATASETS[_check_name(name)].iterations
-    if own is None and preset is None:
-        raise ValueError(f"dataset {name!r} has no schedule of its own: give its network preset")
-    return own or next(d.iterations for d in DATASETS.values() if d.preset == preset and d.iterations)
-
-
 # ----------------------------------------------------------------------------------------------
 # One task: a protocol applied to the images of a source (readers.py)
 
@@ -247,7 +248,7 @@ class _Task:
     source: str | None = None
 
 
-def _from_pools(ctx: _Task, k: int, pools: dict, scale: float = 255.0) -> AnomalyData:
+def _from_pools(ctx: _Task, k: int, pools: dict, scale: float = 255.0, protocols: Mapping = {}) -> AnomalyData:
     """Apply the protocol to in-memory pools {split: (images, labels)} and build the datasets."""
     seed, P, size = ctx.seed, ctx.contamination, ctx.image_size
     if ctx.protocol == "gpnd":
@@ -256,8 +257,8 @@ def _from_pools(ctx: _Task, k: int, pools: dict, scale: float = 255.0) -> Anomal
         sp = gpnd_split(np.concatenate([y for _, y in pools.values()]) == k, seed=seed, contamination=P)
         train_ids, test_ids = [ids[i] for i in sp.train], [ids[i] for i in sp.test]
     else:
-        if ctx.protocol == "berg":  # Berg et al.'s dataset_tool.py (berg/protocol.py)
-            normal, idx, trx, tex = berg.protocol.apply(ctx.name, k, pools, seed=seed, contamination=P)
+        if ctx.protocol in protocols:  # another paper's, passed in: Berg et al.'s (berg.protocol.apply)
+            normal, idx, trx, tex = protocols[ctx.protocol](ctx.name, k, pools, seed=seed, contamination=P)
             ctx, sp = dataclasses.replace(ctx, normal=normal), Split(*idx)
         else:  # split
             (trx, try_), (tex, tey) = pools["train"], pools["test"]
@@ -362,43 +363,10 @@ def _folder(ctx: _Task, root) -> AnomalyData:
     return _result(ctx, TensorImages(train_x, sp.train_labels), test, sp, groups[0], groups[1] + groups[2])
 
 
-CALIBRATION_STREAM = 27  # the calibration draw: default_rng([seed, 27]), apart from the protocols' draws
-
-
-def _subset(ds: Dataset, idx: np.ndarray) -> Dataset:
-    if isinstance(ds, TensorImages):
-        return TensorImages(ds.images[idx], ds.labels[idx])
-    if isinstance(ds, ImageFiles):
-        return ImageFiles([ds.paths[i] for i in idx], ds.labels[idx], image_size=ds.image_size,
-                          channels=ds.channels, crop=ds.crop, preprocess=ds.preprocess)
-    raise TypeError(f"cannot take a subset of {type(ds).__name__}")
-
-
-def hold_out_calibration(ds: AnomalyData, fraction: float, *, seed: int) -> AnomalyData:
-    """``ds`` with a seeded ``fraction`` of its normal training images (label 0) moved out of
-    ``train`` into ``calibration``: never trained on, and not the test set (which is untouched).
-    Not in the paper (an extension, ``--calibration``); ``fraction`` 0 returns ``ds`` itself, so
-    the protocols' training sets stay the authors' by default."""
-    if not fraction:
-        return ds
-    labels = np.asarray(ds.train.labels)
-    normal = np.flatnonzero(labels == 0)
-    n = round(fraction * len(normal))
-    if not 1 <= n < len(normal):
-        raise ValueError(f"calibration={fraction} of {len(normal)} normal training images holds out {n}: "
-                         "it must leave at least one image on each side")
-    held = np.sort(np.random.default_rng([seed, CALIBRATION_STREAM]).choice(normal, n, replace=False))
-    keep = np.setdiff1d(np.arange(len(labels)), held)
-    ids = ds.info.get("train_ids") or [f"train:{i}" for i in range(len(labels))]
-    info = {**ds.info, "train_ids": [ids[i] for i in keep], "calibration_ids": [ids[i] for i in held],
-            "n_calibration": n, "n_train_normal": len(normal) - n, "calibration_seed": [seed, CALIBRATION_STREAM]}
-    return dataclasses.replace(ds, train=_subset(ds.train, keep), calibration=_subset(ds.train, held), info=info,
-                               contamination=float(labels[keep].sum()) / len(keep))
-
-
 def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed: int = 0,
                  contamination: float = 0.0, protocol: str | None = None, download: bool = False,
-                 image_size: int | None = None, preprocess: str = readers.PREPROCESS[0]) -> AnomalyData:
+                 image_size: int | None = None, preprocess: str = readers.PREPROCESS[0],
+                 protocols: Mapping[str, Callable] = {}) -> AnomalyData:
     """Load dataset ``name`` with class ``normal`` as the normal class (see the module docstring).
 
     ``root`` is the data folder (default ``$PIAD_DATA`` or ``~/.cache/piad/data``); for
@@ -406,7 +374,8 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
     to the paper's protocol for the dataset, ``image_size`` to its size; both must be in its row of
     :data:`DATASETS` (the size is fixed, 32 or 64 for LSUN/CelebA, except for ``folder``: 32 or 64).
     ``preprocess``: one of ``readers.PREPROCESS``, the authors' resampling and uint8 rounding first
-    (the default) or ``"float"`` (readers.py)."""
+    (the default) or ``"float"`` (readers.py). ``protocols``: the splits of other papers by name,
+    ``{"berg": berg.protocol.apply}`` (``berg.system.PROTOCOLS``), which this module does not import."""
     readers._check_preprocess(preprocess)
     name = _check_name(name)
     info = DATASETS[name]
@@ -414,15 +383,15 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
     if protocol not in info.protocols:
         raise ValueError(f"protocol {protocol!r} is not available for {name}; "
                          f"choose from {', '.join(info.protocols)}")
-    berg.protocol.n_contaminants(contamination, 0, floor=False)  # validates the range early
+    n_contaminants(contamination, 0, floor=False)  # validates the range early
     sizes = info.image_sizes
     if len(sizes) > 1 and image_size not in (None, *sizes):
         raise ValueError(f"image_size for {name!r} must be {' or '.join(map(str, sizes))}, got {image_size}")
     if len(sizes) == 1 and image_size not in (None, *sizes):
         raise ValueError(f"image_size is fixed at {sizes[0]} for {name} (paper §4), got {image_size}")
     task = functools.partial(_Task, name=name, protocol=protocol, seed=seed, contamination=contamination,
-                             image_size=image_size or sizes[0], preset=info.preset, channels=info.channels,
-                             preprocess=preprocess)
+                             image_size=image_size or sizes[0], preset=presets.TABLE[name].network,
+                             channels=info.channels, preprocess=preprocess)
     if name == "folder":
         return _folder(task(normal=str(normal), source=str(root)), root)
     names = class_names(name, root)
@@ -441,4 +410,4 @@ def load_dataset(name: str, normal: str | int, *, root: str | None = None, seed:
         pools, source = readers.mnist5k_pool()
     else:  # digits: pixel values 0..16
         pools, source = readers.digits_pool()
-    return _from_pools(task(normal=names[k], source=source), k, pools, scale=16.0 if name == "digits" else 255.0)
+    return _from_pools(task(normal=names[k], source=source), k, pools, 16.0 if name == "digits" else 255.0, protocols)

@@ -6,10 +6,10 @@ mistake in a flag, file, folder or checkpoint) ends with one ``error: ...`` line
 ``--debug`` or ``PIAD_DEBUG=1`` shows the traceback. :func:`safe_load` is the only way files are
 read back: tensors and plain containers only (``weights_only=True``). The exceptions and the
 signal handler of a training run that ends early (:class:`Interrupted`, :class:`Diverged`,
-:class:`StopOnSignal`, :func:`command_line`) are here; what a run does then: loop.py's docstring.
+:class:`StopOnSignal`, :func:`command_line`) are here; what a run does then: guard.py's docstring.
 
-This module imports nothing of the project; ``features.py`` imports it (and ``losses.py``
-imports ``features.py``), so copy it with them to reuse the loss.
+This module imports nothing of the project; ``features.py`` imports it (``losses.py``, which
+runs copied alone, does not).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def _first_line(exc: BaseException) -> str:
 # --- how a training run ends early (train.py) ----------------------------------------------------
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on a signal, the run saved (loop.py's docstring). ``exit_code``: 128 + the
+    """Training stopped on a signal, the run saved (guard.py's docstring). ``exit_code``: 128 + the
     signal number; ``resume``: how to continue (train.py's ``main`` puts the user's command line there)."""
 
     def __init__(self, signum: int, done: int, iterations: int, checkpoint: Path):
@@ -160,7 +160,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Diverged(FloatingPointError):
-    """A loss (or a weight) became non-finite (loop.py's docstring); ``resume``: how to continue
+    """A loss (or a weight) became non-finite (guard.py's docstring); ``resume``: how to continue
     from the last good checkpoint with new random draws."""
 
     exit_code = 1  # a run that failed, not a mistake on the command line (2)

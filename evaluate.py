@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+import calibration
 import checkpoint
 import data as data_mod
 import errors
@@ -53,7 +54,7 @@ from config import DEVICES, TrainConfig, resolve_device
 from tools import export, provenance
 
 SCORES = (*losses.KINDS, "critic", "latent-norm")  # every distance of eq. (1), −D_X(x), ‖E(x)‖
-REFERENCE_STREAM = 28  # D_X's reference images: default_rng([seed, 28]) (data.CALIBRATION_STREAM: 27)
+REFERENCE_STREAM = 28  # D_X's reference images: default_rng([seed, 28]) (calibration.CALIBRATION_STREAM: 27)
 SCORING_ORDER_SEED = 0  # compute_scores' order of items
 
 
@@ -204,26 +205,13 @@ def f1_max_oracle(score: np.ndarray, labels: np.ndarray) -> float:
     return float(f1.max())
 
 
-def calibration_rank(n: int, target_fpr: float) -> int:
-    """k = ⌈(n + 1)(1 − α)⌉, α = ``target_fpr``: the threshold is the k-th smallest of n calibration
-    scores (the conformal quantile). A new normal image, exchangeable with the calibration images,
-    then scores above it with probability (n + 1 − k) / (n + 1) ≤ α. Raises ValueError when
-    k > n (fewer than (1 − α) / α calibration images)."""
-    k = math.ceil((n + 1) * (1 - target_fpr) - 1e-9)  # 1e-9: (n + 1)(1 − α) whole up to rounding
-    if k > n:
-        need = math.ceil((1 - target_fpr) / target_fpr - 1e-9)
-        raise ValueError(f"{n} calibration images are too few for --target-fpr {target_fpr:g} (at least "
-                         f"{need}): raise --calibration or --target-fpr")
-    return max(k, 1)
-
-
 def calibrate(scores: np.ndarray, target_fpr: float, score: str) -> dict:
     """The threshold of ``score`` from its values on the calibration (normal) images: the
-    :func:`calibration_rank`-th smallest; an image is anomalous when its score is above it."""
+    :func:`calibration.calibration_rank`-th smallest; an image is anomalous when its score is above it."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
     if not np.isfinite(s).all():
         raise ValueError(f"non-finite {score} scores on the calibration images: no threshold")
-    n, k = len(s), calibration_rank(len(s), target_fpr)
+    n, k = len(s), calibration.calibration_rank(len(s), target_fpr)
     return {"score": score, "threshold": float(s[k - 1]), "target_fpr": target_fpr, "n_calibration": n,
             "rank": k, "expected_fpr": (n + 1 - k) / (n + 1),
             "rule": "k-th smallest calibration score, k = ceil((n+1)(1-target_fpr)); anomalous: score > threshold",
@@ -470,7 +458,8 @@ def evaluate_checkpoint(path, out, *, run=None, device="auto", data_root=None) -
     """A run's checkpoint evaluated on its protocol's test set (:func:`evaluate_run`, files into
     ``out``); ``run``: what :func:`load_run` returned for it, when already loaded."""
     state, cfg, model, rec_loss = run or load_run(path, device=device, data_root=data_root)
-    metrics = evaluate_run(out, model=model, data=cfg.load_data(), rec_loss=rec_loss, config=cfg,
+    metrics = evaluate_run(out, model=model, data=cfg.load_data(protocols=system.PROTOCOLS), rec_loss=rec_loss,
+                           config=cfg,
                            scoring=state.get("scoring"), checkpoint_path=path,
                            extra={"iterations": state["iteration"], "checkpoint": str(path),
                                   "trained_with": state.get("provenance")})

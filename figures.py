@@ -21,12 +21,12 @@ Our extensions, not in the paper: anomaly maps over an image (:func:`plot_overla
 against the fraction of anomalies in the training set (:func:`plot_contamination`,
 ``auroc_vs_contamination.png``), and against the training iterations (:func:`plot_progress`,
 ``progress.png``). Berg et al.'s histograms of latent norms are
-``berg.latent_norm.plot_latent_norms`` (it draws with :func:`_pyplot` and :func:`_save`).
+``berg.latent_norm.plot_latent_norms`` (it draws with :func:`pyplot` and :func:`save`, this module's public helpers).
 Also not in the paper: precision-recall curves with their average precision (:func:`plot_pr`,
 ``pr.png``), the calibrated threshold marked on both (:func:`mark_threshold`).
 
 matplotlib is imported on first use, with its file-only Agg backend; of the project this module
-imports only ``errors``, ``readers``, ``features``, ``losses`` and ``data`` (for Fig. 1 and Fig. 3).
+imports only ``errors``, ``readers``, ``features``, ``losses`` and ``presets`` (for Fig. 1 and Fig. 3).
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
 import features
 import losses
+import presets
 import readers
 from errors import UserError, add_debug_flag, run_cli, user_errors
 
@@ -52,7 +52,7 @@ PAIR_LEVELS = (0.0, 0.2, 0.4)  # Fig. 1 (a), (b), (c) (Fig. 3's caption: 0.2 is 
 PAPER_LOSSES = ("perc", "rel-perc-l1")  # the two losses of Fig. 1
 # The paper's image is an LSUN one, which its models see at 64×64 (§4): by default the photos are
 # prepared as LSUN's training images are (shorter side resized, centre square) at that size.
-PAPER_IMAGE_SIZE = data.DATASETS["lsun"].image_sizes[0]
+PAPER_IMAGE_SIZE = presets.network("lsun").image_size
 PAPER_FILES = ("fig1_contrast.png", "fig3_feature_l1.png", "contrast.json")  # what `paper` writes
 
 
@@ -136,7 +136,8 @@ def contrast_study(vgg, size: int = PAPER_IMAGE_SIZE) -> dict:
 # Plots, written to image files.
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,9 +146,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> None:
+def save(fig, path) -> None:
+    """Writes ``fig`` to ``path`` and closes it."""
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _images(ds, idx) -> torch.Tensor:
@@ -165,7 +167,7 @@ def plot_roc(path, scores, labels, aucs, *, title="", mark=None) -> None:
     calibrated threshold's point (:func:`mark_threshold`, x = FPR, y = TPR)."""
     from sklearn.metrics import roc_curve
 
-    fig, ax = _pyplot().subplots(figsize=(5, 5))
+    fig, ax = pyplot().subplots(figsize=(5, 5))
     for k, v in scores.items():
         if np.isfinite(v).all():
             fpr, tpr, _ = roc_curve(labels, v)
@@ -174,7 +176,7 @@ def plot_roc(path, scores, labels, aucs, *, title="", mark=None) -> None:
     mark_threshold(ax, mark)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {title}")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def mark_threshold(ax, mark) -> None:
@@ -191,7 +193,7 @@ def plot_pr(path, scores, labels, aps, *, title="", mark=None) -> None:
     threshold's point (:func:`mark_threshold`, x = recall (TPR), y = precision)."""
     from sklearn.metrics import precision_recall_curve
 
-    fig, ax = _pyplot().subplots(figsize=(5, 5))
+    fig, ax = pyplot().subplots(figsize=(5, 5))
     for k, v in scores.items():
         if np.isfinite(v).all():
             precision, recall, _ = precision_recall_curve(labels, v)
@@ -201,7 +203,7 @@ def plot_pr(path, scores, labels, aps, *, title="", mark=None) -> None:
     ax.set(xlabel="recall (true positive rate)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
            title=f"precision-recall, {title}")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 @torch.no_grad()
@@ -218,11 +220,11 @@ def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
         x = _images(ds, idx).to(device)
         rows += [x.cpu(), model.reconstruct(x).cpu()]  # x above G(E(x))
     model.train(was_training)
-    fig, ax = _pyplot().subplots(figsize=(n, len(rows) * 1.1))
+    fig, ax = pyplot().subplots(figsize=(n, len(rows) * 1.1))
     ax.imshow(_grid(rows))
     ax.set_axis_off()
     ax.set_title("normal: x / G(E(x))   —   anomalous: x / G(E(x))", fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=None,
@@ -234,7 +236,7 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=N
     order = np.argsort(score, kind="stable")
     n = min(n, len(order) // 2)
     rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(n, 3.6 if map_fn else 2.4))
     grid, what = _grid(rows), "least (top) and most (bottom) anomalous"
     if map_fn is not None:  # a third row: the maps, coloured on one scale
@@ -248,7 +250,7 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=N
     ax.imshow(grid)
     ax.set_axis_off()
     ax.set_title(f"{what} — {title}", fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def upsample_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -276,7 +278,7 @@ def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: s
     top, left = int(round((h - side) / 2)), int(round((w - side) / 2))
     heat = np.full((h * k, w * k), np.nan)
     heat[top * k:(top + side) * k, left * k:(left + side) * k] = upsample_maps(amap[None].cpu(), side * k)[0].numpy()
-    plt = _pyplot()
+    plt = pyplot()
     fig = plt.figure(figsize=(w * k / 100, h * k / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
@@ -329,7 +331,7 @@ def plot_curves(path, log_csv) -> list[tuple[str, list[str]]]:
     if "iteration" not in cols or not panels:
         return []
     rows = -(-len(panels) // 2)
-    fig, axes = _pyplot().subplots(rows, 2, figsize=(11, 3 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, 2, figsize=(11, 3 * rows), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels):
         for name in names:
             ok = np.isfinite(cols[name])
@@ -344,7 +346,7 @@ def plot_curves(path, log_csv) -> list[tuple[str, list[str]]]:
         ax.set_axis_off()
     fig.suptitle(f"{log_csv.parent.name}: log.csv, {len(cols['iteration'])} rows", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     return panels
 
 
@@ -377,7 +379,7 @@ def plot_paper(out, study: dict, photos: dict[str, torch.Tensor]) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fig1, fig3, numbers = (out / f for f in PAPER_FILES)
-    plt = _pyplot()
+    plt = pyplot()
     levels, names, shift = study["levels"], list(study["images"]), study["shift"]
     first, curves = names[0], study["images"][names[0]]
     fig = plt.figure(figsize=(12, 6.8))
@@ -403,7 +405,7 @@ def plot_paper(out, study: dict, photos: dict[str, torch.Tensor]) -> list[Path]:
                  f"{study['layer']}, {study['image_size']}×{study['image_size']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, fig1)
+    save(fig, fig1)
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, style in zip(names, ("-", "--", ":")):
         ax.plot(levels, study["images"][name]["feature_l1"], style, color="k", marker="o", ms=3, label=name)
@@ -411,31 +413,31 @@ def plot_paper(out, study: dict, photos: dict[str, torch.Tensor]) -> list[Path]:
            title=f"L1 norm of VGG-19 {study['layer']} features", ylim=(0, None))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, fig3)
+    save(fig, fig3)
     numbers.write_text(json.dumps(study, indent=2))
     return [fig1, fig3, numbers]
 
 
 def plot_contamination(path, rows: list[dict], title: str) -> None:
     """:func:`contamination_curves` of ``rows`` as error bars vs. contamination P, one line per variant."""
-    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    fig, ax = pyplot().subplots(figsize=(5, 4))
     for label, (ps, mean, std) in contamination_curves(rows).items():
         ax.errorbar(ps, mean, yerr=std, marker="o", capsize=3, label=label)
     ax.set(xlabel="contamination P (fraction of anomalies in training)", ylabel="ROC AUC", title=title)
     ax.legend()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_progress(path, rows: list[dict], title: str) -> None:
     """ROC AUC and average precision against training iterations (``tools.progress``'s rows)."""
     it = [int(r["iteration"]) for r in rows]
-    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    fig, ax = pyplot().subplots(figsize=(5, 4))
     for key, label in (("roc_auc", "ROC AUC"), ("average_precision", "average precision")):
         ax.plot(it, [float(r[key]) for r in rows], marker="o", label=label)
     ax.set(xlabel="iteration (Algorithm 1)", ylabel=f"{rows[0]['score']} on the test set" if rows else "",
            title=title)
     ax.legend()
-    _save(fig, path)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PIAD networks, presets and WGAN-GP losses (paper §3.2, supplement §1 and §1.3).
+"""PIAD networks and WGAN-GP losses (paper §3.2, supplement §1 and §1.3; Tables 1-4's presets: presets.py).
 
 Perceptual Image Anomaly Detection (Tuluptceva et al., 2019). A generator ``G: z -> x``, an
 encoder ``E: x -> z`` and two Wasserstein critics, ``D_X`` on images and ``D_Z`` on latents,
@@ -32,9 +32,9 @@ INITS = ("authors", "pytorch")
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class PIADConfig:
-    """The networks and optimisers of one supplement table (Tables 1-4). The training schedule
-    (iterations, supplement §1) is the dataset's (``data.DATASETS``); batch size and γ period are
-    the run's (``config.TrainConfig``)."""
+    """The networks and optimisers of one supplement table (Tables 1-4): the four rows are
+    ``presets.NETWORKS``, and each dataset's other numbers (iterations, batch size, γ) are its row
+    of ``presets.TABLE``."""
 
     name: str
     image_size: int
@@ -81,36 +81,6 @@ class PIADConfig:
         """Number of BlockUp (G) / pooling BlockDown (E, D_X) blocks between 4×4 and full size:
         k for ``image_size`` 4·2^k (``__post_init__`` refuses other sizes)."""
         return max(self.image_size // 4, 1).bit_length() - 1
-
-
-_PRESETS = {
-    # Table 1 (MNIST, fMNIST, COIL-100). paper: D_X has a fourth, non-pooling BlockDown at 4×4
-    # (dx_channels=(32,) * 5); authors' code: three BlockDowns (default).
-    "mnist": PIADConfig(name="mnist", image_size=32, latent_shape=(32, 1, 1),
-                        gen_channels=(32,) * 4, enc_channels=(32,) * 4, dx_channels=(32,) * 4,
-                        dx_head_channels=32, dz_hidden=128, n_dis=2),
-    # Table 2 (its D_Z input: see LatentCritic).
-    "cifar10": PIADConfig(name="cifar10", image_size=32, latent_shape=(256, 1, 1),
-                          gen_channels=(256, 256, 128, 64), enc_channels=(64, 64, 128, 256),
-                          dx_channels=(32, 32, 64, 128), dx_head_channels=128, dz_hidden=1024,
-                          n_dis=2),
-    # Table 3: a 32×4×4 latent; D_Z input 512 = 32·4·4.
-    "lsun": PIADConfig(name="lsun", image_size=64, latent_shape=(32, 4, 4),
-                       gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
-                       dx_head_channels=64, dz_hidden=2048, n_dis=3),
-    # Table 4 (its D_Z input: see LatentCritic).
-    "celeba": PIADConfig(name="celeba", image_size=64, latent_shape=(64, 1, 1),
-                         gen_channels=(64,) * 5, enc_channels=(64,) * 5, dx_channels=(64,) * 5,
-                         dx_head_channels=64, dz_hidden=256, n_dis=3),
-}
-
-
-def preset(name: str) -> PIADConfig:
-    """The preset of one supplement table: ``"mnist"``, ``"cifar10"``, ``"lsun"``, ``"celeba"``."""
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}") from None
 
 
 # --------------------------------------------------------------------------- blocks (supplement Fig. 1)

@@ -7,8 +7,7 @@ relative-perceptual-L1 op of paper §3.1, eq. (3)-(4) (csrc/). Install with
 The Python modules are not installed: they are flat files with plain names (``data``, ``config``,
 ``train``, ...) that would shadow other packages' modules of the same names in site-packages.
 They run from the clone (``python train.py ...``; the tests put the clone first on the path), and
-``losses.py`` with ``features.py``, ``readers.py`` and ``errors.py`` can be copied into another
-project. ``piad_C`` is the only top-level name this package installs (tests/test_packaging.py).
+``losses.py`` alone can be copied into another project. ``piad_C`` is the only top-level name this package installs (tests/test_packaging.py).
 
 The extension has CPU and CUDA kernels when a CUDA toolkit (nvcc and headers) is found (no GPU
 is needed to build) and CPU kernels only otherwise. The CPU kernels use PyTorch's SIMD vectors

@@ -1,100 +1,38 @@
-"""Training procedure of PIAD, Algorithm 1 (paper §3.2-3.3, supplement §1).
+"""Algorithm 1 of PIAD (paper §3.2-3.3, supplement §1): ``python train.py --dataset mnist --normal 8``.
 
-``python train.py --dataset mnist --normal 8`` trains PIAD on the normal class and writes,
-in the run folder: ``checkpoint.pt`` (atomic, every few minutes and at the end),
-``log.csv`` (every loss and γ_G, γ_E), and the evaluation outputs of ``evaluate.py``
-(``metrics.json``, ``scores.csv``, ``roc.png``, ``pr.png``, ``reconstructions.png``, ``extremes.png``);
-with ``--calibration F`` a seeded fraction F of the normal training images is held out before
-training (``data.hold_out_calibration``) and gives the decision threshold (``evaluate.calibrate``).
-``train(TrainConfig(...))`` does the same from Python. ``--method latent-norm`` trains the
-variant of Berg et al. (module ``berg.latent_norm``) on the same networks instead.
-
-Mistakes in the settings (``TrainConfig.validate``), data, weights or checkpoint end with one
-``error: ...`` line and exit status 2 before any work starts; how a run ends early (signals,
-divergence, crashes) and what it keeps: loop.py's docstring.
-
-Speed-ups that keep the maths of Algorithm 1: the real images' VGG features carry no autograd
-graph and, for in-memory training sets seen many times, are computed once and cached; fake
-images/latents in the critic steps are produced under ``no_grad``; the critics' parameters
-are frozen during the generator/encoder step; the relative-perceptual-L1 reduction uses the
-fused op of ``csrc/`` when built.
+:class:`PIADTrainer` is one iteration of Algorithm 1; :func:`train` is its loop: for each
+iteration the step, the row of log.csv, the periodic checkpoint and the stop rules, then the
+evaluation of ``evaluate.py``. The guard around the loop (log.csv, atomic checkpoints, signals,
+divergence, crashes): guard.py; resume: checkpoint.py; ``--precision``: precision.py;
+minibatches: sampler.py. ``--method latent-norm`` trains Berg et al.'s variant (``berg.system``).
+Mistakes in the settings, data, weights or checkpoint end with one ``error: ...`` line and exit
+status 2 before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import random
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
-import numpy as np
 import torch
 
 import checkpoint
 import data as data_mod
 import errors
 import evaluate
-import loop
+import guard
 import piad
+import presets
+import precision
+import sampler as sampler_mod
 import weights_policy
-from berg import latent_norm, progressive, system
-from checkpoint import CHECKPOINT
+from berg import system
 from config import TrainConfig, parse_args, resolve_device
 from errors import Diverged, Interrupted, UserError
 from features import build_loss
-
-
-
-class Sampler:
-    """Uniform minibatches (with replacement) from a seeded generator that is checkpointed."""
-
-    def __init__(self, ds, batch_size: int, device, *, seed: int, features=None,
-                 memory_format=torch.contiguous_format):
-        self.ds, self.batch_size, self.device, self.features = ds, batch_size, device, features
-        self.memory_format = memory_format
-        self.gen = torch.Generator().manual_seed(seed)
-        self.pool = None if isinstance(ds, data_mod.TensorImages) else ThreadPoolExecutor(4)
-
-    def __call__(self, n: int | None = None):  # n: a minibatch of another size (progressive growing)
-        idx = torch.randint(len(self.ds), (n or self.batch_size,), generator=self.gen)
-        if self.pool is None:
-            x = self.ds.images[idx]
-        else:  # lazy datasets (LSUN, CelebA): decode in threads
-            x = torch.stack(list(self.pool.map(lambda i: self.ds[int(i)][0], idx)))
-        fx = self.features[idx].to(self.device, non_blocking=True) if self.features is not None else None
-        return x.to(self.device, memory_format=self.memory_format, non_blocking=True), fx
-
-
-def _in_precision(step):
-    """``PIADTrainer.step`` in the run's ``--precision`` (``TrainConfig.precision``), decided here.
-
-    bf16: the step runs under ``torch.autocast(device, torch.bfloat16)``, so G, E, D_X, D_Z and the
-    VGG-19 compute in bf16 while the weights, their gradients and Adam's state stay fp32 (autocast
-    casts each weight on its way into a convolution or dense layer). Stays fp32 inside the region,
-    each said where it is computed: the gradient penalty's norm (``piad.gradient_penalty``), the γ
-    policy's gradient statistics (``weights_policy.GradientHistory.record``, on the fp32 parameter
-    gradients) and eq. (4)'s sums (the fused op accumulates in fp32 and returns fp32); eq. (6)'s
-    means of the critics' bf16 outputs are bf16 (their gradient, 1/B each, is exact). Evaluation
-    runs outside the step, in fp32. The bf16 copies of the weights that autocast caches in the
-    region are dropped after every optimizer step (:func:`_drop_stale_casts`).
-    """
-    @functools.wraps(step)
-    def in_precision(self, *args, **kwargs):
-        if self.cfg.precision == "fp32":
-            return step(self, *args, **kwargs)
-        device = next(self.model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16):
-            return step(self, *args, **kwargs)
-    return in_precision
-
-
-def _drop_stale_casts(*optimizers) -> None:
-    """Autocast caches the bf16 cast of each trainable weight for the rest of its region, keyed by
-    the tensor, not its values: after an optimizer step updates the weights in place, the cache
-    would feed the old ones to the next critic step. Each optimizer step clears it."""
-    for opt in optimizers:
-        opt.register_step_post_hook(lambda *_: torch.clear_autocast_cache())
+from tools import provenance, tblog
 
 
 class PIADTrainer:
@@ -111,7 +49,6 @@ class PIADTrainer:
         self.hist_g = weights_policy.GradientHistory(model.G, norm=cfg.policy_norm, max_history=cfg.policy_history)
         self.hist_e = weights_policy.GradientHistory(model.E, norm=cfg.policy_norm, max_history=cfg.policy_history)
         self.gamma_g, self.gamma_e = cfg.gamma_g, cfg.gamma_e
-        _drop_stale_casts(self.opt_d, self.opt_ge)
 
     def critic_step(self, x, z) -> dict:
         m, p = self.model, self.model.config
@@ -125,7 +62,6 @@ class PIADTrainer:
         self.opt_d.step()
         return {"loss_dx": loss_dx.detach(), "loss_dz": loss_dz.detach(), "gp_dx": gp_dx, "gp_dz": gp_dz}
 
-    @_in_precision
     def step(self, it: int, sample) -> dict:
         """Algorithm 1, one iteration, the same on every one (logged or not). Lines 16-17 give G ``γ_G·∇L_rec + ∇L_adv(G)`` and E
         ``γ_E·∇L_rec + ∇L_adv(E)``, the gradients of eq. (8)-(9)."""
@@ -185,145 +121,77 @@ class PIADTrainer:
         self.gamma_g, self.gamma_e = s["gamma_g"], s["gamma_e"]
 
 
-def new_run_model(cfg: TrainConfig, ds) -> piad.PIAD | latent_norm.Networks:
-    """The networks of a new run of ``cfg`` on the dataset ``ds`` (``data.AnomalyData``): PIAD's of the
-    dataset's preset; for ``--method latent-norm``, those of ``--networks`` (``berg.system``)."""
-    if cfg.method == "latent-norm":
-        return system.new_model(cfg.networks, preset=ds.preset, channels=ds.channels, image_size=ds.image_size,
-                                train_set=ds.train, seed=cfg.seed, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
-    return piad.PIAD(config=piad.preset(ds.preset), channels=ds.channels)
+class Trainer(Protocol):
+    """What the loop calls of a trainer: :class:`PIADTrainer`, or Berg et al.'s (``berg.system.trainer``:
+    ``latent_norm.LatentNormTrainer``, ``progressive.ProgressiveTrainer``)."""
 
-
-def make_trainer(model, rec_loss, cfg: TrainConfig):
-    """Algorithm 1's :class:`PIADTrainer`; for ``--method latent-norm``, Berg et al.'s (``berg.system``)."""
-    if cfg.method == "latent-norm":
-        return system.trainer(model, pgan_schedule(cfg))
-    return PIADTrainer(model, rec_loss, cfg)
-
-
-def _reseed(cfg: TrainConfig, sampler, it: int) -> None:
-    """New random draws from iteration ``it`` on (``--reseed K``): seeds derived from (seed, K, it)."""
-    seed = int(np.random.SeedSequence([cfg.seed, cfg.reseed, it]).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # every device
-    sampler.gen.manual_seed(seed + 1)
-
-
-def pgan_schedule(cfg: TrainConfig) -> progressive.Schedule:
-    return progressive.Schedule(lod_training_kimg=cfg.lod_kimg, lod_transition_kimg=cfg.lod_kimg,
-                                total_kimg=cfg.total_kimg)
+    def step(self, it: int, sample) -> dict: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, s: dict) -> None: ...
 
 
 def train(config: TrainConfig | None = None, **overrides) -> dict:
     """Algorithm 1 end to end; returns the metrics written to ``metrics.json``.
 
     Mistakes in the settings, data, weights or checkpoint raise :class:`UserError` before any
-    work starts; a run that ends early raises :class:`Interrupted` or :class:`Diverged` (loop.py's
-    docstring)."""
-    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate().resolved()
+    work starts; a run that ends early raises :class:`Interrupted` or :class:`Diverged` (guard.py)."""
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate().resolved(system.THEIRS)
     if cfg.threads:  # before any work: a run's floats depend on its thread count
         torch.set_num_threads(cfg.threads)
-    cfg, ds, extra = _load_data(cfg)
-    state = _resume_state(cfg)
-    run = build_run(cfg, ds, state)
-    run.extra.update(extra)
-    loop.loop(run)
-    if not cfg.evaluate:
-        return {"iterations": run.iterations, "train_time_s": run.train_time()}
-    return evaluate.evaluate_run(run.dir, model=run.model, data=ds, rec_loss=run.rec_loss, config=cfg,
-                                 checkpoint_path=run.checkpoint,
-                                 extra={"iterations": run.iterations, "train_time_s": round(run.train_time(), 1),
-                                        "device": str(run.device), "contamination": ds.contamination,
-                                        "threads": torch.get_num_threads(), "precision": cfg.precision,
-                                        **run.extra})
-
-
-def _load(cfg: TrainConfig) -> data_mod.AnomalyData:
-    """The dataset the settings name, with every random generator seeded first."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    ds = cfg.load_data(download=cfg.download)
-    if ds.calibration is not None:  # held out before training, checked here
-        with errors.user_errors(ValueError, prefix="--calibration: "):
-            evaluate.calibration_rank(len(ds.calibration), cfg.target_fpr)
-    return ds
-
-
-def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, data_mod.AnomalyData, dict]:
-    """:func:`_load`; when the dataset cannot be had here (not on disk, no download) and
-    ``--fallback`` names another, that one instead, said in one line and recorded in metrics.json."""
-    try:
-        return cfg, _load(cfg), {}
-    except UserError as exc:
-        if not cfg.fallback or not isinstance(exc.__cause__, data_mod.DatasetUnavailable):
-            raise
-        print(f"note: {cfg.dataset} cannot be had here; training on {cfg.fallback} instead (--fallback)",
-              file=sys.stderr, flush=True)
-        alt = dataclasses.replace(cfg, dataset=cfg.fallback, fallback=None, protocol=None).validate().resolved()
-        return alt, _load(alt), {"fallback_from": cfg.dataset}
-
-
-def _resume_state(cfg: TrainConfig) -> dict | None:
-    """The checkpoint to continue (``--resume``), after checking it fits the settings; None for a new run."""
-    path = cfg.run_dir() / CHECKPOINT
-    if not path.exists():
-        return None
-    if not cfg.resume:
-        raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out "
-                        "(a run's checkpoint is never overwritten)")
-    state = checkpoint.load_checkpoint(path, fix="train without --resume into another --out")
-    diff = cfg.resume_conflicts(TrainConfig.from_saved(state["config"]))
-    if diff:
-        raise UserError(f"--resume with settings that differ from the checkpoint {path}: {', '.join(diff)}; "
-                        "resume with the run's own settings, or train into another --out")
-    if cfg.iterations is not None and state["iteration"] > cfg.iterations:
-        raise UserError(f"--iterations {cfg.iterations} is fewer than the {state['iteration']} the checkpoint "
-                        f"{path} has already done")
-    return state
-
-
-def build_run(cfg: TrainConfig, ds: data_mod.AnomalyData, state: dict | None) -> loop.Run:
-    """The networks, loss, trainer and sampler of a run, restored from ``state`` when resuming."""
+    cfg, ds, extra = cfg.load_run_data(protocols=system.PROTOCOLS, theirs=system.THEIRS)  # --fallback
+    state = checkpoint.resume_state(cfg)
     device = resolve_device(cfg.device)
-    model = new_run_model(cfg, ds).to(device)
-    if cfg.pgan:  # minibatches their loop runs for total_kimg
-        iterations = cfg.iterations or progressive.minibatches(pgan_schedule(cfg), ds.image_size)
-        if device.type == "cpu":
-            print(progressive.cpu_note(cfg.fmap_max, cfg.fmap_base), file=sys.stderr)
-    else:
-        iterations = cfg.iterations or data_mod.iterations(cfg.dataset, ds.preset)  # supplement §1
+    if cfg.method == "latent-norm":  # Berg et al.'s networks (berg.system)
+        model = system.new_model(cfg, ds)
+    else:  # the dataset's preset, supplement Tables 1-4
+        model = piad.PIAD(config=presets.network(ds.preset), channels=ds.channels)
+    model.to(device, memory_format=cfg.memory_format)  # NHWC with --channels-last: same maths, faster
     with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
         rec_loss, stats = build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
                                      device=device, train_batches=data_mod.image_batches(ds.train, device),
                                      saved_stats=state["stats"] if state else None)
-    model.to(memory_format=cfg.memory_format)  # NHWC with --channels-last: same maths, faster kernels
     rec_loss.to(memory_format=cfg.memory_format)
-    trainer = make_trainer(model, rec_loss, cfg)
-    features = None
-    wants_cache = (cfg.method == "piad" and rec_loss.features is not None
-                   and isinstance(ds.train, data_mod.TensorImages)
-                   and (cfg.cache_features == "on" or (cfg.cache_features == "auto"
-                        and iterations * cfg.batch_size > 2 * len(ds.train))))
-    if wants_cache:  # the real images' VGG features: computed once, no graph (VGG is frozen)
-        features = torch.cat([rec_loss.real_features(x).cpu() for x in data_mod.image_batches(ds.train, device)])
-    sampler = Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
-                      memory_format=cfg.memory_format)
-    run = loop.Run(cfg, cfg.run_dir(), ds, device, model, rec_loss, trainer, sampler, iterations,
-                   dataclasses.asdict(stats) if stats is not None else None)
+    if cfg.pgan:  # their schedule, in minibatches
+        iterations = system.iterations(cfg, ds.image_size, device)
+    else:  # supplement §1
+        iterations = cfg.iterations or presets.iterations(cfg.dataset, ds.preset)
+    trainer: Trainer = make_trainer(model, rec_loss, cfg)
+    features = sampler_mod.cached_features(rec_loss, ds.train, device, when=cfg.cache_features,
+                                           draws=iterations * cfg.batch_size) if cfg.method == "piad" else None
+    sample = sampler_mod.Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
+                                 memory_format=cfg.memory_format)
+    saved = checkpoint.Saved(cfg, model, trainer, sample, iterations, ds.channels, ds.image_size,
+                             dataclasses.asdict(stats) if stats is not None else None, rec_loss.weights_id,
+                             functools.partial(provenance.record, device))
+    start = state["iteration"] if state else 0
     if state:
-        model.load_state_dict(state["model"])
-        trainer.load_state_dict(state["trainer"])
-        sampler.gen.set_state(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
-        run.start = run.good = state["iteration"]
-        run.elapsed = state["elapsed_s"]
-    if cfg.reseed != (state["config"].get("reseed", 0) if state else 0):  # draws not yet made under this --reseed
-        _reseed(cfg, sampler, run.start)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    loop.truncate_log(run.dir / "log.csv", run.start)
-    return run
+        saved.restore(state)
+    checkpoint.reseed(cfg, sample, start, state)  # --reseed K: new draws from the checkpoint on
+    tb = (tblog.TensorBoardLog(cfg.run_dir() / "tb", ds.train, every=cfg.tensorboard_images, start=start)
+          if cfg.tensorboard else None)  # RUN/tb/: an optional extra; log.csv is always written
+    model.train()
+    with guard.Guard(saved, cfg.run_dir(), start=start, elapsed=state["elapsed_s"] if state else 0.0, tb=tb) as g:
+        for it in range(start, iterations):                    # Algorithm 1, lines 1-19
+            with precision.autocast(cfg.precision, device):
+                values = trainer.step(it, sample)              # lines 2-18
+            g.log(it, values)                                  # log.csv every --log-every
+            g.checkpoint(it + 1)                               # every --checkpoint-minutes, --keep-every
+            g.stop_if_signalled(it + 1)                        # SIGINT, SIGTERM: saved, then stop
+        g.finish()                                             # checkpoint.pt at the end
+    if not cfg.evaluate:
+        return {"iterations": iterations, "train_time_s": g.train_time()}
+    return evaluate.evaluate_run(cfg.run_dir(), model=model, data=ds, rec_loss=rec_loss, config=cfg,
+                                 checkpoint_path=g.checkpoint_path,
+                                 extra={"iterations": iterations, "train_time_s": round(g.train_time(), 1),
+                                        "device": str(device), "contamination": ds.contamination,
+                                        "threads": torch.get_num_threads(), "precision": cfg.precision, **extra})
+
+
+def make_trainer(model, rec_loss, cfg: TrainConfig) -> Trainer:
+    """Algorithm 1's :class:`PIADTrainer`; for ``--method latent-norm``, Berg et al.'s (``berg.system``)."""
+    if cfg.method == "latent-norm":
+        return system.trainer(model, system.schedule(cfg))
+    return PIADTrainer(model, rec_loss, cfg)
 
 
 def _main(argv) -> None:
@@ -338,7 +206,7 @@ def _main(argv) -> None:
 
 def main(argv=None) -> None:
     """``python train.py ...``: mistakes end with ``error: ...`` and exit status 2 (no traceback
-    unless ``--debug``); a run that ends early prints how to continue (loop.py's docstring)."""
+    unless ``--debug``); a run that ends early prints how to continue (guard.py's docstring)."""
     errors.run_cli(_main, argv)
 
 

@@ -29,7 +29,7 @@ those of ``--networks piad`` (ours), one per line:
   no progressive growing: the resolution is fixed at the preset's image size.
 * Only G's input is pixel-normalised; pGAN's pixel-norm after every G layer, equalised learning
   rate and their E (D's trunk ending in a dense layer + leaky ReLU) are not reproduced.
-* Optimiser: PIAD's Adam (``piad.preset``: betas, learning rates, weight decay) and batch size,
+* Optimiser: PIAD's Adam (``presets.network``: betas, learning rates, weight decay) and batch size,
   not pGAN's β1 = 0, lr 0.001, batch 64-128; the critic's drift term is on real scores only, as theirs.
 * No moving average of G (their ``Gs``, β = 0.999): they use it for sample grids and their
   reconstruction-based detector; E is trained against the live G and ‖E(x)‖ does not involve G.
@@ -217,7 +217,7 @@ def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch
     z, gen = (t.cpu() for t in prior)
     panels = (("latent-norm", "||E(x)||₂", gen.norm(dim=1)),
               ("latent-norm-centred", "||E(x) - mean E(G(z))||₂", (gen - gen.mean(0)).norm(dim=1)))
-    fig, axes = figures._pyplot().subplots(1, 2, figsize=(11, 4))
+    fig, axes = figures.pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, (key, xlabel, gen_values) in zip(axes, panels):
         values, auc = scores[key], roc_auc_score(labels, scores[key])
         groups = ((values[labels == 0], "normal test"), (values[labels == 1], "anomalous test"),
@@ -231,4 +231,4 @@ def plot_latent_norms(path, scores: dict, labels: np.ndarray, prior: tuple[torch
     cos = torch.nn.functional.cosine_similarity(gen, z).mean()
     fig.suptitle(f"{title}; ||mean E(G(z))|| = {gen.mean(0).norm():.3g}, mean ||E(G(z))|| = "
                  f"{gen.norm(dim=1).mean():.3g}, mean cos(E(G(z)), z) = {cos:.3g}", fontsize=10)
-    figures._save(fig, path)
+    figures.save(fig, path)

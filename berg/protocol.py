@@ -1,6 +1,8 @@
 """The evaluation protocol of Berg, Ahlberg and Felsberg (ECAI 2020) as their ``dataset_tool.py``
 builds it (``create_cifar10_anomaly_detection``, ``create_mnist_anomaly_detection``):
-``--protocol berg`` of ``data.DATASETS`` (MNIST, Fashion-MNIST, CIFAR-10).
+``--protocol berg`` of ``data.DATASETS`` (MNIST, Fashion-MNIST, CIFAR-10); ``data.load_dataset`` applies
+it when given :func:`apply` (``berg.system.PROTOCOLS``), and this module counts contaminants with
+``data.n_contaminants``.
 
 * CIFAR-10: the normal set is a group of classes, the vehicles {airplane, automobile, ship,
   truck} = {0, 1, 8, 9}; the animals {2, ..., 7} are the anomalies (their code; its comments say
@@ -19,21 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from data import n_contaminants
+
 CIFAR10_GROUPS = {"vehicles": (0, 1, 8, 9), "animals": (2, 3, 4, 5, 6, 7)}  # dataset_tool.py
 CIFAR10_TEST_PER_SIDE = 1000  # their I_normal[0:1000], I_anomaly[0:1000]
 MNIST_PAD = 2  # 28×28 -> 32×32, zeros
-
-
-def n_contaminants(contamination: float, n_normal: int, *, floor: bool) -> int:
-    """The number of anomalies to add to ``n`` normal training images so that they make up the
-    fraction P of the training set, P · n / (1 − P): floored with ``floor`` (``int(...)``, Berg et
-    al.'s dataset_tool.py, ``--protocol berg``), else rounded to the nearest (data.py's other
-    protocols: contamination is our extension there, the authors' code has none). The one home
-    of this count, shared by both (data.py imports this module)."""
-    if not 0.0 <= contamination < 1.0:
-        raise ValueError(f"contamination must be in [0, 1), got {contamination}")
-    n = contamination * n_normal / (1.0 - contamination)
-    return int(n) if floor else round(n)
 
 
 def normal_classes(dataset: str, k: int) -> tuple[str, tuple[int, ...]]:

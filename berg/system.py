@@ -1,30 +1,52 @@
 """The seam between PIAD's run code (``train.py``, ``evaluate.py``) and Berg, Ahlberg and
 Felsberg's system (ECAI 2020): what a ``--method latent-norm`` run builds, for each of its
-:data:`NETWORKS`, and how it is evaluated.
+``--networks`` (``config.NETWORKS``), and how it is evaluated.
 
 * ``pgan`` (theirs, supplement Appendix A): ``pgan.PGAN`` grown by ``progressive.ProgressiveTrainer``;
 * ``piad`` (ours): PIAD's networks of the dataset's preset with a pixel-norm G
   (``latent_norm.use_pixel_norm``), trained by ``latent_norm.LatentNormTrainer`` with the preset's
   optimiser and loss settings.
 
-Both models are ``latent_norm.Networks``; nothing else of them is used outside ``berg/``.
+Both models are ``latent_norm.Networks``; nothing else of them is used outside ``berg/``. The data
+side of the seam: :data:`PROTOCOLS`, the splits ``data.load_dataset`` is given by name; and
+:data:`THEIRS`, the settings a run leaves out, which ``config.TrainConfig.resolved`` is given.
 """
 from __future__ import annotations
 
+import sys
+
 import piad
-from berg import latent_norm, pgan, progressive
+import presets
+from berg import latent_norm, pgan, progressive, protocol
 
-NETWORKS = ("pgan", "piad")  # of --method latent-norm: theirs (default), PIAD's (ours)
+# The settings of a --method latent-norm run left out: theirs (``config.TrainConfig.resolved`` is given them).
+THEIRS = {"seed": progressive.SEED, "fmap_max": pgan.FMAP_MAX, "fmap_base": pgan.FMAP_BASE,
+          "lod_kimg": progressive.Schedule.lod_training_kimg, "total_kimg": progressive.Schedule.total_kimg}
+PROTOCOLS = {"berg": protocol.apply}  # --protocol berg: their dataset_tool.py splits, for data.load_dataset
 
 
-def new_model(networks: str, *, preset: str, channels: int, image_size: int, train_set, seed: int,
-              fmap_base: int, fmap_max: int) -> pgan.PGAN | piad.PIAD:
-    """The networks of a new run on ``train_set``: ``pgan`` at ``fmap_base``/``fmap_max`` (its scoring
-    reference drawn with ``seed``), or ``piad``: PIAD's of the data's ``preset``, G pixel-normalised."""
-    if networks == "pgan":
-        config = pgan.PGANConfig(channels, image_size, fmap_base=fmap_base, fmap_max=fmap_max)
-        return progressive.new_model(config, train_set, seed=seed)
-    return latent_norm.use_pixel_norm(piad.PIAD(config=piad.preset(preset), channels=channels))
+def new_model(cfg, ds) -> pgan.PGAN | piad.PIAD:
+    """The networks of a new run of the settings ``cfg`` (``config.TrainConfig``, resolved) on the
+    dataset ``ds`` (``data.AnomalyData``): ``pgan`` at ``cfg.fmap_base``/``cfg.fmap_max`` (its scoring
+    reference drawn with ``cfg.seed``), or ``piad``: PIAD's of the data's preset, G pixel-normalised."""
+    if cfg.networks == "pgan":
+        config = pgan.PGANConfig(ds.channels, ds.image_size, fmap_base=cfg.fmap_base, fmap_max=cfg.fmap_max)
+        return progressive.new_model(config, ds.train, seed=cfg.seed)
+    return latent_norm.use_pixel_norm(piad.PIAD(config=presets.network(ds.preset), channels=ds.channels))
+
+
+def schedule(cfg) -> progressive.Schedule:
+    """Their progressive-growing schedule with the run's ``--lod-kimg`` and ``--total-kimg``."""
+    return progressive.Schedule(lod_training_kimg=cfg.lod_kimg, lod_transition_kimg=cfg.lod_kimg,
+                                total_kimg=cfg.total_kimg)
+
+
+def iterations(cfg, image_size: int, device) -> int:
+    """``--iterations`` of a pGAN run, by default the minibatches their loop runs for ``total_kimg``;
+    on a CPU, first the line of :func:`progressive.cpu_note`."""
+    if device.type == "cpu":
+        print(progressive.cpu_note(cfg.fmap_max, cfg.fmap_base), file=sys.stderr)
+    return cfg.iterations or progressive.minibatches(schedule(cfg), image_size)
 
 
 def saved_model(networks: str, preset: dict, channels: int) -> pgan.PGAN | piad.PIAD:

@@ -130,7 +130,7 @@ def save_pngs(folder: Path, images: torch.Tensor) -> None:
 
 
 def plot_examples(path, clean, pasted, masks, eq4, pixel) -> None:
-    plt = figures._pyplot()
+    plt = figures.pyplot()
     rows = (("normal test image", clean[:, 0].add(1).div(2).numpy(), "gray"),
             ("with a pasted patch (box)", pasted[:, 0].add(1).div(2).numpy(), "gray"),
             ("eq. (4) map, upsampled", eq4, "inferno"), ("|x - G(E(x))|", pixel, "inferno"))

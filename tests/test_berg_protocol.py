@@ -8,6 +8,7 @@ import torch
 
 import berg.protocol
 import data
+from berg.system import PROTOCOLS  # data.py does not import berg/: the split is passed in
 
 VEHICLES = (0, 1, 8, 9)
 
@@ -50,7 +51,8 @@ def test_cifar10_vehicles_normal_1000_plus_1000_test(tmp_path, monkeypatch, p):
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # no md5 of synthetic files
     rng = np.random.default_rng(0)
     _cifar(tmp_path, rng)
-    d = data.load_dataset("cifar10", "airplane", root=str(tmp_path), protocol="berg", contamination=p, seed=3)
+    d = data.load_dataset("cifar10", "airplane", root=str(tmp_path), protocol="berg", contamination=p, seed=3,
+                          protocols=PROTOCOLS)
     train_labels = np.concatenate([pickle.load(open(tmp_path / "cifar-10-batches-py" / f"data_batch_{i}", "rb"))
                                    ["labels"] for i in range(1, 6)])
     n_normal = int(np.isin(train_labels, VEHICLES).sum())
@@ -64,7 +66,8 @@ def test_cifar10_vehicles_normal_1000_plus_1000_test(tmp_path, monkeypatch, p):
     first_pixel = ((d.test.images[:, 0, 0, 0] + 1) * 127.5).round().long().numpy()
     assert np.array_equal(~np.isin(first_pixel, VEHICLES), d.test.labels.numpy().astype(bool))
     # the inverse task: an animal named normal makes the animals normal
-    inv = data.load_dataset("cifar10", "cat", root=str(tmp_path), protocol="berg", seed=3)
+    inv = data.load_dataset("cifar10", "cat", root=str(tmp_path), protocol="berg", seed=3,
+                            protocols=PROTOCOLS)
     assert inv.normal == "animals" and inv.info["n_train_normal"] == len(train_labels) - n_normal
 
 
@@ -72,7 +75,7 @@ def test_mnist_one_digit_whole_test_split_padded(tmp_path):
     rng = np.random.default_rng(1)
     raw = _mnist(tmp_path, rng)
     d = data.load_dataset("mnist", "3", root=str(tmp_path), protocol="berg", contamination=0.05, seed=0,
-                          download=False)
+                          download=False, protocols=PROTOCOLS)
     tr_y = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
     te_y = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
     n = int((tr_y == 3).sum())

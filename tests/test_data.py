@@ -16,7 +16,7 @@ from PIL import Image
 
 import berg.protocol
 import data
-import piad
+import presets
 import readers
 
 FMNIST_DIR = Path(readers.DEBIAN_FASHION_MNIST)
@@ -476,17 +476,20 @@ DEFAULTS = {"mnist": ("split", "mnist", 1, 32, 50_000), "fashion-mnist": ("gpnd"
 
 def test_dataset_table():
     assert list(data.DATASETS) == list(DEFAULTS)   # argparse's choices and the error messages list them so
+    assert list(presets.TABLE) == list(DEFAULTS)   # each dataset's numbers: one row each
     for name, info in data.DATASETS.items():
-        assert (info.protocols[0], info.preset, info.channels, info.image_sizes[0], info.iterations) \
+        row = presets.TABLE[name]
+        assert (info.protocols[0], row.network, info.channels, info.image_sizes[0], row.iterations) \
             == DEFAULTS[name], name
-        assert info.preset is None or piad.preset(info.preset).image_size == info.image_sizes[0]
-    assert data.DATASETS["folder"].image_sizes == (32, 64) and data.iterations("Fashion-MNIST") == 50_000
+        assert row.network is None or presets.network(row.network).image_size == info.image_sizes[0]
+        assert (row.batch_size, row.n_weight, row.gamma_g, row.gamma_e) == (32, 100, 1.0, 1.0)  # supplement §1
+    assert data.DATASETS["folder"].image_sizes == (32, 64) and presets.iterations("Fashion-MNIST") == 50_000
     # folder trains for the iterations of the paper's dataset of its preset
-    assert [data.iterations("folder", p) for p in ("mnist", "cifar10", "celeba")] == [50_000, 100_000, 200_000]
+    assert [presets.iterations("folder", p) for p in ("mnist", "cifar10", "celeba")] == [50_000, 100_000, 200_000]
     with pytest.raises(ValueError, match="preset"):
-        data.iterations("folder")
+        presets.iterations("folder")
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
-        data.iterations("imagenet")
+        presets.iterations("imagenet")
 
 
 def test_class_names_and_constants():

@@ -28,11 +28,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch.utils.data import Subset
 
+import calibration
 import data
 import evaluate
 import features
 import losses
 import piad
+import presets
 import train
 from berg import pgan
 from tools import provenance
@@ -43,12 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # --- the threshold ------------------------------------------------------------------------------
 
 def test_the_rank_is_the_conformal_order_statistic():
-    assert evaluate.calibration_rank(19, 0.05) == 19   # ⌈20 · 0.95⌉: the smallest set that allows α = 0.05
-    assert evaluate.calibration_rank(99, 0.05) == 95   # ⌈100 · 0.95⌉ (whole: not pushed up by rounding)
-    assert evaluate.calibration_rank(100, 0.05) == 96  # ⌈101 · 0.95⌉ = ⌈95.95⌉
-    assert evaluate.calibration_rank(10, 0.5) == 6
+    assert calibration.calibration_rank(19, 0.05) == 19   # ⌈20 · 0.95⌉: the smallest set that allows α = 0.05
+    assert calibration.calibration_rank(99, 0.05) == 95   # ⌈100 · 0.95⌉ (whole: not pushed up by rounding)
+    assert calibration.calibration_rank(100, 0.05) == 96  # ⌈101 · 0.95⌉ = ⌈95.95⌉
+    assert calibration.calibration_rank(10, 0.5) == 6
     with pytest.raises(ValueError, match="at least 19"):
-        evaluate.calibration_rank(18, 0.05)
+        calibration.calibration_rank(18, 0.05)
 
 
 @given(n=st.integers(1, 400), alpha=st.floats(0.01, 0.6), seed=st.integers(0, 2 ** 32 - 1))
@@ -73,7 +75,7 @@ def _fpr_sd(n: int, k: int, m: int) -> float:
 def test_the_threshold_fpr_on_new_normals_is_the_conformal_one():
     rng = np.random.default_rng(0)
     n, m, reps, alpha = 100, 200, 2000, 0.05
-    k = evaluate.calibration_rank(n, alpha)
+    k = calibration.calibration_rank(n, alpha)
     fprs = [float((rng.standard_normal(m) > evaluate.calibrate(rng.standard_normal(n), alpha, "s")["threshold"]).mean())
             for _ in range(reps)]
     expected = (n + 1 - k) / (n + 1)
@@ -91,7 +93,7 @@ def test_too_few_or_non_finite_calibration_scores_give_no_threshold():
 
 def test_the_calibration_split_holds_out_seeded_normal_training_images_only():
     ds = data.load_dataset("digits", 3, seed=1, contamination=0.1)
-    held = data.hold_out_calibration(ds, 0.2, seed=1)
+    held = calibration.hold_out_calibration(ds, 0.2, seed=1)
     n_normal = int((ds.train.labels == 0).sum())
     assert len(held.calibration) == round(0.2 * n_normal) == held.info["n_calibration"]
     assert len(held.train) + len(held.calibration) == len(ds.train)
@@ -99,11 +101,11 @@ def test_the_calibration_split_holds_out_seeded_normal_training_images_only():
     cal, kept = set(held.info["calibration_ids"]), set(held.info["train_ids"])
     assert not cal & kept and cal | kept == set(ds.info["train_ids"]) and not cal & set(ds.test_ids)
     assert held.test is ds.test                                      # the test set is untouched
-    again = data.hold_out_calibration(data.load_dataset("digits", 3, seed=1, contamination=0.1), 0.2, seed=1)
+    again = calibration.hold_out_calibration(data.load_dataset("digits", 3, seed=1, contamination=0.1), 0.2, seed=1)
     assert again.info["calibration_ids"] == held.info["calibration_ids"]   # seeded
-    other = data.hold_out_calibration(ds, 0.2, seed=2)
+    other = calibration.hold_out_calibration(ds, 0.2, seed=2)
     assert other.info["calibration_ids"] != held.info["calibration_ids"]
-    assert data.hold_out_calibration(ds, 0.0, seed=1) is ds         # default: the protocol's sets
+    assert calibration.hold_out_calibration(ds, 0.0, seed=1) is ds         # default: the protocol's sets
 
 
 def test_a_calibration_set_too_small_for_the_target_is_a_user_error(tmp_path, capsys):
@@ -190,7 +192,7 @@ def _regrouped(model, ds, loss, reference):
 @pytest.mark.parametrize("mbstd_group", [0, 4])  # the authors' whole batch; the paper's groups of 4
 def test_every_score_is_unchanged_when_the_test_set_is_shuffled_regrouped_or_cut(vgg_loss, mbstd_group):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(piad.preset("mnist"), mbstd_group=mbstd_group)
+    cfg = dataclasses.replace(presets.network("mnist"), mbstd_group=mbstd_group)
     model = piad.PIAD(config=cfg, channels=1).eval()
     ds, train_set = _images(24, 1), _images(40, 2)
     ref = evaluate.critic_reference(model, train_set, batch_size=8, seed=0)
@@ -239,7 +241,7 @@ def test_the_scorer_decides_with_the_thresholds_score(kind):
     from tools import export
 
     torch.manual_seed(0)
-    model = piad.PIAD(config=piad.preset("mnist"), channels=1).eval()
+    model = piad.PIAD(config=presets.network("mnist"), channels=1).eval()
     ds = _images(10, 4)
     scores, _ = evaluate.compute_scores(model, ds, losses.ReconstructionLoss(kind="mse"))
     threshold = {"score": kind, "threshold": float(np.median(scores[kind]))}
@@ -306,7 +308,7 @@ def test_a_folder_run_holds_out_calibrates_and_reports(folder_run):
     for key in ("git_commit", "git_dirty", "python", "torch", "torchvision", "numpy", "scikit_learn", "device",
                 "device_name", "threads"):
         assert key in prov, key
-    assert saved["seeds"]["seed"] == 0 and saved["seeds"]["calibration"] == [0, data.CALIBRATION_STREAM]
+    assert saved["seeds"]["seed"] == 0 and saved["seeds"]["calibration"] == [0, calibration.CALIBRATION_STREAM]
     # the FPR on held-out normals (the test folder's) is the target's, within its binomial error
     m = 120
     assert abs(t["test_fpr"] - 0.05) <= 3 * _fpr_sd(100, t["rank"], m), t["test_fpr"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tools import experiments as ex
+import checkpoint
 import figures
 import train
 
@@ -61,7 +62,7 @@ def test_resume_skips_finished_cells_and_resumes_checkpoints(tmp_path):
     _write_metrics(cells[0].folder(tmp_path), 0.9)
     _write_metrics(cells[5].folder(tmp_path), 0.9)
     cells[2].folder(tmp_path).mkdir(parents=True)
-    (cells[2].folder(tmp_path) / train.CHECKPOINT).write_bytes(b"half-finished")
+    (cells[2].folder(tmp_path) / checkpoint.CHECKPOINT).write_bytes(b"half-finished")
     fake = FakeTrain()
     assert ex.run_grid(grid, tmp_path, train_fn=fake, log=lambda s: None, iterations=7) == []
     assert len(fake.calls) == 6

@@ -134,7 +134,7 @@ LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "re
 def test_curves_of_a_piad_log_show_losses_and_gammas(tmp_path):
     rows = [{"iteration": i, "time_s": i / 10, "loss_dx": -i, "loss_dz": 0.5, "adv_g": 2 * i, "adv_e": 1.0,
              "rec": 1 / (i + 1), "gamma_g": 1.0 if i < 99 else 0.3, "gamma_e": 1.0 if i < 99 else 4.0}
-            for i in range(0, 200, 10)]  # cycle, lod, kimg blank, as loop.py writes them
+            for i in range(0, 200, 10)]  # cycle, lod, kimg blank, as guard.py writes them
     _write_log(tmp_path / "log.csv", LOG_FIELDS, rows)
     cols = figures.read_log(tmp_path / "log.csv")
     assert set(cols) == {"iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "gamma_g", "gamma_e"}

@@ -1,5 +1,5 @@
-"""The modules import each other one way only, and PIAD's core imports neither folder (README,
-"The code": its file table and "How the modules depend on each other").
+"""The modules import each other one way only, and below the entry points (train.py, evaluate.py)
+no root module imports either folder, berg/ or tools/ (README, "How the modules depend on each other").
 
 Every import of a project module, wherever it is written (function-local ones included), must
 name a module earlier in the chain, and must sit at the top of the file; so a cycle, or a module
@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("berg", "tools")
 # PIAD's sections (§3.1-3.3): they import nothing of Berg et al.'s folder nor of the tooling's.
 CORE = ("fused_op", "features", "losses", "piad", "weights_policy")
+# The entry points: of the root's modules only these may import berg/ and tools/.
+ENTRY_POINTS = ("train", "evaluate")
 
 
 def readme_chain(root: Path = ROOT) -> tuple[str, ...]:
@@ -97,6 +99,41 @@ def test_piad_core_imports_nothing_of_either_folder(module):
     """The seam: §3.1-3.3 read without Berg et al.'s system or the tooling."""
     reached = [t for t, _, _ in imports(module) if t.split(".")[0] in FOLDERS]
     assert not reached, f"{module} imports {reached}"
+
+
+def below_entry_points(root: Path = ROOT) -> list[str]:
+    """The root's modules other than the entry points (setup.py is not a module of the project)."""
+    return sorted(m for m in project_modules(root) if "." not in m and m not in ENTRY_POINTS)
+
+
+def folder_imports(module: str, root: Path = ROOT) -> list[str]:
+    """The imports of berg/ or tools/ in ``module``, as ``line N imports X``."""
+    return [f"line {line} imports {t}" for t, line, _ in imports(module, root) if t.split(".")[0] in FOLDERS]
+
+
+@pytest.mark.parametrize("module", below_entry_points())
+def test_no_module_below_the_entry_points_imports_either_folder(module):
+    """Imports go one way, visibly: below train.py and evaluate.py, the root's modules are given what
+    they need of Berg et al.'s system or of the tooling (e.g. ``berg.system.PROTOCOLS``,
+    ``berg.system.THEIRS``, ``tools.provenance.record()``), never import it."""
+    assert not folder_imports(module), f"{module}.py: " + "; ".join(folder_imports(module))
+
+
+def test_the_folder_check_fails_on_a_module_below_the_entry_points(tmp_path):
+    """The check itself: a root module that imports berg/ or tools/ (top level or in a function) is
+    found; the entry points may."""
+    for folder in FOLDERS:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "berg" / "protocol.py").write_text("import data\n")
+    (tmp_path / "tools" / "provenance.py").write_text("")
+    (tmp_path / "data.py").write_text("import berg.protocol\n")
+    (tmp_path / "guard.py").write_text("def f():\n    from tools import provenance\n")
+    (tmp_path / "train.py").write_text("from tools import provenance\nimport berg.protocol\n")
+    (tmp_path / "evaluate.py").write_text("from berg import protocol\n")
+    assert below_entry_points(tmp_path) == ["data", "guard"]
+    assert folder_imports("data", tmp_path) == ["line 1 imports berg.protocol"]
+    assert folder_imports("guard", tmp_path) == ["line 2 imports tools.provenance"]
+    assert folder_imports("train", tmp_path) and folder_imports("evaluate", tmp_path)  # allowed there
 
 
 def test_the_walk_sees_function_local_and_folder_imports(tmp_path):

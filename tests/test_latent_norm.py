@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from berg import latent_norm, pgan, progressive, system
-import loop
+import guard
 import piad
+import presets
 import checkpoint
 import train
 
@@ -179,11 +180,11 @@ def test_step_order_one_critic_one_generator_one_encoder_step(monkeypatch):
 
 def test_step_on_mnist_preset_is_finite():
     torch.manual_seed(0)
-    m = latent_norm.use_pixel_norm(piad.PIAD(config=piad.preset("mnist"), channels=1))
+    m = latent_norm.use_pixel_norm(piad.PIAD(config=presets.network("mnist"), channels=1))
     t = _trainer(m)
     out = t.step(0, _sampler(batch=4, size=32))
     assert set(out) == {"loss_dx", "adv_g", "cycle"}
-    assert set(out) <= set(loop.LOG_FIELDS)
+    assert set(out) <= set(guard.LOG_FIELDS)
     assert all(math.isfinite(float(v)) for v in out.values())
     assert all(q.requires_grad for q in m.DX.parameters())  # the critic is unfrozen again
 

@@ -15,6 +15,7 @@ import torch
 
 from tools import experiments as ex
 from tools import launch
+import checkpoint
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def test_a_failing_cell_is_reported_while_the_others_finish(tmp_path):
     grid = ex.Grid("t", "digits", ("3", "8", "5"), (0,), (ex.Variant("mse", loss="mse"),))
     bad = grid.cells()[0].folder(tmp_path)
     bad.mkdir(parents=True)
-    (bad / train.CHECKPOINT).write_bytes(b"not a checkpoint")  # the cell raises when it loads it
+    (bad / checkpoint.CHECKPOINT).write_bytes(b"not a checkpoint")  # the cell raises when it loads it
     lines = []
     failures = ex.run_grid(grid, tmp_path, jobs=2, threads=1, gpus=[], log=lines.append, iterations=2,
                            vgg_weights="random", device="cpu", progress=False)
@@ -78,7 +79,7 @@ def test_sigint_to_the_parent_leaves_every_running_cell_resumable(tmp_path):
     assert proc.returncode == 130, out
     assert "grid stopped" in out and "Resume with:" in out
     for f in folders:
-        assert (f / train.CHECKPOINT).is_file(), out  # saved, though the parent was the one signalled
+        assert (f / checkpoint.CHECKPOINT).is_file(), out  # saved, though the parent was the one signalled
     assert not all((f / "metrics.json").is_file() for f in folders), out  # stopped before the end
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -121,7 +122,7 @@ def test_submitit_checkpoint_hook_saves_and_the_requeued_task_resumes(tmp_path, 
     assert isinstance(outcome.get("error"), train.Interrupted), outcome
     done = outcome["error"].done
     assert 1 <= done < 8
-    state = train.checkpoint.load_checkpoint(Path(cfg.out) / train.CHECKPOINT)
+    state = checkpoint.load_checkpoint(Path(cfg.out) / checkpoint.CHECKPOINT)
     assert state["iteration"] == done
     metrics = requeued.result()  # the requeued task: resumes from the checkpoint and finishes
     assert metrics["iterations"] == 8 and (Path(cfg.out) / "metrics.json").is_file()
@@ -158,7 +159,7 @@ def test_status_has_one_line_per_cell(tmp_path):
                                                    "threads": 2}))
     for k in (1, 2):
         (f[k] / "log.csv").write_text("iteration,time_s\n0,1.0\n9,10.0\n19,20.0\n")
-        (f[k] / train.CHECKPOINT).write_bytes(b"x")
+        (f[k] / checkpoint.CHECKPOINT).write_bytes(b"x")
     os.utime(f[2] / "log.csv", (time.time() - 3600, time.time() - 3600))
     (f[3] / "log.csv").write_text("iteration,time_s\n0,1.0\n")
     (tmp_path / "failures.txt").write_text(f"{f[3]}\nTraceback ...\n")

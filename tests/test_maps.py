@@ -18,6 +18,7 @@ import features
 import fused_op
 import losses
 import piad
+import presets
 import train
 
 IMPLS = ["torch"] + (["ext"] if fused_op.is_built() else [])
@@ -39,7 +40,7 @@ def _stats(vgg, c=512, seed=0):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "lsun", "celeba"])
 def test_the_map_sums_to_the_anomaly_score_for_every_preset(name, impl, vgg64):
-    cfg = piad.preset(name)
+    cfg = presets.network(name)
     channels = 1 if name == "mnist" else 3
     torch.manual_seed(0)
     model = piad.PIAD(config=cfg, channels=channels).double()
@@ -82,7 +83,7 @@ def test_every_distance_has_a_map_that_sums_to_it(kind, vgg64):
 
 
 def test_a_per_sample_function_is_refused_as_a_map_and_a_map_as_a_score():
-    model = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    model = piad.PIAD(config=presets.network("mnist"), channels=1)
     x = torch.zeros(2, 1, 32, 32)
     with pytest.raises(ValueError, match="map per sample"):
         piad.anomaly_map(model, x, lambda a, b: (a - b).flatten(1).mean(1))

@@ -18,7 +18,7 @@ iterations of Algorithm 1 (the authors' own training loop) for the Fashion-MNIST
 LSUN (n_dis = 3) presets, fed the same real batches, latents and penalty mixing factors: every
 loss, γ_G, γ_E and every parameter of G, E, D_X, D_Z after each iteration.
 
-The training comparison runs through ``TrainConfig()``'s own defaults. To fit K iterations on a
+The training comparison runs through ``TrainConfig``'s own defaults (with the dataset's row of presets.TABLE). To fit K iterations on a
 CPU, one override is applied identically to both implementations (:func:`_scaled`): batch size
 /4 (32 -> 8), γ period /50 (100 -> 2), history /100 (200 -> 2 records) and last-N /200
 (200 -> 1 ratio), so that γ is updated at iterations 1, 3, 5 and last-N and history both
@@ -50,6 +50,7 @@ import evaluate
 import features
 import losses
 import piad
+import presets
 import readers
 import train
 import weights_policy
@@ -196,11 +197,11 @@ IMPLS = ["torch", pytest.param("ext", marks=_NO_EXT)]
 def check_config(dataset: str) -> None:
     """The dataset's preset, schedule and our training defaults against the authors' config file."""
     c = _config(CONFIGS[dataset])
-    info = data.DATASETS[dataset]   # the dataset's preset, channels, image size and iterations
-    cfg, channels, tc = piad.preset(info.preset), info.channels, TrainConfig()
+    info, row = data.DATASETS[dataset], presets.TABLE[dataset]  # channels, image size; preset, iterations
+    cfg, channels, tc = presets.network(row.network), info.channels, TrainConfig(dataset=dataset).resolved()
     assert (cfg.image_size, info.image_sizes, channels, cfg.latent_shape) == \
         (c["image_res"], (c["image_res"],), c["image_dim"], (c["latent_dim"], c["latent_res"], c["latent_res"]))
-    assert (data.iterations(dataset), cfg.n_dis, tc.batch_size, tc.n_weight) == \
+    assert (presets.iterations(dataset), cfg.n_dis, tc.batch_size, tc.n_weight) == \
         (c["iters"], c["n_dis"], c["batch_size"], c["update_grad_norm_iter"])
     assert (cfg.gp_weight, cfg.drift) == (c["wasserstein_loss_kwargs"]["gradient_penalty"],
                                           c["wasserstein_loss_kwargs"]["norm_penalty"])
@@ -269,7 +270,7 @@ def _narrow(c: dict, cfg: piad.PIADConfig, width: int) -> tuple[dict, piad.PIADC
 
 
 def _build_both(authors, dataset: str, width: int = 1, between=lambda: None):
-    c, cfg = _narrow(_config(CONFIGS[dataset]), piad.preset(data.DATASETS[dataset].preset), width)
+    c, cfg = _narrow(_config(CONFIGS[dataset]), presets.network(presets.TABLE[dataset].network), width)
     torch.manual_seed(0)
     ours = piad.PIAD(config=cfg, channels=c["image_dim"]).double()
     between()
@@ -612,10 +613,10 @@ def check_training(authors, narrow, dataset: str, *, impl: str = "torch", report
     difference)."""
     ref = authors_trace(authors, dataset, narrow)
     c, theirs = ref["c"], ref["trace"]
-    tc = TrainConfig()
+    tc = TrainConfig(dataset=dataset).resolved()
     batch, period, history, last_n = _scaled(tc.batch_size, tc.n_weight, tc.policy_history, tc.policy_last_n)
     cfg = dataclasses.replace(tc, n_weight=period, policy_history=history, policy_last_n=last_n)
-    _, pcfg = _narrow(c, piad.preset(data.DATASETS[dataset].preset), 8)
+    _, pcfg = _narrow(c, presets.network(presets.TABLE[dataset].network), 8)
     model = piad.PIAD(config=pcfg, channels=c["image_dim"]).double()
     for n, sd in ref["init"].items():
         getattr(model, n).load_state_dict(sd)
@@ -758,9 +759,15 @@ def _flip_default(monkeypatch, cls, name: str, value) -> None:
 
 def _flip_presets(monkeypatch, only: str | None = None, **changes) -> None:
     """Switch values of every network preset (or of preset ``only``)."""
-    for name, cfg in list(piad._PRESETS.items()):
+    for name, cfg in list(presets.NETWORKS.items()):
         if only in (None, name):
-            monkeypatch.setitem(piad._PRESETS, name, dataclasses.replace(cfg, **changes))
+            monkeypatch.setitem(presets.NETWORKS, name, dataclasses.replace(cfg, **changes))
+
+
+def _flip_rows(monkeypatch, **changes) -> None:
+    """Switch values of every dataset's row of numbers (presets.TABLE)."""
+    for name, row in list(presets.TABLE.items()):
+        monkeypatch.setitem(presets.TABLE, name, dataclasses.replace(row, **changes))
 
 
 def _slope_zero(monkeypatch) -> None:
@@ -775,7 +782,7 @@ def _slope_zero(monkeypatch) -> None:
 
 
 def _lsun_iterations(monkeypatch) -> None:
-    monkeypatch.setitem(data.DATASETS, "lsun", dataclasses.replace(data.DATASETS["lsun"], iterations=200_000))
+    monkeypatch.setitem(presets.TABLE, "lsun", dataclasses.replace(presets.TABLE["lsun"], iterations=200_000))
 
 
 def _coil_classes(monkeypatch) -> None:
@@ -810,8 +817,9 @@ FLIPS = {
     "γ: last N = 400": (lambda m: _flip_default(m, TrainConfig, "policy_last_n", 400), "fashion-mnist"),
     "γ: history of 400": (lambda m: _flip_default(m, TrainConfig, "policy_history", 400), "fashion-mnist"),
     "γ from iteration 0": (lambda m: _flip_default(m, TrainConfig, "policy_at_start", True), "fashion-mnist"),
-    "γ period 500": (lambda m: _flip_default(m, TrainConfig, "n_weight", 500), "fashion-mnist"),
-    "batch size 64": (lambda m: _flip_default(m, TrainConfig, "batch_size", 64), "fashion-mnist"),
+    "γ period 500": (lambda m: _flip_rows(m, n_weight=500), "fashion-mnist"),
+    "batch size 64": (lambda m: _flip_rows(m, batch_size=64), "fashion-mnist"),
+    "γ_G = γ_E = 2 at the start": (lambda m: _flip_rows(m, gamma_g=2.0, gamma_e=2.0), "fashion-mnist"),
     "LSUN: 200k iterations": (_lsun_iterations, "lsun"),
     "COIL-100: other classes": (_coil_classes, "fashion-mnist"),
     "Table 3 (right): γ_G = γ_E = 1": (_ablation_weights, "fashion-mnist"),

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import piad
+import presets
 
 # Supplement Tables 1-4, one row per line: table label (Convolution rows with kernel/padding)
 # and output shape; "C" is the image channel count, "-" a per-sample scalar.
@@ -94,7 +95,7 @@ def _walk(net: nn.Sequential, x: torch.Tensor):
 def model(request):
     name, channels = request.param
     torch.manual_seed(0)
-    return piad.PIAD(config=piad.preset(name), channels=channels)
+    return piad.PIAD(config=presets.network(name), channels=channels)
 
 
 def test_networks_match_supplement_tables(model):
@@ -121,7 +122,7 @@ def test_networks_match_supplement_tables(model):
 def test_table1_critic_is_one_setting_away():
     from dataclasses import replace
 
-    cfg = replace(piad.preset("mnist"), dx_channels=(32,) * 5)
+    cfg = replace(presets.network("mnist"), dx_channels=(32,) * 5)
     dx = piad.PIAD(config=cfg, channels=1).DX
     rows, d = _walk(dx, torch.randn(2, 1, 32, 32))
     assert rows == _parse(TABLE1_DX, 1) and d.shape == (2,)
@@ -142,7 +143,7 @@ def _conv(i, o, k):
 
 
 def test_parameter_counts():
-    m = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    m = piad.PIAD(config=presets.network("mnist"), channels=1)
     pre = 2 * _conv(32, 32, 3)
     assert count_parameters(piad.PreActBlock(32)) == pre
     # Table 1's G: 4×4 stem, three BlockUp(32, 32) (no 1×1 skip), a pre-act block, 1×1 output.
@@ -150,7 +151,7 @@ def test_parameter_counts():
     assert count_parameters(piad.BlockUp(32, 64)) == _conv(32, 64, 3) + _conv(64, 64, 3) + _conv(32, 64, 1)
     assert count_parameters(piad.BlockDown(64, 64)) == 2 * _conv(64, 64, 3)
     for name in TABLES:
-        cfg = piad.preset(name)
+        cfg = presets.network(name)
         d, h = math.prod(cfg.latent_shape), cfg.dz_hidden
         dz = piad.LatentCritic(config=cfg)
         assert count_parameters(dz) == d * h + h + h * h + h + h + 1
@@ -201,7 +202,7 @@ def test_minibatch_stddev_values():
 
 def test_authors_initialisation():
     torch.manual_seed(0)
-    m = piad.PIAD(config=piad.preset("cifar10"), channels=3)
+    m = piad.PIAD(config=presets.network("cifar10"), channels=3)
     gain = math.sqrt(2 / (1 + 0.2 ** 2))
     for net in (m.G, m.E, m.DX):   # Kaiming-normal, fan_out, every convolution
         for conv in (c for c in net.modules() if isinstance(c, nn.Conv2d)):
@@ -213,10 +214,10 @@ def test_authors_initialisation():
         bound = g * math.sqrt(6 / (fc.in_features + fc.out_features))
         assert fc.weight.abs().max().item() <= bound and fc.weight.abs().max().item() > 0.9 * bound
     torch.manual_seed(0)
-    default = piad.PIAD(config=dataclasses.replace(piad.preset("cifar10"), init="pytorch"), channels=3)
+    default = piad.PIAD(config=dataclasses.replace(presets.network("cifar10"), init="pytorch"), channels=3)
     assert default.G.conv_in.weight.std().item() < 0.5 * m.G.conv_in.weight.std().item()
     with pytest.raises(ValueError, match="init"):
-        dataclasses.replace(piad.preset("mnist"), init="xavier")
+        dataclasses.replace(presets.network("mnist"), init="xavier")
 
 
 class Linear(nn.Module):
@@ -310,7 +311,7 @@ def test_adversarial_loss_sign_and_graph():
 
 
 def test_critic_loss_on_image_critic_backprops():
-    m = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    m = piad.PIAD(config=presets.network("mnist"), channels=1)
     x = torch.randn(4, 1, 32, 32)
     loss, _ = piad.critic_loss(m.DX, x, m.G(m.sample_latent(4)))
     loss.backward()
@@ -357,11 +358,11 @@ def test_preset_names_json_round_trips_and_sizes():
     """The presets' values are checked against the authors' configs (tests/test_parity.py); here
     what PIADConfig does with names, lists from a JSON round trip and image sizes."""
     with pytest.raises(ValueError, match="mnist, cifar10, lsun, celeba"):
-        piad.preset("unknown")
+        presets.network("unknown")
     restored = piad.PIADConfig(**{k: list(v) if isinstance(v, tuple) else v
-                                  for k, v in asdict(piad.preset("lsun")).items()})
-    assert restored == piad.preset("lsun")   # a JSON-style round trip (lists) gives the preset
-    assert [piad.preset(n).n_resample for n in ("mnist", "cifar10", "lsun", "celeba")] == [3, 3, 4, 4]
+                                  for k, v in asdict(presets.network("lsun")).items()})
+    assert restored == presets.network("lsun")   # a JSON-style round trip (lists) gives the preset
+    assert [presets.network(n).n_resample for n in ("mnist", "cifar10", "lsun", "celeba")] == [3, 3, 4, 4]
     small = dict(name="s", latent_shape=(8, 1, 1), dx_head_channels=8, dz_hidden=8)
     assert piad.PIADConfig(image_size=8, gen_channels=(8,) * 2, enc_channels=(8,) * 2, dx_channels=(8,) * 2,
                            **small).n_resample == 1

@@ -10,6 +10,7 @@ import torch
 from berg import latent_norm
 from berg import pgan
 from berg import progressive
+from berg import system
 
 S = progressive.Schedule()
 
@@ -142,7 +143,7 @@ def test_train_grows_to_full_resolution_and_evaluate_rebuilds_it(tmp_path, capsy
     assert lods[0] == 3.0 and lods[-1] == 0.0 and lods == sorted(lods, reverse=True)
     state = checkpoint.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert state["config"]["networks"] == "pgan"  # the method's default networks
-    assert state["iteration"] == progressive.minibatches(train.pgan_schedule(cfg), 32)
+    assert state["iteration"] == progressive.minibatches(system.schedule(cfg), 32)
     assert float(state["model"]["G.lod"]) == 0.0 and state["trainer"]["cur_nimg"] >= 7168
     _, _, model, _ = evaluate.load_run(tmp_path / "r" / "checkpoint.pt", device="cpu")
     assert isinstance(model, pgan.PGAN) and model.lod == 0.0 and model.config.fmap_max == 8
@@ -172,17 +173,21 @@ def test_kill_and_resume_through_train_mid_fade_in_is_exact(tmp_path, kill_at):
 
 def test_networks_and_seed_defaults_of_the_method():
     import errors
+    from berg.system import THEIRS  # config.py imports nothing of berg/: their defaults are passed in
     from config import TrainConfig
 
     given = TrainConfig(method="latent-norm")
-    ln = given.validate().resolved()
+    ln = given.validate().resolved(THEIRS)
     assert (ln.networks, ln.seed, ln.pgan) == ("pgan", 1000, True)
+    assert (ln.fmap_max, ln.fmap_base, ln.lod_kimg, ln.total_kimg) == \
+        (pgan.FMAP_MAX, pgan.FMAP_BASE, progressive.Schedule.lod_training_kimg, progressive.Schedule.total_kimg)
     assert (given.networks, given.seed) == (None, None)  # validate checks, resolved copies
-    assert TrainConfig(method="latent-norm", seed=0).resolved().seed == 0
-    ours = TrainConfig(method="latent-norm", networks="piad").resolved()
+    assert TrainConfig(method="latent-norm", seed=0).resolved(THEIRS).seed == 0
+    assert TrainConfig(method="latent-norm", fmap_max=8).resolved(THEIRS).fmap_max == 8
+    ours = TrainConfig(method="latent-norm", networks="piad").resolved(THEIRS)
     assert (ours.seed, ours.pgan) == (0, False)
-    assert (TrainConfig().resolved().networks, TrainConfig().resolved().seed) == ("piad", 0)
-    assert ln.resolved() == ln
+    assert (TrainConfig().resolved(THEIRS).networks, TrainConfig().resolved(THEIRS).seed) == ("piad", 0)
+    assert ln.resolved(THEIRS) == ln
     with pytest.raises(errors.UserError, match="--networks pgan"):
         TrainConfig(networks="pgan").validate()
 
@@ -228,7 +233,7 @@ def test_a_run_stopped_before_the_final_resolution_evaluates_at_the_one_it_reach
     assert len(rows) == saved["n_test"] and all(math.isfinite(float(r["latent-norm"])) for r in rows)
     # the scores are those of the test images at 4×4 (upscaled back), against G's 4×4 images upscaled
     _, cfg, model, _ = evaluate.load_run(out / "checkpoint.pt", device="cpu")
-    test = train._load(cfg).test
+    test = cfg.load_run_data(protocols=system.PROTOCOLS, theirs=system.THEIRS)[1].test
     full = torch.stack([test[i][0] for i in range(len(test))])
     seen = progressive.AsTrained(test, model.lod)
     x = torch.stack([seen[i][0] for i in range(len(seen))])  # (N, 1, 32, 32), constant on 8×8 blocks

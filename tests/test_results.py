@@ -46,7 +46,7 @@ def test_log_and_progress_end_at_the_evaluated_iteration(run):
     for key in ("iterations", "vgg_weights", "precision", "device", "provenance"):
         assert metrics.get(key) not in (None, ""), key
     assert metrics["provenance"]["git_commit"] and not metrics["provenance"]["git_dirty"]
-    # log.csv counts steps from 0: its last row is step iterations - 1 (loop.py logs it always)
+    # log.csv counts steps from 0: its last row is step iterations - 1 (guard.py logs it always)
     assert int(_columns(run / "log.csv")["iteration"][-1]) == metrics["iterations"] - 1
     if (run / "progress.csv").is_file():
         progress = _columns(run / "progress.csv")

@@ -9,7 +9,9 @@ import torch
 import evaluate
 import features
 import checkpoint
-import loop
+import guard
+import precision
+from sampler import Sampler
 import train
 
 
@@ -199,10 +201,11 @@ def test_generator_encoder_step_has_the_gradients_of_eq_8_and_9():
     """Lines 16-17 give G  γ_G·∇L_rec + ∇L_adv(G)  and E  γ_E·∇L_rec + ∇L_adv(E)  (eq. 8-9),
     computed here from the same batch, latents and critics as autograd.grad of those sums."""
     import piad
+    import presets
 
     torch.manual_seed(0)
-    cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0)
-    model = piad.PIAD(config=piad.preset("mnist"), channels=1).double()
+    cfg = train.TrainConfig(loss="mse", weights_policy="fixed", gamma_g=0.3, gamma_e=4.0).resolved()
+    model = piad.PIAD(config=presets.network("mnist"), channels=1).double()
     trainer = train.PIADTrainer(model, features.build_loss(cfg.loss)[0], cfg)
     x = torch.rand(8, 1, 32, 32, dtype=torch.float64) * 2 - 1
     z = model.sample_latent(8).double()
@@ -275,6 +278,8 @@ def test_an_iteration_that_logs_nothing_brings_no_value_to_the_host(tmp_path, mo
     from pathlib import Path
     import sys
 
+    from berg import latent_norm
+
     root = Path(train.__file__).resolve().parent
     calls, watching = [], [False]
 
@@ -288,7 +293,7 @@ def test_an_iteration_that_logs_nothing_brings_no_value_to_the_host(tmp_path, mo
 
     for name in SYNCS:
         monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
-    trainer_cls = train.PIADTrainer if method == "piad" else train.latent_norm.LatentNormTrainer
+    trainer_cls = train.PIADTrainer if method == "piad" else latent_norm.LatentNormTrainer
     real_step = trainer_cls.step
 
     def step(self, it, sample, **kw):
@@ -300,8 +305,8 @@ def test_an_iteration_that_logs_nothing_brings_no_value_to_the_host(tmp_path, mo
                      log_every=100, checkpoint_minutes=60))
     assert not calls, "host syncs in a non-logging iteration: " + "; ".join(calls)
     watching[0] = True  # the watch sees the project's conversions (this one reads a flag on the host)
-    loop._params_finite(torch.nn.Linear(2, 2))
-    assert calls and calls[0].startswith("__bool__() at loop.py")
+    guard._params_finite(torch.nn.Linear(2, 2))
+    assert calls and calls[0].startswith("__bool__() at guard.py")
 
 
 def _offline(monkeypatch):
@@ -342,28 +347,31 @@ def test_fallback_trains_mnist_5k_when_mnist_cannot_be_had(tmp_path, monkeypatch
 def _bf16_trainer(precision: str, *, loss: str = "rel-perc-l1"):
     import data
     import piad
+    import presets
 
     torch.manual_seed(0)
     ds = data.load_dataset("digits", "3")
-    cfg = train.TrainConfig(loss=loss, precision=precision, n_weight=1, policy_at_start=True)
-    model = piad.PIAD(config=piad.preset("mnist"), channels=1).to(memory_format=torch.channels_last)
+    cfg = train.TrainConfig(loss=loss, precision=precision, n_weight=1, policy_at_start=True).resolved()
+    model = piad.PIAD(config=presets.network("mnist"), channels=1).to(memory_format=torch.channels_last)
     rec = features.build_loss(cfg.loss, weights="random", stats="sklearn")[0] if loss != "mse" else \
         features.build_loss(cfg.loss)[0]
-    return train.PIADTrainer(model, rec, cfg), train.Sampler(ds.train, 8, "cpu", seed=0, memory_format=torch.channels_last)
+    return train.PIADTrainer(model, rec, cfg), Sampler(ds.train, 8, "cpu", seed=0, memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
-def test_precision_is_honoured_by_the_step(precision, dtype):
-    """The step itself runs G, E, D_X, D_Z and VGG-19 in the run's precision (forward hooks see the
-    activations), with fp32 weights, gradients and Adam state, fp32 losses and a finite γ."""
-    trainer, sampler = _bf16_trainer(precision)
+@pytest.mark.parametrize("precision_name,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_is_honoured_by_the_step(precision_name, dtype):
+    """The step, in train.py's precision region (precision.autocast), runs G, E, D_X, D_Z and VGG-19
+    in the run's precision (forward hooks see the activations), with fp32 weights, gradients and
+    Adam state, fp32 losses and a finite γ."""
+    trainer, sampler = _bf16_trainer(precision_name)
     seen = {}
     nets = {"G": trainer.model.G, "E": trainer.model.E, "DX": trainer.model.DX, "DZ": trainer.model.DZ,
             "VGG": trainer.rec_loss.features}
     for name, net in nets.items():
         net.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, set()).add(out.dtype))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    out = trainer.step(0, sampler)  # γ measured (n_weight 1, from iteration 0)
+    with precision.autocast(precision_name, "cpu"):
+        out = trainer.step(0, sampler)  # γ measured (n_weight 1, from iteration 0)
     assert seen == {name: {dtype} for name in nets}
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
     # kept fp32: the penalties (their norm), eq. (4) (the fused op's sums), the critics' total loss
@@ -373,6 +381,9 @@ def test_precision_is_honoured_by_the_step(precision, dtype):
     assert all(s.dtype == torch.float32 for st in trainer.opt_ge.state.values() for s in st.values() if s.dim())
     assert out["gamma_g"] > 0 and out["gamma_e"] > 0 and out["gamma_g"] != 1.0
     assert not torch.is_autocast_enabled("cpu")  # the region ends with the step
+    from torch.optim import optimizer
+
+    assert not optimizer._global_optimizer_post_hooks  # and so does its cache-clearing hook
     after = trainer.model.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
 
@@ -389,7 +400,8 @@ def _first_conv_calls(trainer, sampler) -> list:
                                                mod.stride, mod.padding)
         calls.append((out.detach().float(), fresh.float()))
     handle = conv.register_forward_hook(hook)
-    trainer.step(1, sampler)
+    with precision.autocast("bf16", "cpu"):
+        trainer.step(1, sampler)
     handle.remove()
     return calls
 

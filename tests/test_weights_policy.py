@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import piad
+import presets
 from weights_policy import NORMS, GradientHistory, exp_smoothing, record_losses
 
 
@@ -192,7 +193,7 @@ def test_losses_reaching_only_some_layers():
 
 def test_record_losses_on_piad_networks():
     torch.manual_seed(0)
-    m = piad.PIAD(config=piad.preset("mnist"), channels=1)
+    m = piad.PIAD(config=presets.network("mnist"), channels=1)
     hist_g, hist_e = GradientHistory(m.G), GradientHistory(m.E)
     assert len(hist_g.params) == sum(isinstance(x, nn.Conv2d) for x in m.G.modules())
     x = torch.randn(4, 1, 32, 32)

@@ -67,8 +67,8 @@ class Variant:
     method: str = "piad"
     loss: str = "rel-perc-l1"
     weights_policy: str = "gradnorm"
-    gamma_g: float = 1.0  # with weights_policy "fixed"
-    gamma_e: float = 1.0
+    gamma_g: float | None = None  # with weights_policy "fixed"; None: the dataset's (presets.TABLE)
+    gamma_e: float | None = None
     networks: str = "piad"  # latent-norm: the studies of README ran on PIAD's networks (docs/berg.md: pgan)
 
 

@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import data as data_mod
 import errors
-import piad
+import presets
 import train as train_mod
 from config import TrainConfig
 
@@ -354,8 +353,7 @@ def status_lines(cells: list[tuple[str, TrainConfig]], fail_path: Path | None = 
 def _total_iterations(cfg: TrainConfig) -> int:
     if cfg.iterations:
         return cfg.iterations
-    name = str(cfg.dataset).lower()
-    return data_mod.iterations(name) or piad.preset(data_mod.DATASETS[name].preset).iterations
+    return presets.iterations(cfg.dataset)
 
 
 def _duration(s: float) -> str:

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import evaluate  # noqa: E402
-from berg import latent_norm  # noqa: E402
+from berg import latent_norm, system  # noqa: E402
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def norms(encode, x: torch.Tensor, order: np.ndarray, batch: int = 64) -> np.nda
 def main(path: str) -> None:
     state, cfg, model, _ = evaluate.load_run(path, device="cpu")
     model.eval()
-    ds = cfg.load_data()
+    ds = cfg.load_data(protocols=system.PROTOCOLS)
     x = torch.stack([ds.test[i][0] for i in range(len(ds.test))])
     y = np.asarray(ds.test.labels)
     rng = np.random.default_rng(0)

@@ -35,6 +35,8 @@ import data  # noqa: E402
 import features  # noqa: E402
 import losses  # noqa: E402
 import piad  # noqa: E402
+import presets  # noqa: E402
+import sampler  # noqa: E402
 import train  # noqa: E402
 
 
@@ -91,8 +93,8 @@ def main() -> None:
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = train.TrainConfig(batch_size=32)
-    preset = piad.preset("mnist")
+    cfg = train.TrainConfig(batch_size=32).resolved()
+    preset = presets.network("mnist")
     n = 512
     images = torch.rand(n, 1, preset.image_size, preset.image_size) * 2 - 1
     ds = data.TensorImages(images, torch.zeros(n, dtype=torch.int64))
@@ -105,7 +107,7 @@ def main() -> None:
         rec.to(memory_format=torch.channels_last)
     feats = torch.cat([rec.real_features(images[i:i + 128]).cpu() for i in range(0, n, 128)])
     trainer = train.PIADTrainer(model, rec, cfg)
-    sample = train.Sampler(ds, cfg.batch_size, "cpu", seed=0, features=feats, memory_format=cfg.memory_format)
+    sample = sampler.Sampler(ds, cfg.batch_size, "cpu", seed=0, features=feats, memory_format=cfg.memory_format)
     names = list(VARIANTS)
     times = {k: [] for k in names}
     for r in range(a.warmup + a.rounds):

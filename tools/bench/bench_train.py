@@ -40,6 +40,9 @@ import data  # noqa: E402
 import features  # noqa: E402
 import losses  # noqa: E402
 import piad  # noqa: E402
+import presets  # noqa: E402
+import precision as precision_mod  # noqa: E402
+import sampler as sampler_mod  # noqa: E402
 import train  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -48,7 +51,7 @@ N_IMAGES = 512
 
 
 def _images(preset: str) -> torch.Tensor:
-    cfg = piad.preset(preset)
+    cfg = presets.network(preset)
     channels = 1 if preset == "mnist" else 3
     return torch.rand(N_IMAGES, channels, cfg.image_size, cfg.image_size,
                       generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -58,22 +61,23 @@ def ours(preset: str, images, *, precision: str, channels_last: bool, vgg, stats
     """A step function of our trainer at ``precision`` and memory format (fused op, feature cache)."""
     torch.manual_seed(0)
     ds = data.TensorImages(images, torch.zeros(len(images), dtype=torch.int64))
-    model = piad.PIAD(config=piad.preset(preset), channels=images.shape[1])
+    model = piad.PIAD(config=presets.network(preset), channels=images.shape[1])
     rec = losses.ReconstructionLoss(kind="rel-perc-l1", features=vgg, stats=stats)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     rec.to(memory_format=fmt)
     feats = torch.cat([rec.real_features(images[i:i + 256].contiguous(memory_format=fmt))
                        for i in range(0, len(images), 256)])
-    trainer = train.PIADTrainer(model, rec, train.TrainConfig(batch_size=batch_size, precision=precision))
-    sampler = train.Sampler(ds, batch_size, "cpu", seed=0, features=feats, memory_format=fmt)
+    trainer = train.PIADTrainer(model, rec, train.TrainConfig(batch_size=batch_size, precision=precision).resolved())
+    sampler = sampler_mod.Sampler(ds, batch_size, "cpu", seed=0, features=feats, memory_format=fmt)
     count = iter(range(1, 10 ** 9))
 
     def step():
         it = next(count)
         if it % 100 == 0:  # no γ measurement in the timing (train.py: every 100th)
             it = next(count)
-        trainer.step(it, sampler)
+        with precision_mod.autocast(precision, "cpu"):  # as train.py's loop runs the step
+            trainer.step(it, sampler)
     return step
 
 
@@ -215,7 +219,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med.get(("fp32", "channels_last"))
     ref = med.get(("authors' code", "fp32, contiguous"))
-    print(f"Algorithm 1, preset {a.preset}, batch {a.batch_size}, n_dis {piad.preset(a.preset).n_dis}, cpu, "
+    print(f"Algorithm 1, preset {a.preset}, batch {a.batch_size}, n_dis {presets.network(a.preset).n_dis}, cpu, "
           f"{threads} threads; {a.rounds} rounds alternating the rows; load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f} at the end")
     print(f"one iteration: {gflop:.1f} GFLOP (torch.utils.flop_counter); peak {peak['fp32']:.0f} GFLOP/s fp32, "
