@@ -39,7 +39,7 @@ METHODS = ("piad", "latent-norm")
 NETWORKS = ("pgan", "piad")  # of --method latent-norm: theirs (default, berg.system's pgan), PIAD's (ours)
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
 ROW = ("batch_size", "n_weight", "gamma_g", "gamma_e")  # fields that default to the dataset's row (presets.py)
-PRECISIONS = ("fp32", "bf16")  # of the training step (train.PIADTrainer.step)
+PRECISIONS = ("fp32", "bf16", "auto")  # of the training step (precision.py); auto: TrainConfig.run_precision
 # The protocols a user can choose between: those of the datasets that allow more than one.
 PROTOCOLS = tuple(dict.fromkeys(p for d in data_mod.DATASETS.values() if len(d.protocols) > 1 for p in d.protocols))
 
@@ -143,7 +143,8 @@ class TrainConfig:
                                        "is seen more than twice)", ("auto", "on", "off"), group="piad")
     channels_last: bool = knob(True, "NHWC tensors for every conv net (same maths, faster kernels)", group="run")
     precision: str = knob("fp32", "training step arithmetic: fp32, or bf16 autocast of G, E, D_X, D_Z, VGG-19 (fp32 "
-                                  "weights, Adam, penalty norm, γ statistics, eq. (4) sums; --method piad only)",
+                                  "weights, Adam, penalty norm, γ statistics, eq. (4) sums; --method piad only), "
+                                  "or auto: bf16 where the device has bf16 units, else fp32",
                           PRECISIONS, group="run")
     checkpoint_minutes: float = knob(5.0, "minutes between checkpoints (0: every iteration)", group="run")
     keep_every: int = knob(0, "also keep the checkpoint of every K-th iteration, as "
@@ -272,7 +273,20 @@ class TrainConfig:
         if self.pgan and self.seed is None and "seed" not in theirs:
             raise ValueError("resolving a pGAN run's settings needs Berg et al.'s (berg.system.THEIRS)")
         seed = self.seed if self.seed is not None else theirs["seed"] if self.pgan else 0
-        return dataclasses.replace(self, networks=self.run_networks, seed=seed, **filled)
+        return dataclasses.replace(self, networks=self.run_networks, seed=seed, precision=self.run_precision,
+                                   **filled)
+
+    @property
+    def run_precision(self) -> str:
+        """``precision``, with ``auto`` decided here, the one place: bf16 for ``--method piad`` on a
+        device with bf16 units (:func:`bf16_unsupported`: AVX-512 BF16 or AMX, a GPU of sm80+), else
+        fp32. The checkpoint and metrics.json record the precision decided."""
+        if self.precision != "auto":
+            return self.precision
+        with contextlib.suppress(errors.UserError):  # no such device: validate() says so
+            if self.method == "piad" and bf16_unsupported(resolve_device(self.device)) is None:
+                return "bf16"
+        return "fp32"
 
     @property
     def run_networks(self) -> str:

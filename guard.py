@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import errors
 from checkpoint import CHECKPOINT, CRASHED, DIVERGED
 from errors import Diverged, Interrupted
 
+FORECAST_AFTER = 10  # timed iterations before the duration is forecast
 LOG_FIELDS = ("iteration", "time_s", "loss_dx", "loss_dz", "adv_g", "adv_e", "rec", "cycle", "gamma_g", "gamma_e",
               "lod", "kimg", "gp_dx", "gp_dz")  # lod, kimg: progressive growing (--networks pgan); gp: eq. (5)'s penalties
 
@@ -95,6 +97,7 @@ class Guard:
                             desc=f"{cfg.method} {cfg.dataset}:{cfg.normal}")
         self.stop.__enter__()  # last: nothing after it can fail before the loop runs
         self.t0 = self.last_save = time.time()
+        self.t_first = None  # when the first step of this process ended (the forecast leaves out its warm-up)
         return self
 
     def log(self, it: int, values: dict) -> None:
@@ -116,6 +119,21 @@ class Guard:
             self.tb.reconstructions(it, self.saved.model)
         if self.bar is not None:
             self.bar.update(1)
+        self.forecast(it)
+
+    def forecast(self, it: int) -> None:
+        """After the first :data:`FORECAST_AFTER` timed iterations, one line: the run's schedule, its
+        precision and how long it will take at the speed measured here (no ten-hour surprise)."""
+        if it == self.start:
+            self.t_first = time.time()
+        elif it == self.start + FORECAST_AFTER and it < self.iterations - 1:
+            rate = (time.time() - self.t_first) / FORECAST_AFTER
+            left = rate * (self.iterations - it - 1)
+            what = "--iterations" if self.cfg.iterations else "the supplement's schedule"
+            when = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min"
+            line = (f"note: {self.iterations:,} iterations ({what}), {self.cfg.precision}: at {rate:.2f} s per "
+                    f"iteration here, about {when} to go")
+            (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
 
     def checkpoint(self, done: int) -> None:
         """After ``done`` iterations: checkpoint.pt when ``checkpoint_minutes`` have passed, a signal

@@ -10,9 +10,11 @@ status 2 before any work starts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import shlex
 import sys
 from typing import Protocol
 
@@ -164,6 +166,9 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
                              dataclasses.asdict(stats) if stats is not None else None, rec_loss.weights_id,
                              functools.partial(provenance.record, device))
     start = state["iteration"] if state else 0
+    if start == iterations:  # e.g. a second `make run`
+        print(f"note: {cfg.run_dir()} has finished its {iterations:,} iterations; evaluating it again",
+              file=sys.stderr, flush=True)
     if state:
         saved.restore(state)
     checkpoint.reseed(cfg, sample, start, state)  # --reseed K: new draws from the checkpoint on
@@ -195,13 +200,37 @@ def make_trainer(model, rec_loss, cfg: TrainConfig) -> Trainer:
 
 
 def _main(argv) -> None:
+    cfg = parse_args(argv)
     try:
-        metrics = train(parse_args(argv))
+        metrics = train(cfg)
     except (Interrupted, Diverged) as exc:
         script = sys.argv[0] if sys.argv and sys.argv[0].endswith("train.py") else "train.py"
         exc.resume = errors.command_line(argv, exc.resume_flags, script)
         raise
     print(json.dumps(metrics, indent=2))
+    if "roc_auc" in metrics:
+        print(summary(cfg, metrics, sys.argv[1:] if argv is None else list(argv)))
+
+
+def summary(cfg: TrainConfig, metrics: dict, args: list[str]) -> str:
+    """The last lines of ``python train.py`` (``make run``'s): the result, where the run folder and its
+    figures are, and, for a run shorter than the paper's schedule, the command for that schedule
+    with its duration at this run's speed."""
+    folder = dataclasses.replace(cfg, dataset=metrics["dataset"], seed=metrics["seed"]).run_dir()
+    figures = ", ".join(sorted(p.name for p in folder.glob("*.png")))
+    lines = [f"ROC AUC {metrics['roc_auc']:.3f}, average precision {metrics['average_precision']:.3f} "
+             f"({metrics['score']}, {metrics['n_test']} test images of which {metrics['n_test_anomalous']} anomalous)",
+             f"run folder: {folder} (metrics.json, scores.csv, log.csv, checkpoint.pt; figures: {figures})"]
+    with contextlib.suppress(ValueError):  # a folder dataset has no schedule of its own
+        schedule = presets.iterations(metrics["dataset"])
+        if metrics["iterations"] and metrics["iterations"] < schedule:
+            hours = metrics["train_time_s"] / metrics["iterations"] * schedule / 3600
+            flags = [a for a in args if a != "--resume"]
+            drop = {"--iterations", "--out", "--keep-every"}  # each with its value
+            flags = [a for i, a in enumerate(flags) if a not in drop and (i == 0 or flags[i - 1] not in drop)]
+            lines.append(f"the paper's schedule, {schedule:,} iterations (about {hours:.1f} h at this run's speed, "
+                         f"{metrics['precision']}): python train.py {shlex.join(flags)}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,7 @@
 """Tests of train.py (Algorithm 1) and evaluate.py: end to end, exact resume, clear errors."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import features
 import checkpoint
 import guard
 import precision
+import presets
 from sampler import Sampler
 import train
 
@@ -441,3 +443,43 @@ def test_bf16_on_a_cpu_without_it_is_one_error_line(tmp_path, monkeypatch, capsy
     assert "AVX-512 BF16" in err[0]
     with pytest.raises(train.UserError, match="--method piad only"):
         train.TrainConfig(method="latent-norm", precision="bf16").validate()
+
+
+@pytest.mark.parametrize("units,expected", [((True, False), "bf16"), ((False, True), "bf16"), ((False, False), "fp32")])
+def test_precision_auto_is_decided_by_the_cpu_and_recorded(tmp_path, monkeypatch, units, expected):
+    """``--precision auto`` (``make run``'s): bf16 where the CPU has AVX-512 BF16 or AMX, else fp32,
+    decided once (``TrainConfig.run_precision``) and recorded as decided in metrics.json and the
+    checkpoint, which a resume with ``auto`` on the same machine continues."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units[0])
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: units[1])
+    assert train.TrainConfig().precision == "fp32"  # the default keeps parity with the authors' code
+    assert train.TrainConfig(precision="auto", device="cpu").resolved().precision == expected
+    assert train.TrainConfig(precision="auto", device="cpu", method="latent-norm",
+                             networks="piad").resolved().precision == "fp32"  # bf16 trains PIAD only
+    cfg = _cfg(tmp_path, iterations=2, precision="auto", device="cpu", evaluate=True, vgg_weights="random",
+               stats="sklearn")
+    assert train.train(cfg)["precision"] == expected
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"] == expected
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["precision"] == expected
+    assert train.train(cfg, resume=True, iterations=3)["precision"] == expected
+
+
+def test_a_run_forecasts_its_duration_and_ends_with_its_result(tmp_path, capsys):
+    """After the first timed iterations one line gives the schedule, the precision and the time to go;
+    the last lines give the result, the run folder with its figures and, for a run shorter than the
+    paper's schedule, that schedule's command and duration at this run's speed (make run's ending)."""
+    out = tmp_path / "run"
+    train.main(["--dataset", "digits", "--normal", "3", "--iterations", "12", "--batch-size", "8", "--loss", "mse",
+                "--vgg-weights", "random", "--stats", "sklearn", "--no-progress", "--out", str(out), "--resume"])
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "s per iteration here" in line]
+    assert len(notes) == 1 and re.fullmatch(
+        r"note: 12 iterations \(--iterations\), fp32: at \d+\.\d\d s per iteration here, about \d+ min to go", notes[0])
+    last = captured.out.strip().splitlines()[-3:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert last[0].startswith(f"ROC AUC {metrics['roc_auc']:.3f}, average precision {metrics['average_precision']:.3f}")
+    assert last[1].startswith(f"run folder: {out} (") and "roc.png" in last[1] and "reconstructions.png" in last[1]
+    schedule = presets.iterations("digits")
+    assert re.fullmatch(rf"the paper's schedule, {schedule:,} iterations \(about \d+\.\d h at this run's speed, fp32\): "
+                        r"python train.py --dataset digits --normal 3 --batch-size 8 --loss mse --vgg-weights random "
+                        r"--stats sklearn --no-progress", last[2])
