@@ -35,7 +35,7 @@ import losses
 import presets
 from weights_policy import DEFAULT_HISTORY, DEFAULT_LAST_N, DEFAULT_SMOOTHING, NORMS, POLICIES, REDUCES
 
-METHODS = ("piad", "latent-norm")
+METHODS = ("piad", "latent-norm", "knn")
 NETWORKS = ("pgan", "piad")  # of --method latent-norm: theirs (default, berg.system's pgan), PIAD's (ours)
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
 ROW = ("batch_size", "n_weight", "gamma_g", "gamma_e")  # fields that default to the dataset's row (presets.py)
@@ -60,6 +60,7 @@ GROUPS = {"data": "data (§4)",
           "training": "training (both methods)",
           "piad": "PIAD (§3, Algorithm 1)",
           "berg": "Berg et al. (--method latent-norm)",
+          "knn": "k-NN baseline (--method knn)",
           "run": "run (files, devices, speed, output)"}
 
 
@@ -111,7 +112,8 @@ class TrainConfig:
                                    "a decision threshold; 0: none, no threshold (folder runs: 0.1 advised)", group="data")
     target_fpr: float = knob(0.05, "false-positive rate on normal images the calibrated threshold aims at",
                              group="run")
-    method: str = knob("piad", "PIAD, or the latent-norm method of Berg et al. (berg/latent_norm.py)", METHODS,
+    method: str = knob("piad", "PIAD, the latent-norm method of Berg et al. (berg/latent_norm.py), or the k-NN "
+                               "baseline on PIAD's VGG-19 features (baselines/knn.py)", METHODS,
                        group="training")
     vgg_weights: str = knob("auto", "VGG-19 weights: " + "|".join(features.WEIGHTS) + "|PATH", group="piad")
     stats: str = knob("auto", "VGG feature statistics of eq. (3): " + "|".join(features.STATS_CHOICES) + "|PATH "
@@ -172,6 +174,8 @@ class TrainConfig:
                                   group="berg")
     total_kimg: float | None = knob(None, "pgan: training length in thousands of real images (default: theirs, "
                                           "berg/progressive.py)", group="berg")
+    knn_k: int = knob(1, "k-NN: the score is the mean distance to the k nearest training images' features",
+                      group="knn")
 
     def validate(self) -> "TrainConfig":
         """Raises :class:`errors.UserError` naming every setting that cannot work (before any work
@@ -203,7 +207,8 @@ class TrainConfig:
         need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
         need(is_int(self.keep_every) and self.keep_every >= 0, "keep_every", "must be a whole number >= 0 (0: none)")
-        for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images"):
+        for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images",
+                     "knn_k"):
             value = getattr(self, name)
             need((name in ROW and value is None) or (is_int(value) and value >= 1), name, "must be a whole number >= 1")
         need(self.threads is None or (is_int(self.threads) and self.threads >= 1), "threads",

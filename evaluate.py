@@ -49,6 +49,7 @@ import features
 import figures
 import losses
 import piad
+from baselines import knn
 from berg import latent_norm, system
 from config import DEVICES, TrainConfig, resolve_device
 from tools import export, provenance
@@ -74,7 +75,9 @@ def _distance(rec_loss, kind: str, device=None) -> losses.ReconstructionLoss:
 
 def map_kind(rec_loss) -> str:
     """The distance of the anomaly maps: eq. (4) (``rel-perc-l1``) with the run's VGG features and
-    statistics, whatever the training loss; pixel ``l1`` if the run has no VGG features."""
+    statistics, whatever the training loss; pixel ``l1`` if the run has no VGG features; a k-NN's own."""
+    if isinstance(rec_loss, knn.KNN):
+        return knn.SCORE
     return "rel-perc-l1" if _has_features(rec_loss) else "l1"
 
 
@@ -98,6 +101,8 @@ def compute_scores(model: piad.PIAD | latent_norm.Networks, ds, rec_loss, *, bat
     order (seed 0) and returned in dataset order (without ``reference``, batches in storage order,
     normal first, would let the critic score depend on the label mix of its batch).
     """
+    if isinstance(model, knn.KNN):  # baselines/knn.py: distances to the training features, no networks
+        return model.scores(ds, batch_size=batch_size, maps=maps)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -251,7 +256,7 @@ def _feature_loss(rec_loss, config, data, model):
 
 
 def primary_score(config) -> str:
-    return "latent-norm" if config.method == "latent-norm" else config.loss
+    return {"latent-norm": "latent-norm", "knn": knn.SCORE}.get(config.method, config.loss)
 
 
 def scoring_state(model, train, calibration, feature_loss, config) -> dict:
@@ -324,6 +329,11 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
                      mark=t and (main, t["test_fpr"], t["test_tpr"], t["threshold"]))
     figures.plot_pr(run / "pr.png", scores, labels, aps, title=title,
                     mark=t and (main, t["test_tpr"], t["test_precision"], t["threshold"]))
+    if config.method == "knn":  # no reconstructions, no log.csv; its own maps
+        print(knn.NOT_WRITTEN, file=sys.stderr, flush=True)
+        figures.plot_extremes(run / "extremes.png", test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
+                              map_fn=lambda idx, x: model.map(x).cpu(), map_kind=knn.SCORE)
+        return metrics
     figures.plot_reconstructions(run / "reconstructions.png", model, test, labels)
     amap = map_loss(feature_loss)
     figures.plot_extremes(run / "extremes.png", test, scores[main], f"{main}: ROC AUC {aucs[main]:.3f}",
@@ -387,6 +397,9 @@ def load_run(path, *, device="auto", data_root=None):
     if data_root:
         cfg.data_root = data_root
     dev = resolve_device(device)
+    if cfg.method == "knn":  # baselines/knn.py: the feature bank is the model and its distance
+        model = knn.KNN.from_state(state, cfg.vgg_weights, dev)
+        return state, cfg, model, model
     model = saved_model(state, dev).to(memory_format=cfg.memory_format)  # as trained: the same floats
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
         rec_loss, _ = features.build_loss(cfg.loss, weights=cfg.vgg_weights, impl=cfg.impl, device=dev,
@@ -416,6 +429,9 @@ def _main(argv) -> None:
     provenance.warn_other_commit(state, a.checkpoint)
     scoring = state.get("scoring")  # D_X's reference images and the threshold, once evaluated
     threshold = (scoring or {}).get("threshold")
+    if a.export and cfg.method == "knn":
+        raise errors.UserError("--export writes PIAD's and latent-norm's scorers; a k-NN run has none (score new "
+                               "images with --images)")
     if a.export:
         kind = threshold and threshold["score"]
         decide_by = None if kind in (None, "latent-norm", map_kind(rec_loss)) else _distance(rec_loss, kind)

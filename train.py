@@ -4,7 +4,8 @@
 iteration the step, the row of log.csv, the periodic checkpoint and the stop rules, then the
 evaluation of ``evaluate.py``. The guard around the loop (log.csv, atomic checkpoints, signals,
 divergence, crashes): guard.py; resume: checkpoint.py; ``--precision``: precision.py;
-minibatches: sampler.py. ``--method latent-norm`` trains Berg et al.'s variant (``berg.system``).
+minibatches: sampler.py. ``--method latent-norm`` trains Berg et al.'s variant (``berg.system``);
+``--method knn`` fits the k-NN baseline instead of the loop (``baselines.knn``: no step).
 Mistakes in the settings, data, weights or checkpoint end with one ``error: ...`` line and exit
 status 2 before any work starts.
 """
@@ -30,6 +31,7 @@ import presets
 import precision
 import sampler as sampler_mod
 import weights_policy
+from baselines import knn
 from berg import system
 from config import TrainConfig, parse_args, resolve_device
 from errors import Diverged, Interrupted, UserError
@@ -143,6 +145,11 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     cfg, ds, extra = cfg.load_run_data(protocols=system.PROTOCOLS, theirs=system.THEIRS)  # --fallback
     state = checkpoint.resume_state(cfg)
     device = resolve_device(cfg.device)
+    if cfg.method == "knn":  # baselines/knn.py: no step, so no Algorithm 1; the training images' features
+        model, info = knn.fit(cfg, ds, state, device)
+        return info if not cfg.evaluate else evaluate.evaluate_run(
+            cfg.run_dir(), model=model, data=ds, rec_loss=model, config=cfg,
+            checkpoint_path=cfg.run_dir() / checkpoint.CHECKPOINT, extra={**info, **extra})
     if cfg.method == "latent-norm":  # Berg et al.'s networks (berg.system)
         model = system.new_model(cfg, ds)
     else:  # the dataset's preset, supplement Tables 1-4

@@ -197,6 +197,9 @@ def test_presets_and_cli_overrides(tmp_path, monkeypatch):
     cont = ex.PRESETS["contamination"]
     assert cont.contaminations == (0.0, 0.01, 0.02, 0.05, 0.1)
     assert [v.method for v in cont.variants] == ["piad", "latent-norm"]
+    side = ex.PRESETS["knn-fmnist"]  # PIAD and the k-NN on the same cells: Table 3's Fashion-MNIST ones
+    assert [v.method for v in side.variants] == ["piad", "knn"] and side.columns() == ["PIAD", "k-NN"]
+    assert (side.dataset, side.classes, side.seeds, side.protocol) == ("fashion-mnist", ex.DIGITS, (0,), "gpnd")
 
     a = ex.parse_args(["custom", "--dataset", "fashion-mnist", "--classes", "0", "8", "--seeds", "0", "1",
                        "--methods", "piad", "latent-norm", "--losses", "rel-perc-l1",
@@ -223,3 +226,20 @@ def test_cli_runs_cells_through_train(tmp_path, monkeypatch):
     assert (cfg.dataset, cfg.normal, cfg.method, cfg.loss, cfg.iterations) == ("digits", "3", "latent-norm", "mse", 5)
     assert (cfg.vgg_weights, cfg.device, cfg.data_root, cfg.progress) == ("random", "cpu", "/nowhere", False)
     assert (tmp_path / "table.md").is_file() and (tmp_path / "cells.csv").is_file()
+
+
+def test_piad_and_knn_side_by_side_on_the_same_cells(tmp_path):
+    """A grid of both methods trains each cell through train.py into its own folder, one table."""
+    n = train.torch.get_num_threads()
+    try:
+        ex.main(["custom", "--dataset", "digits", "--classes", "3", "--methods", "piad", "knn", "--iterations", "2",
+                 "--root", str(tmp_path), "--vgg-weights", "random", "--device", "cpu", "--no-progress",
+                 "--threads-per-cell", "1"])
+    finally:
+        train.torch.set_num_threads(n)
+    cells = {r["method"]: r for r in csv.DictReader(open(tmp_path / "cells.csv"))}
+    assert set(cells) == {"piad", "knn"} and cells["knn"]["score"] == "knn" and cells["piad"]["score"] == "rel-perc-l1"
+    knn_run = json.loads((tmp_path / "digits" / "knn-rel-perc-l1-c0" / "normal3-s0" / "metrics.json").read_text())
+    piad_run = json.loads((tmp_path / "digits" / "piad-rel-perc-l1-c0" / "normal3-s0" / "metrics.json").read_text())
+    assert knn_run["n_test"] == piad_run["n_test"] and knn_run["n_train"] == piad_run["n_train"]  # the same split
+    assert "| normal | piad | knn |" in (tmp_path / "table.md").read_text()

@@ -1,12 +1,13 @@
 """The modules import each other one way only, and below the entry points (train.py, evaluate.py)
-no root module imports either folder, berg/ or tools/ (README, "How the modules depend on each other").
+no root module imports any folder, berg/, baselines/ or tools/ (README, "How the modules depend on each other").
 
 Every import of a project module, wherever it is written (function-local ones included), must
 name a module earlier in the chain, and must sit at the top of the file; so a cycle, or a module
 that reaches up the chain (e.g. evaluate.py importing train.py), fails here. The chain's one home is
 README's line `errors` → `readers` → ...; it is read from there. Project modules are the root's
-``*.py`` (PIAD), ``berg/*.py`` (Berg et al.'s system, named ``berg.x``) and ``tools/*.py`` (grids,
-launch, export, TensorBoard: ``tools.x``); ``tools/bench/`` holds scripts, not modules.
+``*.py`` (PIAD), ``berg/*.py`` (Berg et al.'s system, named ``berg.x``), ``baselines/*.py`` (the k-NN
+beside PIAD: ``baselines.x``) and ``tools/*.py`` (grids, launch, export, TensorBoard: ``tools.x``);
+``tools/bench/`` holds scripts, not modules.
 """
 import ast
 import re
@@ -15,10 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = ("berg", "tools")
-# PIAD's sections (§3.1-3.3): they import nothing of Berg et al.'s folder nor of the tooling's.
+FOLDERS = ("berg", "tools", "baselines")
+# PIAD's sections (§3.1-3.3): they import nothing of Berg et al.'s folder, the baselines' nor the tooling's.
 CORE = ("fused_op", "features", "losses", "piad", "weights_policy")
-# The entry points: of the root's modules only these may import berg/ and tools/.
+# The entry points: of the root's modules only these may import berg/, baselines/ and tools/.
 ENTRY_POINTS = ("train", "evaluate")
 
 
@@ -107,7 +108,7 @@ def below_entry_points(root: Path = ROOT) -> list[str]:
 
 
 def folder_imports(module: str, root: Path = ROOT) -> list[str]:
-    """The imports of berg/ or tools/ in ``module``, as ``line N imports X``."""
+    """The imports of berg/, baselines/ or tools/ in ``module``, as ``line N imports X``."""
     return [f"line {line} imports {t}" for t, line, _ in imports(module, root) if t.split(".")[0] in FOLDERS]
 
 
