@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import random
 import shutil
@@ -173,14 +174,21 @@ def truncate_log(path: Path, start: int) -> None:
     with open(path) as fh:
         rows = list(csv.reader(fh))
     keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(keep)
+    text = io.StringIO()
+    csv.writer(text).writerows(keep)
+    rundir.write_text(path, text.getvalue())  # atomic: a failure leaves the log as it was
 
 
 # --- what train.py may do with a run folder (docs/safety.md) -------------------------------------
 
 FINISHED = (CHECKPOINT, KEPT, "metrics.json", "scores.csv")  # a run's results: never overwritten
 LEFTOVERS = ("log.csv", CRASHED, DIVERGED)  # of a run that never wrote checkpoint.pt
+
+
+def resumable(run_dir: Path) -> bool:
+    """A folder train.py continues with ``--resume``: it has a checkpoint, or leftovers of a run
+    that saved none (then started again there); grids resume such cells."""
+    return any((Path(run_dir) / n).exists() for n in (CHECKPOINT, *LEFTOVERS))
 
 
 def check_run_folder(run_dir: Path, resume: bool) -> None:

@@ -144,7 +144,7 @@ def cell_config(grid: Grid, cell: Cell, root, **overrides) -> config.TrainConfig
         dataset=cell.dataset, normal=cell.normal, seed=cell.seed, method=v.method, loss=v.loss,
         weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e, networks=v.networks,
         contamination=cell.contamination, protocol=grid.protocol,
-        out=str(out), resume=(out / checkpoint.CHECKPOINT).is_file(), **overrides)
+        out=str(out), resume=checkpoint.resumable(out), **overrides)
 
 
 def check_grid(grid: Grid, root, **overrides) -> None:
