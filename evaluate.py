@@ -364,7 +364,7 @@ def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, score
         target.parent.mkdir(parents=True, exist_ok=True)
         figures.plot_overlay(target, ident, torch.from_numpy(m), float(s), label=kind)
     if len(ids) >= 2:
-        figures.plot_extremes(out / f"extremes_{name}.png", ds, scores[kind], f"{name}, {kind}",
+        figures.plot_extremes(out / f"extremes_{name}.png", ds, scores[kind], f"{readers.readable(name)}, {kind}",
                               map_fn=lambda idx, x: torch.from_numpy(maps[idx]), map_kind=kind)  # already computed
 
 

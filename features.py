@@ -138,8 +138,8 @@ class FeatureStats(losses.FeatureStats):
         """Atomically (``rundir``); an existing file is replaced only with ``overwrite``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rundir.atomic_write(path, lambda fh: torch.save(dict(vars(self)), fh),  # mean, std, weights, layer, count, source
-                            overwrite=overwrite)
+        fields = dict(vars(self))  # mean, std, weights, layer, count, source
+        rundir.atomic_write(path, lambda fh: torch.save(fields, fh), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":

@@ -276,8 +276,8 @@ def test_file_names_of_any_bytes_and_a_small_uneven_test_set(world, tmp_path, ca
     for name in ("metrics.json", "scores.csv", "roc.png", "pr.png", "reconstructions.png", "extremes.png"):
         assert (run / name).is_file(), name
     assert "caf\\xe9.png" in (run / "scores.csv").read_bytes().decode("utf-8")
-    code, errs, _ = _run_main(evaluate, ["--checkpoint", run / "checkpoint.pt", "--images", data / "test" / "anomalous"],
-                              capsys)
+    code, errs, _ = _run_main(evaluate, ["--checkpoint", run / "checkpoint.pt", "--images",
+                                         data / "test" / "anomalous"], capsys)
     assert code == 0 and errs == []
     assert "caf\\xe9.png" in (run / "scores_anomalous.csv").read_text(encoding="utf-8")
 
