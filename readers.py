@@ -204,6 +204,8 @@ def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | str | No
     (bilinear, antialias), centre crop to a square. ``size=None``: the image as it is,
     (channels, H, W) (nothing to resample: the float path)."""
     _check_preprocess(preprocess)
+    if channels == 1 and a.ndim == 3:  # read_image keeps 3 channels only where they differ
+        _note_once("grey", "colour images converted to grey (these images are taken with 1 channel)")
     if preprocess == "authors" and size is not None:
         return prepare_pil(a, size, channels, crop)
     if crop == "square":

@@ -58,7 +58,7 @@ class Claim:
 
     def __init__(self, folder: Path, fd: int, created: bool):
         self.folder, self.fd, self.created = folder, fd, created
-        self.thread, self.depth = threading.get_ident(), 1
+        self.thread, self.depth, self.pid = threading.get_ident(), 1, os.getpid()
 
     def __enter__(self) -> "Claim":
         return self
@@ -69,7 +69,7 @@ class Claim:
     def release(self) -> None:
         with _held_guard:
             self.depth -= 1
-            if self.depth > 0 or self.fd < 0:
+            if self.depth > 0 or self.fd < 0 or self.pid != os.getpid():  # a forked child owns nothing
                 return
             _held.pop(str(self.folder.resolve()), None)
             with contextlib.suppress(OSError):

@@ -313,6 +313,8 @@ def test_notes_for_what_was_assumed(world, tmp_path, capsys):
     readers._noted.clear()
     a = readers.read_image(tiff)
     assert a.min() == 0 and a.max() == 255  # scaled, not black
+    readers.prepare(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8), 32, 1)
+    readers.prepare(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8), 32, 1)
     notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
-    assert len(notes) == 1 and "values in [0, 1] scaled to 0..255" in notes[0]
+    assert len(notes) == 2 and "values in [0, 1] scaled to 0..255" in notes[0] and "converted to grey" in notes[1]
     assert _finished(world) == before
