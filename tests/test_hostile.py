@@ -282,7 +282,7 @@ def test_file_names_of_any_bytes_and_a_small_uneven_test_set(world, tmp_path, ca
     assert "caf\\xe9.png" in (run / "scores_anomalous.csv").read_text(encoding="utf-8")
 
 
-def test_a_damaged_metrics_json_is_one_error_line(world, tmp_path, capsys):
+def test_damaged_metrics_json_and_checkpoint_are_one_error_line(world, tmp_path, capsys):
     import shutil
 
     run = tmp_path / "R"
@@ -292,6 +292,16 @@ def test_a_damaged_metrics_json_is_one_error_line(world, tmp_path, capsys):
     code, errs, _ = _run_main(progress, [run], capsys)
     assert code == 2 and len(errs) == 1 and "metrics.json is damaged" in errs[0], errs
     assert _snapshot(run) == before
+    state = torch.load(world / "R" / "checkpoint.pt", weights_only=True)
+    del state["model"], state["trainer"]  # the right tag, but not what train.py writes
+    (tmp_path / "S").mkdir()
+    torch.save(state, tmp_path / "S" / "checkpoint.pt")
+    before = _snapshot(tmp_path / "S")
+    for module, argv in ((evaluate, ["--checkpoint", tmp_path / "S" / "checkpoint.pt"]),
+                         (train, FAST + ["--iterations", "3", "--resume", "--out", tmp_path / "S"])):
+        code, errs, _ = _run_main(module, argv, capsys)
+        assert code == 2 and len(errs) == 1 and "lacks model, trainer" in errs[0], errs
+    assert _snapshot(tmp_path / "S") == before
 
 
 # --- 4. say what was assumed -----------------------------------------------------------------------
