@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,12 +24,15 @@ import numpy as np
 import torch
 
 import errors
+import rundir
 from config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good checkpoint.pt
 CRASHED = "crashed.pt"  # the state at an exception in the middle of training
 CHECKPOINT_FORMAT = "piad-checkpoint-1"
+REQUIRED = ("config", "iteration", "iterations", "elapsed_s", "preset", "channels", "image_size", "model",
+            "trainer", "sampler", "rng", "stats")  # what every checkpoint of train.py holds
 KEPT = "kept"  # --keep-every K: RUN/kept/checkpoint-<iteration>.pt, copies of checkpoint.pt as it was
 
 
@@ -36,13 +41,8 @@ def kept_path(run_dir: Path, iteration: int) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, flush it to disk, then rename over the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomic: write a temporary file, flush it to disk, then rename over the old one (``rundir``)."""
+    rundir.atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def keep(path: Path, kept: Path) -> None:
@@ -67,6 +67,10 @@ def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise errors.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
                              + (f"; {fix}" if fix else ""))
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise errors.BadFile(f"checkpoint {path} lacks {', '.join(missing)}: it is damaged or was not written by "
+                             "train.py" + (f"; {fix}" if fix else ""))
     return state
 
 
@@ -170,5 +174,49 @@ def truncate_log(path: Path, start: int) -> None:
     with open(path) as fh:
         rows = list(csv.reader(fh))
     keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(keep)
+    text = io.StringIO()
+    csv.writer(text).writerows(keep)
+    rundir.write_text(path, text.getvalue())  # atomic: a failure leaves the log as it was
+
+
+# --- what train.py may do with a run folder (docs/safety.md) -------------------------------------
+
+FINISHED = (CHECKPOINT, KEPT, "metrics.json", "scores.csv")  # a run's results: never overwritten
+LEFTOVERS = ("log.csv", CRASHED, DIVERGED)  # of a run that never wrote checkpoint.pt
+
+
+def resumable(run_dir: Path) -> bool:
+    """A folder train.py continues with ``--resume``: it has a checkpoint, or leftovers of a run
+    that saved none (then started again there); grids resume such cells."""
+    return any((Path(run_dir) / n).exists() for n in (CHECKPOINT, *LEFTOVERS))
+
+
+def check_run_folder(run_dir: Path, resume: bool) -> None:
+    """Before the data loads: a new run only goes into a folder without another run's results.
+    A folder with ``checkpoint.pt`` is train.py's ``--resume`` decision; one with results but no
+    checkpoint is refused; leftovers of a run that saved no checkpoint are replaced only with
+    ``--resume`` (which then starts from scratch, said in one ``note:`` line)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).exists():
+        return
+    found = [n for n in FINISHED if (run_dir / n).exists()]
+    if found:
+        raise errors.UserError(f"{run_dir} holds results of a run ({', '.join(found)}) but no {CHECKPOINT} to "
+                               "resume; they are never overwritten: choose another --out")
+    left = [n for n in LEFTOVERS if (run_dir / n).exists()]
+    if left and not resume:
+        raise errors.UserError(f"{run_dir} holds files of a run that saved no checkpoint ({', '.join(left)}); pass "
+                               "--resume to start that run again there (replacing them), or choose another --out")
+    if resume:
+        print(f"note: --resume: {run_dir} has no {CHECKPOINT}; starting a new run there", file=sys.stderr, flush=True)
+
+
+def check_fits(state: dict | None, ds) -> None:
+    """``--resume``: the checkpoint's networks take the data's images (channels and size)."""
+    if state is None:
+        return
+    saved, now = (state.get("channels"), state.get("image_size")), (ds.channels, ds.image_size)
+    if saved != now:
+        raise errors.UserError(f"--resume: the checkpoint was trained on {saved[0]}-channel {saved[1]}x{saved[1]} "
+                               f"images, the data now gives {now[0]}-channel {now[1]}x{now[1]} ones; resume with "
+                               "the run's own data, or train into another --out")

@@ -55,6 +55,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Upper bounds of sizes (docs/safety.md), checked before any work; and a batch is never larger
+# than the training set (:func:`check_sizes`, once the data is loaded, before training).
+UPPER_BOUNDS = {"batch_size": 65536, "iterations": 10 ** 9, "threads": 1024, "n_weight": 10 ** 9,
+                "policy_last_n": 10 ** 6, "policy_history": 10 ** 6, "log_every": 10 ** 9,
+                "tensorboard_images": 10 ** 9, "keep_every": 10 ** 9}
+
+
+def check_sizes(cfg: "TrainConfig", ds: data_mod.AnomalyData) -> None:
+    """The bounds that depend on the data: a minibatch no larger than the training set (pGAN runs
+    take their minibatch sizes from their schedule, not from ``--batch-size``)."""
+    if not cfg.pgan and cfg.batch_size > len(ds.train):
+        raise errors.UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(ds.train)} "
+                               f"images of {cfg.dataset}); use --batch-size {len(ds.train)} or less")
+
+
 # The groups of ``train.py --help``, in its order: each field of TrainConfig names its own.
 GROUPS = {"data": "data (§4)",
           "training": "training (both methods)",
@@ -206,6 +221,8 @@ class TrainConfig:
                     bad.append(f"--normal: {exc}")
         need(self.iterations is None or (is_int(self.iterations) and self.iterations >= 1),
              "iterations", "must be a whole number >= 1 (or left out for the paper's schedule)")
+        for name, most in UPPER_BOUNDS.items():  # sizes that would exhaust memory or overflow mid-run
+            need(not is_int(getattr(self, name)) or getattr(self, name) <= most, name, f"must be at most {most}")
         need(is_int(self.keep_every) and self.keep_every >= 0, "keep_every", "must be a whole number >= 0 (0: none)")
         for name in ("batch_size", "n_weight", "policy_last_n", "policy_history", "log_every", "tensorboard_images",
                      "knn_k"):
@@ -250,6 +267,11 @@ class TrainConfig:
         if self.stats not in features.STATS_CHOICES and not Path(self.stats).is_file():
             bad.append(f"--stats {self.stats!r}: no such file; give {', '.join(features.STATS_CHOICES)} or a "
                        "file written by `python features.py stats`")
+        elif self.stats not in features.STATS_CHOICES:  # a file: checked now, not after the data loads
+            try:
+                features.FeatureStats.load(self.stats)
+            except errors.UserError as exc:
+                bad.append(f"--stats: {exc}")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             bad.append(f"--out {self.out!r} is a file, not a run folder")
         if self.method == "piad" and self.networks not in (None, "piad"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -49,6 +50,8 @@ import features
 import figures
 import losses
 import piad
+import readers
+import rundir
 from baselines import knn
 from berg import latent_norm, system
 from config import DEVICES, TrainConfig, resolve_device
@@ -321,7 +324,7 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
                   "critic_reference": [config.seed, REFERENCE_STREAM], "scoring_order": SCORING_ORDER_SEED},
         "provenance": provenance.record(next(model.parameters()).device),
         **seen, **(extra or {})}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    rundir.write_text(run / "metrics.json", json.dumps(metrics, indent=2))
     write_scores_csv(run / "scores.csv", data.test_ids, scores, labels, anomalous=anomalous)
     title = f"{config.dataset}, normal {data.normal}"
     t = metrics["threshold"]
@@ -345,16 +348,17 @@ def evaluate_run(run, *, model, data, rec_loss, config, extra: dict | None = Non
 
 
 def write_scores_csv(path, ids, scores: dict, labels=None, anomalous=None) -> None:
-    """One row per image: id, label (when known), anomalous (0/1, with a threshold), every score."""
-    names = list(scores)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id"] + (["label"] if labels is not None else []) + (["anomalous"] if anomalous is not None
-                                                                           else []) + names)
-        for i, ident in enumerate(ids):
-            w.writerow([ident] + ([int(labels[i])] if labels is not None else [])
-                       + ([int(anomalous[i])] if anomalous is not None else [])
-                       + [f"{scores[k][i]:.6g}" for k in names])
+    """One row per image: id, label (when known), anomalous (0/1, with a threshold), every score.
+    An id that is a file name not valid in UTF-8 is written readable (``readers.readable``)."""
+    names, fh = list(scores), io.StringIO()
+    w = csv.writer(fh)
+    w.writerow(["id"] + (["label"] if labels is not None else []) + (["anomalous"] if anomalous is not None
+                                                                       else []) + names)
+    for i, ident in enumerate(ids):
+        w.writerow([readers.readable(ident)] + ([int(labels[i])] if labels is not None else [])
+                   + ([int(anomalous[i])] if anomalous is not None else [])
+                   + [f"{scores[k][i]:.6g}" for k in names])
+    rundir.write_text(path, fh.getvalue())
 
 
 def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, scores: dict, kind: str,
@@ -362,14 +366,15 @@ def write_maps(out: Path, name: str, ids: list[str], maps: np.ndarray, ds, score
     """Beside ``scores_NAME.csv``: ``maps_NAME.npz`` (each image's (h, w) map under its id in the CSV),
     ``overlays_NAME/`` (one PNG per image, at the image file's relative path, the map over the image)
     and ``extremes_NAME.png`` (the most anomalous images by ``kind`` with their maps below)."""
-    np.savez(out / f"maps_{name}.npz", **{ident: m for ident, m in zip(ids, maps)})
+    rundir.atomic_write(out / f"maps_{name}.npz",
+                        lambda fh: np.savez(fh, **{readers.readable(ident): m for ident, m in zip(ids, maps)}))
     overlays = out / f"overlays_{name}"
     for ident, m, s in zip(ids, maps, scores[kind]):
         target = (overlays / os.path.relpath(ident, Path(folder).expanduser())).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         figures.plot_overlay(target, ident, torch.from_numpy(m), float(s), label=kind)
     if len(ids) >= 2:
-        figures.plot_extremes(out / f"extremes_{name}.png", ds, scores[kind], f"{name}, {kind}",
+        figures.plot_extremes(out / f"extremes_{name}.png", ds, scores[kind], f"{readers.readable(name)}, {kind}",
                               map_fn=lambda idx, x: torch.from_numpy(maps[idx]), map_kind=kind)  # already computed
 
 
@@ -400,7 +405,9 @@ def load_run(path, *, device="auto", data_root=None):
     if cfg.method == "knn":  # baselines/knn.py: the feature bank is the model and its distance
         model = knn.KNN.from_state(state, cfg.vgg_weights, dev)
         return state, cfg, model, model
-    model = saved_model(state, dev).to(memory_format=cfg.memory_format)  # as trained: the same floats
+    with errors.user_errors(RuntimeError, KeyError, TypeError, ValueError,
+                            prefix=f"checkpoint {path}: its networks do not load (damaged, or of another version): "):
+        model = saved_model(state, dev).to(memory_format=cfg.memory_format)  # as trained: the same floats
     with errors.user_errors(OSError, ValueError, RuntimeError, prefix="the run's VGG weights: "):
         rec_loss, _ = features.build_loss(cfg.loss, weights=cfg.vgg_weights, impl=cfg.impl, device=dev,
                                           saved_stats=state["stats"])
@@ -420,30 +427,76 @@ def _main(argv) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --export file, or another run's evaluation in --out")
     errors.add_debug_flag(p)
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent
     if out.exists() and not out.is_dir():
         raise errors.UserError(f"--out {out} is a file, not a folder")
+    if a.export:  # checked, and its folder held, before anything loads
+        target = Path(a.export)
+        if target.exists() and target.resolve() == Path(a.checkpoint).resolve():
+            raise errors.UserError(f"--export {a.export} is the checkpoint it reads; choose another file")
+        if target.is_dir():
+            raise errors.UserError(f"--export {a.export} is a folder; give a file name, e.g. {target / 'scorer.pt2'}")
+        if target.exists() and not a.overwrite:
+            raise rundir.Exists(f"--export {a.export} exists and is not replaced; choose another file, or pass "
+                                "--overwrite to replace it")
+        with rundir.claim(target.parent, what="--export's folder"):
+            return _export(a)
+    with rundir.claim(out):  # one process per folder, and out writable, before anything loads
+        check_out(out, Path(a.checkpoint), a.overwrite)
+        _evaluate_cli(a, out)
+
+
+def check_out(out: Path, checkpoint_path: Path, overwrite: bool) -> None:
+    """evaluate.py rewrites the evaluation (metrics, scores, figures) of the run it was given, in the
+    checkpoint's folder or in ``--out``; it never replaces another run's (an ``--out`` holding a
+    checkpoint, or the evaluation of another checkpoint) unless ``--overwrite``."""
+    if overwrite or Path(out).resolve() == Path(checkpoint_path).resolve().parent:
+        return
+    others = [n for n in (checkpoint.CHECKPOINT, checkpoint.KEPT, "log.csv") if (Path(out) / n).exists()]
+    if others:
+        raise errors.UserError(f"--out {out} is another run's folder ({', '.join(others)}); its files are not "
+                               "replaced: choose another --out, or pass --overwrite")
+    metrics = Path(out) / "metrics.json"
+    if metrics.exists():
+        try:
+            source = json.loads(metrics.read_text()).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        if source is None or Path(source).resolve() != Path(checkpoint_path).resolve():
+            raise errors.UserError(f"--out {out} holds the evaluation of {source or 'another run'}; it is not "
+                                   "replaced: choose another --out, or pass --overwrite")
+
+
+def _export(a) -> None:
+    """``--export``: the scorer of the run as one torch.export program."""
+    state, cfg, model, rec_loss = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
+    if cfg.method == "knn":
+        raise errors.UserError("--export writes PIAD's and latent-norm's scorers; a k-NN run has none (score new "
+                               "images with --images)")
+    provenance.warn_other_commit(state, a.checkpoint)
+    threshold = (state.get("scoring") or {}).get("threshold")
+    kind = threshold and threshold["score"]
+    decide_by = None if kind in (None, "latent-norm", map_kind(rec_loss)) else _distance(rec_loss, kind)
+    with errors.user_errors(OSError, prefix=f"--export {a.export}: "):
+        meta = export.export_scorer(model, map_loss(rec_loss), a.export, image_size=state["image_size"],
+                                    channels=state["channels"], threshold=threshold, decide_by=decide_by,
+                                    extra={"checkpoint": str(a.checkpoint), "iteration": state["iteration"],
+                                           "preprocess": cfg.preprocess}, overwrite=a.overwrite)
+    print(f"wrote {a.export}: scores and {meta['distance']} maps of {meta['channels']}×{meta['image_size']}×"
+          f"{meta['image_size']} images in [0, 1]" + (", and decisions" if threshold else "")
+          + "; load it with torch.export.load(path).module()")
+
+
+def _evaluate_cli(a, out: Path) -> None:
+    """Re-evaluates the run into ``out``, or (``--images``) scores a folder of new images."""
     state, cfg, model, rec_loss = load_run(a.checkpoint, device=a.device, data_root=a.data_root)
     provenance.warn_other_commit(state, a.checkpoint)
     scoring = state.get("scoring")  # D_X's reference images and the threshold, once evaluated
     threshold = (scoring or {}).get("threshold")
-    if a.export and cfg.method == "knn":
-        raise errors.UserError("--export writes PIAD's and latent-norm's scorers; a k-NN run has none (score new "
-                               "images with --images)")
-    if a.export:
-        kind = threshold and threshold["score"]
-        decide_by = None if kind in (None, "latent-norm", map_kind(rec_loss)) else _distance(rec_loss, kind)
-        with errors.user_errors(OSError, prefix=f"--export {a.export}: "):
-            meta = export.export_scorer(model, map_loss(rec_loss), a.export, image_size=state["image_size"],
-                                        channels=state["channels"], threshold=threshold, decide_by=decide_by,
-                                        extra={"checkpoint": str(a.checkpoint), "iteration": state["iteration"],
-                                               "preprocess": cfg.preprocess})
-        print(f"wrote {a.export}: scores and {meta['distance']} maps of {meta['channels']}×{meta['image_size']}×"
-              f"{meta['image_size']} images in [0, 1]" + (", and decisions" if threshold else "")
-              + "; load it with torch.export.load(path).module()")
-        return
     if a.images:
         with errors.user_errors(ValueError, OSError, prefix="--images: "):
             ds, paths = data_mod.load_image_folder(a.images, image_size=state["image_size"],

@@ -35,6 +35,7 @@ from torch import nn
 
 import losses
 import readers
+import rundir
 from errors import BadFile, UserError, add_debug_flag, run_cli, safe_load, user_errors
 from losses import IMAGENET_MEAN, IMAGENET_STD, feature_stats, vgg19_layer_names  # noqa: F401  (also features.X)
 
@@ -133,6 +134,13 @@ class VGG19Features(losses.VGG19Features):
 class FeatureStats(losses.FeatureStats):
     """:class:`losses.FeatureStats`, read back as piad reads every file (``errors.safe_load``)."""
 
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+        """Atomically (``rundir``); an existing file is replaced only with ``overwrite``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = dict(vars(self))  # mean, std, weights, layer, count, source
+        rundir.atomic_write(path, lambda fh: torch.save(fields, fh), overwrite=overwrite)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         """Loads a file written by :meth:`save` (tensors and plain values only: a file that holds
@@ -140,10 +148,14 @@ class FeatureStats(losses.FeatureStats):
         d = safe_load(path, what="feature statistics",
                       fix="compute them with `python features.py stats --images DIR --out FILE`")
         try:
-            return cls(**d)
+            stats = cls(**d)
         except TypeError as exc:
             raise BadFile(f"could not read feature statistics {path}: not a statistics file written by "
                           "`python features.py stats` (expected mean, std, weights, layer, count)") from exc
+        try:
+            return stats.check()
+        except ValueError as exc:
+            raise BadFile(f"feature statistics {path} cannot be used: {exc}") from exc
 
 
 AUTHORS_STATS = Path(__file__).resolve().parent / "stats" / "vgg19-torchvision-relu4_2-authors.pt"
@@ -236,6 +248,7 @@ def _stats_main(argv) -> None:
     s.add_argument("--image-size", type=int, default=None,
                    help="shorter side resized to this size, then a centre crop (as training images are); "
                         "default: each image as it is")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_debug_flag(s)
     args = p.parse_args(argv)
     if args.image_size is not None and args.image_size < 16:
@@ -245,6 +258,13 @@ def _stats_main(argv) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'stats.pt'}")
+    if out.exists() and not args.overwrite:  # checked again, race-free, when written
+        raise rundir.Exists(f"--out {out} exists and is not replaced; choose another file, or pass --overwrite")
+    with rundir.claim(out.parent, what="--out's folder"):  # one writer per folder, writable before any work
+        _stats(args, out)
+
+
+def _stats(args, out: Path) -> None:
     with user_errors(OSError, prefix="--images: "):  # before the VGG is built: a wrong folder fails at once
         paths = readers.list_images(args.images)
     with user_errors(OSError, RuntimeError, ValueError, prefix="--weights: "):
@@ -253,7 +273,7 @@ def _stats_main(argv) -> None:
         batches = (readers.prepare(readers.read_image(p), args.image_size, 3)[None] for p in paths)  # (1, 3, H, W)
         stats = feature_stats(model, batches, source=str(args.images))
     with user_errors(OSError, prefix=f"could not write {out}: "):
-        stats.save(out)
+        FeatureStats(**vars(stats)).save(out, overwrite=args.overwrite)  # features' save: atomic, no overwrite
     print(f"wrote {args.out}: {stats.mean.numel()} channels, {stats.count} samples/channel, "
           f"weights {stats.weights}")
 

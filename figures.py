@@ -26,12 +26,14 @@ Also not in the paper: precision-recall curves with their average precision (:fu
 ``pr.png``), the calibrated threshold marked on both (:func:`mark_threshold`).
 
 matplotlib is imported on first use, with its file-only Agg backend; of the project this module
-imports only ``errors``, ``readers``, ``features``, ``losses`` and ``presets`` (for Fig. 1 and Fig. 3).
+imports only ``errors``, ``readers``, ``rundir`` (atomic writes), ``features``, ``losses`` and ``presets`` (for Fig. 1
+and Fig. 3).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ import features
 import losses
 import presets
 import readers
+import rundir
 from errors import UserError, add_debug_flag, run_cli, user_errors
 
 # ---------------------------------------------------------------------------------------------
@@ -146,10 +149,18 @@ def pyplot():
     return plt
 
 
-def save(fig, path) -> None:
-    """Writes ``fig`` to ``path`` and closes it."""
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    pyplot().close(fig)
+def save(fig, path, **kw) -> None:
+    """Writes ``fig`` to ``path`` atomically (``rundir.atomic_write``), in the format of its suffix, and closes it."""
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    try:
+        rundir.atomic_write(path, lambda fh: fig.savefig(fh, format=kind, **{"dpi": 100, "bbox_inches": "tight", **kw}))
+    finally:
+        pyplot().close(fig)
+
+
+def skipped(path, why: str) -> None:
+    """One ``note:`` line for a figure that is not drawn (too few images for it)."""
+    print(f"note: {Path(path).name} not drawn: {why}", file=sys.stderr, flush=True)
 
 
 def _images(ds, idx) -> torch.Tensor:
@@ -157,7 +168,10 @@ def _images(ds, idx) -> torch.Tensor:
 
 
 def _grid(rows: list[torch.Tensor]) -> np.ndarray:
-    """Rows of (n, C, H, W) images in [-1, 1] -> an (H·rows, W·n, 3) array in [0, 1]."""
+    """Rows of (n, C, H, W) images in [-1, 1] -> an (H·rows, W·n, 3) array in [0, 1]; shorter rows
+    are filled out with white."""
+    n = max(len(r) for r in rows)
+    rows = [torch.cat([r, r.new_ones(n - len(r), *r.shape[1:])]) for r in rows]
     rows = [torch.cat(list(r.clamp(-1, 1).add(1).div(2).expand(-1, 3, -1, -1)), dim=2) for r in rows]
     return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
 
@@ -220,6 +234,9 @@ def plot_reconstructions(path, model, ds, labels, n: int = 8) -> None:
         x = _images(ds, idx).to(device)
         rows += [x.cpu(), model.reconstruct(x).cpu()]  # x above G(E(x))
     model.train(was_training)
+    if not rows:
+        return skipped(path, "no test images")
+    n = max(len(r) for r in rows)
     fig, ax = pyplot().subplots(figsize=(n, len(rows) * 1.1))
     ax.imshow(_grid(rows))
     ax.set_axis_off()
@@ -235,6 +252,8 @@ def plot_extremes(path, ds, score: np.ndarray, title: str, n: int = 10, map_fn=N
     (bilinear), on one colour scale."""
     order = np.argsort(score, kind="stable")
     n = min(n, len(order) // 2)
+    if n == 0:
+        return skipped(path, f"it shows the least and the most anomalous images, and there is {len(order)} image")
     rows = [_images(ds, order[:n]), _images(ds, order[::-1][:n])]  # least, most anomalous
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(n, 3.6 if map_fn else 2.4))
@@ -289,8 +308,7 @@ def plot_overlay(path, image_file, amap: torch.Tensor, score: float, *, label: s
     cax.tick_params(labelsize=6, colors="white")
     ax.text(0.02, 0.98, f"{label} = {score:.4g}", transform=ax.transAxes, va="top", fontsize=8,
             color="white", bbox=dict(facecolor="black", alpha=0.6, pad=2, lw=0))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, bbox_inches=None)
     return w * k, h * k
 
 

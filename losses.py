@@ -138,6 +138,21 @@ class FeatureStats:
         torch.save(dict(vars(self)), tmp)  # mean, std, weights, layer, count, source
         os.replace(tmp, path)
 
+    def check(self, channels: int | None = None) -> "FeatureStats":
+        """Raises ValueError unless μ and σ are finite, σ > 0, one value per channel of the layer
+        (``channels``; default: VGG-19's at ``layer``, e.g. 512 at relu4_2). Returns ``self``."""
+        if channels is None and self.layer in vgg19_layer_names() and self.layer[:4] in ("conv", "relu"):
+            channels = (64, 128, 256, 512, 512)[int(self.layer[4]) - 1]
+        mean, std = torch.as_tensor(self.mean), torch.as_tensor(self.std)
+        if mean.ndim != 1 or std.shape != mean.shape or (channels is not None and len(mean) != channels):
+            raise ValueError(f"feature statistics of {self.layer} need one mean and one std per channel "
+                             f"({channels or 'C'}), got shapes {tuple(mean.shape)} and {tuple(std.shape)}")
+        if not (mean.isfinite().all() and std.isfinite().all() and (std > 0).all()):
+            raise ValueError(f"feature statistics need finite means and finite stds > 0; found "
+                             f"{int((~mean.isfinite()).sum())} non-finite means, {int((~std.isfinite()).sum())} "
+                             f"non-finite and {int((std <= 0).sum())} non-positive stds")
+        return self
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         """Reads a file of :meth:`save` (tensors and plain values only: ``weights_only``)."""
@@ -234,6 +249,7 @@ class ReconstructionLoss(nn.Module):
             if (stats.weights, stats.layer) != (self.weights_id, getattr(features, "layer", None)):
                 raise ValueError(f"statistics were computed with {stats.weights}/{stats.layer} but the features "
                                  f"use {self.weights_id}/{getattr(features, 'layer', None)}; never mix them")
+            stats.check(getattr(features, "out_channels", None))  # finite μ, σ > 0, one per channel
         self.kind, self.reduction, self.impl, self.eps = kind, reduction, impl, float(eps)
         self.features, self.check_range = features, check_range
         if stats is not None:

@@ -31,6 +31,7 @@ import gzip
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +93,70 @@ class ImageFiles(Dataset):
 # ----------------------------------------------------------------------------------------------
 # Images
 
-def read_image(path) -> np.ndarray:
-    """Decode an image file: (H, W) uint8 if greyscale (also RGB with equal channels), else (H, W, 3)."""
+class ImageError(ValueError):
+    """An image file the decoder cannot read (any exception it raises), named with the file."""
+
+
+_noted: set[str] = set()  # the lossy conversions already said (one note: line each per process)
+
+
+def _note_once(kind: str, message: str) -> None:
+    if kind not in _noted:
+        _noted.add(kind)
+        print(f"note: {message} (said once; further such images are converted the same way)", file=sys.stderr,
+              flush=True)
+
+
+def _to_8bit(im, path):
+    """A PIL image of more than 8 bits per channel -> 8 bits, said in one ``note:`` line: 16-bit
+    integers keep their top 8 bits; 32-bit integers and floats are scaled from [0, 1] when their
+    values lie there (float TIFFs), else from [0, 255] when they fit, else from [min, max]."""
     from PIL import Image
-    with Image.open(path) as im:
-        if im.mode.startswith("I;16"):
-            im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
-        elif im.mode not in ("L", "RGB"):
-            im = im.convert("L" if im.mode in ("1", "LA", "I", "F") else "RGB")
-        a = np.asarray(im)
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        _note_once("16", f"{readable(path)}: 16-bit image reduced to 8 bits")
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    finite = a[np.isfinite(a)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        scale, how = (0.0, 1.0), "values in [0, 1] scaled to 0..255"
+    elif lo >= 0 and hi <= 255:
+        scale, how = (0.0, 255.0), "values in [0, 255] kept"
+    elif lo >= 0 and hi <= 65535 and im.mode == "I":  # 16-bit files that PIL opens as 32-bit
+        scale, how = (0.0, 65535.0), "16-bit values, top 8 bits kept"
+    else:
+        scale, how = (lo, hi if hi > lo else lo + 1), f"values in [{lo:g}, {hi:g}] scaled to 0..255"
+    _note_once(im.mode, f"{readable(path)}: {'float' if im.mode == 'F' else '32-bit integer'} image converted to "
+                        f"8 bits ({how})")
+    a = np.nan_to_num(a, nan=scale[0], posinf=scale[1], neginf=scale[0])
+    return Image.fromarray(np.clip(np.rint((a - scale[0]) / (scale[1] - scale[0]) * 255), 0, 255).astype(np.uint8))
+
+
+def read_image(path) -> np.ndarray:
+    """Decode an image file: (H, W) uint8 if greyscale (also RGB with equal channels), else (H, W, 3).
+    Any failure of the decoder raises :class:`ImageError` naming the file; images of more than 8
+    bits are converted as :func:`_to_8bit` says."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                im = _to_8bit(im, path)
+            elif im.mode not in ("L", "RGB"):
+                im = im.convert("L" if im.mode in ("1", "LA") else "RGB")
+            a = np.asarray(im)
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises on a bad file, named with it
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ImageError(f"cannot read image {readable(path)}: {type(exc).__name__}: {exc}") from exc
     if a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all():
         a = a[..., 0]
     return a
+
+
+def readable(name) -> str:
+    """A file name as text that can be written anywhere (CSV, figures, JSON): bytes that are not
+    UTF-8 (kept by Python as surrogates) become ``\\xNN`` escapes."""
+    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
 
 
 def _check_preprocess(preprocess: str) -> None:
@@ -151,6 +204,8 @@ def prepare(a: np.ndarray, size: int | None, channels: int, crop: int | str | No
     (bilinear, antialias), centre crop to a square. ``size=None``: the image as it is,
     (channels, H, W) (nothing to resample: the float path)."""
     _check_preprocess(preprocess)
+    if channels == 1 and a.ndim == 3:  # read_image keeps 3 channels only where they differ
+        _note_once("grey", "colour images converted to grey (these images are taken with 1 channel)")
     if preprocess == "authors" and size is not None:
         return prepare_pil(a, size, channels, crop)
     if crop == "square":

@@ -29,11 +29,12 @@ import guard
 import piad
 import presets
 import precision
+import rundir
 import sampler as sampler_mod
 import weights_policy
 from baselines import knn
 from berg import system
-from config import TrainConfig, parse_args, resolve_device
+from config import TrainConfig, check_sizes, parse_args, resolve_device
 from errors import Diverged, Interrupted, UserError
 from features import build_loss
 from tools import provenance, tblog
@@ -140,63 +141,69 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
     Mistakes in the settings, data, weights or checkpoint raise :class:`UserError` before any
     work starts; a run that ends early raises :class:`Interrupted` or :class:`Diverged` (guard.py)."""
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate().resolved(system.THEIRS)
-    if cfg.threads:  # before any work: a run's floats depend on its thread count
-        torch.set_num_threads(cfg.threads)
-    cfg, ds, extra = cfg.load_run_data(protocols=system.PROTOCOLS, theirs=system.THEIRS)  # --fallback
-    state = checkpoint.resume_state(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.method == "knn":  # baselines/knn.py: no step, so no Algorithm 1; the training images' features
-        model, info = knn.fit(cfg, ds, state, device)
-        return info if not cfg.evaluate else evaluate.evaluate_run(
-            cfg.run_dir(), model=model, data=ds, rec_loss=model, config=cfg,
-            checkpoint_path=cfg.run_dir() / checkpoint.CHECKPOINT, extra={**info, **extra})
-    if cfg.method == "latent-norm":  # Berg et al.'s networks (berg.system)
-        model = system.new_model(cfg, ds)
-    else:  # the dataset's preset, supplement Tables 1-4
-        model = piad.PIAD(config=presets.network(ds.preset), channels=ds.channels)
-    model.to(device, memory_format=cfg.memory_format)  # NHWC with --channels-last: same maths, faster
-    with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
-        rec_loss, stats = build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
-                                     device=device, train_batches=data_mod.image_batches(ds.train, device),
-                                     saved_stats=state["stats"] if state else None)
-    rec_loss.to(memory_format=cfg.memory_format)
-    if cfg.pgan:  # their schedule, in minibatches
-        iterations = system.iterations(cfg, ds.image_size, device)
-    else:  # supplement §1
-        iterations = cfg.iterations or presets.iterations(cfg.dataset, ds.preset)
-    trainer: Trainer = make_trainer(model, rec_loss, cfg)
-    features = sampler_mod.cached_features(rec_loss, ds.train, device, when=cfg.cache_features,
-                                           draws=iterations * cfg.batch_size) if cfg.method == "piad" else None
-    sample = sampler_mod.Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
-                                 memory_format=cfg.memory_format)
-    saved = checkpoint.Saved(cfg, model, trainer, sample, iterations, ds.channels, ds.image_size,
-                             dataclasses.asdict(stats) if stats is not None else None, rec_loss.weights_id,
-                             functools.partial(provenance.record, device))
-    start = state["iteration"] if state else 0
-    if start == iterations:  # e.g. a second `make run`
-        print(f"note: {cfg.run_dir()} has finished its {iterations:,} iterations; evaluating it again",
-              file=sys.stderr, flush=True)
-    if state:
-        saved.restore(state)
-    checkpoint.reseed(cfg, sample, start, state)  # --reseed K: new draws from the checkpoint on
-    tb = (tblog.TensorBoardLog(cfg.run_dir() / "tb", ds.train, every=cfg.tensorboard_images, start=start)
-          if cfg.tensorboard else None)  # RUN/tb/: an optional extra; log.csv is always written
-    model.train()
-    with guard.Guard(saved, cfg.run_dir(), start=start, elapsed=state["elapsed_s"] if state else 0.0, tb=tb) as g:
-        for it in range(start, iterations):                    # Algorithm 1, lines 1-19
-            with precision.autocast(cfg.precision, device):
-                values = trainer.step(it, sample)              # lines 2-18
-            g.log(it, values)                                  # log.csv every --log-every
-            g.checkpoint(it + 1)                               # every --checkpoint-minutes, --keep-every
-            g.stop_if_signalled(it + 1)                        # SIGINT, SIGTERM: saved, then stop
-        g.finish()                                             # checkpoint.pt at the end
-    if not cfg.evaluate:
-        return {"iterations": iterations, "train_time_s": g.train_time()}
-    return evaluate.evaluate_run(cfg.run_dir(), model=model, data=ds, rec_loss=rec_loss, config=cfg,
-                                 checkpoint_path=g.checkpoint_path,
-                                 extra={"iterations": iterations, "train_time_s": round(g.train_time(), 1),
-                                        "device": str(device), "contamination": ds.contamination,
-                                        "threads": torch.get_num_threads(), "precision": cfg.precision, **extra})
+    with contextlib.ExitStack() as held:  # one process per run folder, claimed before any work (rundir.py)
+        held.enter_context(rundir.claim(cfg.run_dir()))
+        checkpoint.check_run_folder(cfg.run_dir(), cfg.resume)  # before the data loads
+        if cfg.threads:  # before any work: a run's floats depend on its thread count
+            torch.set_num_threads(cfg.threads)
+        cfg, ds, extra = cfg.load_run_data(protocols=system.PROTOCOLS, theirs=system.THEIRS)  # --fallback
+        held.enter_context(rundir.claim(cfg.run_dir()))  # --fallback without --out: its folder (else re-entrant)
+        check_sizes(cfg, ds)
+        state = checkpoint.resume_state(cfg)
+        checkpoint.check_fits(state, ds)
+        device = resolve_device(cfg.device)
+        if cfg.method == "knn":  # baselines/knn.py: no step, so no Algorithm 1; the training images' features
+            model, info = knn.fit(cfg, ds, state, device)
+            return info if not cfg.evaluate else evaluate.evaluate_run(
+                cfg.run_dir(), model=model, data=ds, rec_loss=model, config=cfg,
+                checkpoint_path=cfg.run_dir() / checkpoint.CHECKPOINT, extra={**info, **extra})
+        if cfg.method == "latent-norm":  # Berg et al.'s networks (berg.system)
+            model = system.new_model(cfg, ds)
+        else:  # the dataset's preset, supplement Tables 1-4
+            model = piad.PIAD(config=presets.network(ds.preset), channels=ds.channels)
+        model.to(device, memory_format=cfg.memory_format)  # NHWC with --channels-last: same maths, faster
+        with errors.user_errors(OSError, ValueError, RuntimeError):  # VGG weights / statistics named by the user
+            rec_loss, stats = build_loss(cfg.loss, weights=cfg.vgg_weights, stats=cfg.stats, impl=cfg.impl,
+                                         device=device, train_batches=data_mod.image_batches(ds.train, device),
+                                         saved_stats=state["stats"] if state else None)
+        rec_loss.to(memory_format=cfg.memory_format)
+        if cfg.pgan:  # their schedule, in minibatches
+            iterations = system.iterations(cfg, ds.image_size, device)
+        else:  # supplement §1
+            iterations = cfg.iterations or presets.iterations(cfg.dataset, ds.preset)
+        trainer: Trainer = make_trainer(model, rec_loss, cfg)
+        features = sampler_mod.cached_features(rec_loss, ds.train, device, when=cfg.cache_features,
+                                               draws=iterations * cfg.batch_size) if cfg.method == "piad" else None
+        sample = sampler_mod.Sampler(ds.train, cfg.batch_size, device, seed=cfg.seed, features=features,
+                                     memory_format=cfg.memory_format)
+        saved = checkpoint.Saved(cfg, model, trainer, sample, iterations, ds.channels, ds.image_size,
+                                 dataclasses.asdict(stats) if stats is not None else None, rec_loss.weights_id,
+                                 functools.partial(provenance.record, device))
+        start = state["iteration"] if state else 0
+        if start == iterations:  # e.g. a second `make run`
+            print(f"note: {cfg.run_dir()} has finished its {iterations:,} iterations; evaluating it again",
+                  file=sys.stderr, flush=True)
+        if state:
+            saved.restore(state)
+        checkpoint.reseed(cfg, sample, start, state)  # --reseed K: new draws from the checkpoint on
+        tb = (tblog.TensorBoardLog(cfg.run_dir() / "tb", ds.train, every=cfg.tensorboard_images, start=start)
+              if cfg.tensorboard else None)  # RUN/tb/: an optional extra; log.csv is always written
+        model.train()
+        with guard.Guard(saved, cfg.run_dir(), start=start, elapsed=state["elapsed_s"] if state else 0.0, tb=tb) as g:
+            for it in range(start, iterations):                    # Algorithm 1, lines 1-19
+                with precision.autocast(cfg.precision, device):
+                    values = trainer.step(it, sample)              # lines 2-18
+                g.log(it, values)                                  # log.csv every --log-every
+                g.checkpoint(it + 1)                               # every --checkpoint-minutes, --keep-every
+                g.stop_if_signalled(it + 1)                        # SIGINT, SIGTERM: saved, then stop
+            g.finish()                                             # checkpoint.pt at the end
+        if not cfg.evaluate:
+            return {"iterations": iterations, "train_time_s": g.train_time()}
+        return evaluate.evaluate_run(cfg.run_dir(), model=model, data=ds, rec_loss=rec_loss, config=cfg,
+                                     checkpoint_path=g.checkpoint_path,
+                                     extra={"iterations": iterations, "train_time_s": round(g.train_time(), 1),
+                                            "device": str(device), "contamination": ds.contamination,
+                                            "threads": torch.get_num_threads(), "precision": cfg.precision, **extra})
 
 
 def make_trainer(model, rec_loss, cfg: TrainConfig) -> Trainer:

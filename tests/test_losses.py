@@ -160,12 +160,13 @@ def test_stats_command(tmp_path, monkeypatch):
     Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(tmp_path / "grey.png")  # read by readers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        features.main(["stats", "--images", str(tmp_path), "--out", str(out), "--weights", "random"])
+        features.main(["stats", "--images", str(tmp_path), "--out", str(out), "--weights", "random", "--overwrite"])
     s = features.FeatureStats.load(out)
     assert s.count == 4 * 2 * 3   # each image as it is: 20×24 -> relu4_2 at 2×3
     (tmp_path / "empty").mkdir()
     with pytest.raises(errors.UserError, match="no images"):  # a user error: `error: ...`, exit 2 from main()
-        features._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random"])
+        features._stats_main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--weights", "random",
+                              "--overwrite"])
 
 
 def test_select_stats_auto_reads_the_authors_file_once(monkeypatch):

@@ -41,6 +41,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +55,7 @@ import errors
 import figures
 from tools import launch
 import losses
+import rundir
 import train as train_mod
 import weights_policy
 
@@ -119,6 +121,7 @@ COIL100_CLASSES = tuple(str(k) for k in (79, 48, 65, 98, 73, 13, 14, 39, 57, 28,
 
 
 _PIAD = (Variant("PIAD"),)
+CUSTOM_DATASET = "fashion-mnist"  # of a custom grid without --dataset
 PRESETS = {
     "table2-mnist": Grid("table2-mnist", "mnist", DIGITS, (0, 1, 2), _PIAD, protocol="split"),
     "table2-cifar10": Grid("table2-cifar10", "cifar10", DIGITS, (0, 1, 2), _PIAD, protocol="split"),
@@ -145,11 +148,17 @@ def cell_config(grid: Grid, cell: Cell, root, **overrides) -> config.TrainConfig
         dataset=cell.dataset, normal=cell.normal, seed=cell.seed, method=v.method, loss=v.loss,
         weights_policy=v.weights_policy, gamma_g=v.gamma_g, gamma_e=v.gamma_e, networks=v.networks,
         contamination=cell.contamination, protocol=grid.protocol,
-        out=str(out), resume=(out / checkpoint.CHECKPOINT).is_file(), **overrides)
+        out=str(out), resume=checkpoint.resumable(out), **overrides)
 
 
 def check_grid(grid: Grid, root, **overrides) -> None:
-    """Raises :class:`errors.UserError` if any cell's settings cannot work, before any cell runs."""
+    """Raises :class:`errors.UserError` if any cell's settings cannot work, or two cells are one
+    (the same folder: one run trained twice), before any cell runs."""
+    folders = [cell.folder(root) for cell in grid.cells()]
+    twice = sorted({str(f.relative_to(root)) for f in folders if folders.count(f) > 1})
+    if twice:
+        raise errors.UserError(f"the grid names the same cell more than once ({', '.join(twice)}): give each class, "
+                               "seed, method, loss and contamination once")
     problems = {}
     for cell in grid.cells():
         try:
@@ -325,11 +334,20 @@ def build_grid(a) -> Grid:
 
         def label(m, l):
             return l if len(methods) == 1 else m if len(kinds) == 1 else f"{m}/{l}"
-        variants = tuple(Variant(label(m, l), m, l, a.weights_policy) for m in methods for l in kinds)
-        grid = Grid("custom", a.dataset, tuple(a.classes or DIGITS), tuple(a.seeds or (0,)), variants,
+        policy = a.weights_policy or weights_policy.POLICIES[0]
+        variants = tuple(Variant(label(m, l), m, l, policy) for m in methods for l in kinds)
+        grid = Grid("custom", a.dataset or CUSTOM_DATASET, tuple(a.classes or DIGITS), tuple(a.seeds or (0,)), variants,
                     tuple(a.contaminations or (0.0,)), a.protocol)
     else:
         grid = PRESETS[a.preset]
+        ignored = [flag for flag, given in (("--methods", a.methods), ("--losses", a.losses),
+                                            ("--contaminations", a.contaminations),
+                                            ("--weights-policy", a.weights_policy), ("--dataset", a.dataset),
+                                            ("--protocol", a.protocol))
+                   if given]
+        if ignored:
+            print(f"note: preset {a.preset} ignores {', '.join(ignored)} (custom grids only); its own settings are "
+                  "used", file=sys.stderr, flush=True)
     return replace(grid, classes=tuple(a.classes or grid.classes), seeds=tuple(a.seeds or grid.seeds))
 
 
@@ -350,11 +368,12 @@ def parse_args(argv=None):
     errors.add_debug_flag(p)
     launch.add_arguments(p)
     g = p.add_argument_group("custom grids")
-    g.add_argument("--dataset", default="fashion-mnist")
+    g.add_argument("--dataset", default=None, help=f"(default: {CUSTOM_DATASET})")
     g.add_argument("--methods", nargs="+", default=None, choices=config.METHODS)
     g.add_argument("--losses", nargs="+", default=None, choices=losses.KINDS)
     g.add_argument("--contaminations", nargs="+", type=float, default=None)
-    g.add_argument("--weights-policy", default="gradnorm", choices=weights_policy.POLICIES)
+    g.add_argument("--weights-policy", default=None, choices=weights_policy.POLICIES,
+                   help=f"(default: {weights_policy.POLICIES[0]})")
     g.add_argument("--protocol", default=None, choices=config.PROTOCOLS)
     return p.parse_args(argv)
 
@@ -366,12 +385,17 @@ def _main(argv) -> None:
         grid.name + (f"-it{a.iterations}" if a.iterations else ""))
     if root.exists() and not root.is_dir():
         raise errors.UserError(f"--root {root} is a file, not a folder")
-    failures = []
     overrides = dict(iterations=a.iterations, data_root=a.data_root, vgg_weights=a.vgg_weights,
                      device=a.device, progress=not a.no_progress)
     if a.status:
         print("\n".join(grid_status(grid, root, **overrides)))
         return
+    with rundir.claim(root, what="--root"):  # one grid per folder (each cell's folder is claimed by its run)
+        _grid_main(a, argv, grid, root, overrides)
+
+
+def _grid_main(a, argv, grid: Grid, root: Path, overrides: dict) -> None:
+    failures = []
     jobs, threads, gpus = launch.plan(a)
     if not a.table_only:
         if jobs > 1 or a.launcher != "processes":
@@ -391,7 +415,17 @@ def _main(argv) -> None:
             raise
     write_tables(grid, root)
     print((root / "table.md").read_text())
-    print(f"tables in {root}" + (f"; {len(failures)} failed cells, see {root / 'failures.txt'}" if failures else ""))
+    print(f"tables in {root}")
+    if failures:
+        raise CellsFailed(f"{len(failures)} of {len(grid.cells())} cells failed ("
+                          f"{', '.join(str(c.folder(root).relative_to(root)) for c, _ in failures)}); see "
+                          f"{root / 'failures.txt'}; running the same command again retries them")
+
+
+class CellsFailed(RuntimeError):
+    """Some cells of the grid failed: one ``error:`` line, exit status 1 (errors.run_cli)."""
+
+    exit_code = 1
 
 
 def main(argv=None) -> None:

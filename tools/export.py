@@ -35,6 +35,7 @@ from torch import nn
 
 import losses
 import piad
+import rundir
 
 META = "piad.json"  # the name of the settings file inside the .pt2 archive
 
@@ -73,9 +74,10 @@ class Scorer(nn.Module):
 
 def export_scorer(model: piad.PIAD, loss: losses.ReconstructionLoss, path, *, image_size: int, channels: int,
                   threshold: dict | None = None, decide_by: losses.ReconstructionLoss | None = None,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, overwrite: bool = False) -> dict:
     """Writes the :class:`Scorer` of ``model``, ``loss`` (and ``threshold``, ``decide_by``) to
-    ``path`` (``torch.export.save``), with a dynamic batch size; returns the settings stored beside it."""
+    ``path`` (``torch.export.save``, atomically; an existing file only with ``overwrite``), with a
+    dynamic batch size; returns the settings stored beside it."""
     device = next(model.parameters()).device
     scorer = copy.deepcopy(Scorer(model, loss, threshold, decide_by)).to(device).eval()
     scorer.requires_grad_(False)  # outputs carry no graph
@@ -93,5 +95,6 @@ def export_scorer(model: piad.PIAD, loss: losses.ReconstructionLoss, path, *, im
                                   if threshold else []), **(extra or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, path, extra_files={META: json.dumps(meta)})
+    rundir.atomic_write(path, lambda fh: torch.export.save(program, fh, extra_files={META: json.dumps(meta)}),
+                        overwrite=overwrite)
     return meta

@@ -58,7 +58,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig | None:
     out = Path(cfg.out)
     if (out / "metrics.json").is_file():
         return None
-    return dataclasses.replace(cfg, resume=(out / checkpoint.CHECKPOINT).is_file())
+    return dataclasses.replace(cfg, resume=checkpoint.resumable(out))
 
 
 def _finished_metrics(cfg: TrainConfig) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 import sys
@@ -23,6 +24,7 @@ import checkpoint
 import errors
 import evaluate
 import figures
+import rundir
 from config import DEVICES
 
 FIELDS = ("iteration", "roc_auc", "average_precision", "score", "source")
@@ -38,6 +40,20 @@ def kept_checkpoints(run: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _metrics(path: Path) -> dict | None:
+    """A metrics.json of evaluate.py; None when missing or damaged (not JSON, or without the
+    ``iterations``, ``roc_auc``, ``average_precision`` and ``score`` that progress.csv takes)."""
+    try:
+        m = json.loads(path.read_text())
+        if isinstance(m, dict) and isinstance(m["iterations"], int):
+            float(m["roc_auc"]), float(m["average_precision"])  # noqa: B018 - numbers (NaN allowed)
+            str(m["score"])
+            return m
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def progress(run, *, iterations=None, device: str = "auto", data_root=None) -> list[dict]:
     """Evaluates the kept checkpoints of ``run`` (all, or those at ``iterations``), writes
     ``run/progress.csv`` and returns its rows. The finished run's final iteration is read from its
@@ -45,7 +61,11 @@ def progress(run, *, iterations=None, device: str = "auto", data_root=None) -> l
     run = Path(run)
     available: dict[int, Path | dict] = dict(kept_checkpoints(run))
     if (run / "metrics.json").is_file():
-        final = json.loads((run / "metrics.json").read_text())
+        final = _metrics(run / "metrics.json")
+        if final is None:
+            raise errors.UserError(f"{run / 'metrics.json'} is damaged (not the JSON evaluate.py writes, with "
+                                   "iterations and roc_auc); evaluate the run again: python evaluate.py "
+                                   f"--checkpoint {run / checkpoint.CHECKPOINT}")
         available[final["iterations"]] = final
     wanted = sorted(available) if iterations is None else sorted(set(iterations))
     missing = [i for i in wanted if i not in available]
@@ -62,19 +82,19 @@ def progress(run, *, iterations=None, device: str = "auto", data_root=None) -> l
             out = run / checkpoint.KEPT / str(it)
             done = out / "metrics.json"
             where = str(done.relative_to(run))
-            if done.is_file() and json.loads(done.read_text()).get("iterations") == it:  # evaluated before
-                metrics = json.loads(done.read_text())
-            else:
+            metrics = _metrics(done)  # None: not evaluated yet, or damaged: evaluated (again) below
+            if metrics is None or metrics.get("iterations") != it:
                 print(f"evaluating {source} ...", file=sys.stderr, flush=True)
                 metrics = evaluate.evaluate_checkpoint(source, out, device=device, data_root=data_root)
         rows.append({"iteration": it, "roc_auc": f"{metrics['roc_auc']:.6f}",
                      "average_precision": f"{metrics['average_precision']:.6f}", "score": metrics["score"],
                      "source": where})
         print(f"iteration {it}: {metrics['score']} ROC AUC {metrics['roc_auc']:.4f}", flush=True)
-    with open(run / "progress.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    rundir.write_text(run / "progress.csv", table.getvalue())
     figures.plot_progress(run / "progress.png", rows, title=f"{run.name}: quality along the schedule")
     return rows
 
@@ -90,7 +110,8 @@ def _main(argv) -> None:
     a = p.parse_args(argv)
     if not Path(a.run).is_dir():
         raise errors.UserError(f"{a.run}: no such run folder")
-    progress(a.run, iterations=a.iterations, device=a.device, data_root=a.data_root)
+    with rundir.claim(a.run, what="run folder"):  # it writes kept/<it>/ and progress.csv: one process at a time
+        progress(a.run, iterations=a.iterations, device=a.device, data_root=a.data_root)
     print(f"wrote {Path(a.run) / 'progress.csv'}")
 
 
