@@ -31,8 +31,8 @@ CHECKPOINT = "checkpoint.pt"
 DIVERGED = "diverged.pt"  # the state at a non-finite loss, beside the last good checkpoint.pt
 CRASHED = "crashed.pt"  # the state at an exception in the middle of training
 CHECKPOINT_FORMAT = "piad-checkpoint-1"
-REQUIRED = ("config", "iteration", "iterations", "elapsed_s", "preset", "channels", "image_size", "model",
-            "trainer", "sampler", "rng", "stats")  # what every checkpoint of train.py holds
+REQUIRED = ("config", "iteration", "iterations", "elapsed_s", "channels", "image_size")  # every checkpoint of train.py
+TRAINED = ("preset", "model", "trainer", "sampler", "rng", "stats")  # and those of a trained method (not --method knn)
 KEPT = "kept"  # --keep-every K: RUN/kept/checkpoint-<iteration>.pt, copies of checkpoint.pt as it was
 
 
@@ -67,7 +67,8 @@ def load_checkpoint(path: str | os.PathLike, *, fix: str = "") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise errors.BadFile(f"{path} is not a checkpoint written by train.py (no {CHECKPOINT_FORMAT!r} tag)"
                              + (f"; {fix}" if fix else ""))
-    missing = [k for k in REQUIRED if k not in state]
+    method = state["config"].get("method") if isinstance(state.get("config"), dict) else None
+    missing = [k for k in REQUIRED + (("knn",) if method == "knn" else TRAINED) if k not in state]
     if missing:
         raise errors.BadFile(f"checkpoint {path} lacks {', '.join(missing)}: it is damaged or was not written by "
                              "train.py" + (f"; {fix}" if fix else ""))

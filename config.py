@@ -64,8 +64,8 @@ UPPER_BOUNDS = {"batch_size": 65536, "iterations": 10 ** 9, "threads": 1024, "n_
 
 def check_sizes(cfg: "TrainConfig", ds: data_mod.AnomalyData) -> None:
     """The bounds that depend on the data: a minibatch no larger than the training set (pGAN runs
-    take their minibatch sizes from their schedule, not from ``--batch-size``)."""
-    if not cfg.pgan and cfg.batch_size > len(ds.train):
+    take their minibatch sizes from their schedule, not from ``--batch-size``; k-NN draws none)."""
+    if not cfg.pgan and cfg.method != "knn" and cfg.batch_size > len(ds.train):
         raise errors.UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(ds.train)} "
                                f"images of {cfg.dataset}); use --batch-size {len(ds.train)} or less")
 
