@@ -351,7 +351,8 @@ def _project_calls(fn):
     root, chains = str(ROOT), []
 
     def name(frame):
-        if frame.f_code.co_filename.startswith(root) and "/tests/" not in frame.f_code.co_filename:
+        file = frame.f_code.co_filename  # the project's files; not the interpreter's (make's .venv is in the clone)
+        if file.startswith(root) and "/tests/" not in file and not file.startswith(sys.prefix):
             return frame.f_code.co_qualname
         if frame.f_code.co_filename.endswith("_ops.py") and "piad." in repr(frame.f_locals.get("self")):
             return "op"
